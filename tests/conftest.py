@@ -1,0 +1,39 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FIXTURES = ROOT / "tests" / "fixtures"
+
+from ldm.config import ModelConfig, UNetConfig, VAEConfig, CLIPTextConfig  # noqa: E402
+
+
+def tiny_config() -> ModelConfig:
+    """A few-hundred-kilobyte SD v1 with every kind of block: two U-Net levels with attention
+    at the first only, two transformer blocks, a 2-layer text encoder."""
+    return ModelConfig(
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(1,), num_heads=4, context_dim=32,
+                        transformer_depth=1, norm_groups=8),
+        vae=VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
+        text=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4),
+    )
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Fill every floating parameter with noise, so zero-initialised layers are exercised too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            is_norm_scale = p.dim() == 1 and "norm" in name and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if is_norm_scale else 0.0))
+    return module
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    return tiny_config()
