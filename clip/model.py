@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.config import CLIPTextConfig
+from clip.config import CLIPTextConfig
 
 
 class CLIPTextEmbeddings(nn.Module):

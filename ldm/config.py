@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, asdict
 
+from clip.config import CLIPTextConfig
+
 
 @dataclass
 class UNetConfig:
@@ -42,18 +44,6 @@ class VAEConfig:
 
 
 @dataclass
-class CLIPTextConfig:
-    """CLIP ViT-L/14 text tower (`openai/clip-vit-large-patch14`)."""
-    vocab_size: int = 49408
-    max_position_embeddings: int = 77
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    layer_norm_eps: float = 1e-5
-
-
-@dataclass
 class ScheduleConfig:
     """The DDPM noise schedule of `LatentDiffusion` ("linear" in ldm, "scaled_linear" in diffusers)."""
     num_timesteps: int = 1000
@@ -68,6 +58,7 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    image_size: int = 512  # the resolution the model was trained at: the default of sample.py
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,4 +73,5 @@ class ModelConfig:
             return klass(**values)
         return cls(unet=build(UNetConfig, d.get("unet")), vae=build(VAEConfig, d.get("vae")),
                    text=build(CLIPTextConfig, d.get("text")),
-                   schedule=build(ScheduleConfig, d.get("schedule")))
+                   schedule=build(ScheduleConfig, d.get("schedule")),
+                   image_size=int(d.get("image_size", 512)))

@@ -1,0 +1,78 @@
+"""What the command-line tools share: argument parsing that fails in one line, device choice."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+class CLIError(Exception):
+    """Bad input: the message is printed as one line and the tool exits with status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with defaults shown in --help and a single-line error instead of usage + error."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise CLIError(f"{message} (see --help)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """cuda if present, else Apple's mps, else the CPU; or the device named."""
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise CLIError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError("--device cuda was asked for but no CUDA GPU is available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def run(main, argv=None, prog: str = "") -> int:
+    """Call main(argv); turn expected failures into one line on stderr and a non-zero status."""
+    from ldm.load import LoadError
+    try:
+        return main(argv) or 0
+    except (CLIError, LoadError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,85 @@
+"""Text to image: encode the prompt, denoise from Gaussian noise, decode the latents.
+
+Each image i starts from noise drawn with its own seed, on the CPU, so the same
+seed gives the same picture whatever the batch size or device.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ldm.model import StableDiffusion
+from ldm.samplers import ddim_sample, ddpm_sample, guided_denoiser
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+def latent_shape(model: StableDiffusion, height: int, width: int) -> tuple:
+    """(C, h, w) of the latents for an image, or ValueError if the size does not fit the U-Net."""
+    f = model.config.vae.downsample_factor
+    multiple = f * 2 ** (len(model.config.unet.channel_mult) - 1)  # every U-Net level halves the latents
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % multiple:
+            raise ValueError(f"{name} {value} must be a positive multiple of {multiple} for this model")
+    return (model.config.vae.embed_dim, height // f, width // f)
+
+
+def initial_noise(shape: tuple, seeds: Sequence[int]) -> torch.Tensor:
+    """x_T (B, C, h, w): one CPU generator per image, so a seed always gives the same noise."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s)))
+                      for s in seeds])
+
+
+@torch.no_grad()
+def generate(model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int], *,
+             negative_prompt: str = "", steps: int = 50, scale: float = 7.5, sampler: str = "ddim",
+             eta: float = 0.0, height: Optional[int] = None, width: Optional[int] = None,
+             new_embeddings=None, cond=None, uncond=None,
+             progress: Optional[Callable] = None) -> torch.Tensor:
+    """Sample one image per (prompt, seed): returns images (B, 3, H, W) in [0, 1] on the CPU.
+
+    `cond`/`uncond` override the text encoding: a tensor (B, 77, D), a list with one per
+    cross-attention layer, or a function of the timestep (NeTI). `new_embeddings` are
+    learned token vectors spliced into the embedding lookup (Textual Inversion)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if len(prompts) != len(seeds):
+        raise ValueError("give one seed per prompt")
+    height = height or model.config.image_size
+    width = width or model.config.image_size
+    shape = latent_shape(model, height, width)
+    if cond is None:
+        cond = model.encode_prompts(list(prompts), new_embeddings)
+    if uncond is None and scale != 1.0:
+        uncond = model.encode_prompts([negative_prompt], new_embeddings)
+    x_T = initial_noise(shape, seeds).to(model.device, model.dtype)
+    denoiser = guided_denoiser(model.unet, cond, uncond, scale)
+    generator = torch.Generator().manual_seed(int(seeds[0]))
+    if sampler == "ddim":
+        z = ddim_sample(denoiser, x_T, model.schedule, steps, eta=eta, generator=generator, progress=progress)
+    else:
+        z = ddpm_sample(denoiser, x_T, model.schedule, steps, generator=generator, progress=progress)
+    images = model.decode_latents(z)
+    return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+def to_pil(images: torch.Tensor):
+    """(B, 3, H, W) in [0, 1] -> list of PIL images."""
+    from PIL import Image
+    arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
+def make_grid(images, columns: Optional[int] = None):
+    """Tile PIL images of one size into one PIL image, `columns` wide (default: near-square)."""
+    from PIL import Image
+    import math
+    n = len(images)
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % columns) * w, (i // columns) * h))
+    return grid

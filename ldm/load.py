@@ -1,0 +1,314 @@
+"""Loading and saving Stable Diffusion v1 weights: one entry point for both public layouts.
+
+    load("v1-5-pruned-emaonly.safetensors")   # CompVis single file (.safetensors, .ckpt)
+    load("stable-diffusion-v1-5/")            # diffusers folder (unet/, vae/, text_encoder/)
+
+Our modules are named after the CompVis keys, so a single file loads by a walk
+over its keys; the diffusers layout is renamed in `ldm/convert.py`. Loading is
+strict: every expected tensor must be present with its exact shape. What real
+files add or omit is tolerated: `model_ema.*`, `logvar`, the schedule buffers
+and `position_ids` (rebuilt as arange(77), since some files store it as float).
+A file that is not an SD v1 model gets one line saying what it looks like.
+
+Pickled `.ckpt`/`.bin` files are read only with `torch.load(weights_only=True)`,
+which refuses code execution. The model is built on the meta device and each
+tensor is cast and assigned in turn, so the peak memory stays near one model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ldm import convert
+from ldm.config import ModelConfig
+from ldm.model import StableDiffusion
+from ldm.schedule import NoiseSchedule
+
+CONFIG_METADATA_KEY = "ldm_config"   # our single files carry their ModelConfig as JSON here
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+                    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+                    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+POSITION_IDS = convert.PREFIX_TEXT + "embeddings.position_ids"
+IGNORED_PREFIXES = ("model_ema.", "logvar", "lvlb_weights")  # training-time extras of real files
+
+DIFFUSERS_WEIGHTS = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
+}
+
+
+class LoadError(Exception):
+    """A file that cannot be loaded; the message is one line meant for the user."""
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def _read_pickle(path: Path) -> Tuple[dict, Dict[str, str]]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # zip errors, unpickling refusals, truncation
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise LoadError(f"{path}: refuses to load safely (it pickles objects other than tensors: {text[:120]}); "
+                            "convert it to .safetensors with a tool you trust") from None
+        raise LoadError(f"{path}: cannot be read as a PyTorch checkpoint ({text[:160]}); "
+                        "the file may be truncated or corrupt — download it again") from None
+    metadata = {}
+    if isinstance(obj, dict) and isinstance(obj.get(CONFIG_METADATA_KEY), str):
+        metadata[CONFIG_METADATA_KEY] = obj[CONFIG_METADATA_KEY]
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise LoadError(f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors")
+    return obj, metadata
+
+
+def read_tensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Every tensor of a .safetensors/.ckpt/.pt/.bin file, and the safetensors metadata."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, metadata
+        except Exception as e:
+            raise LoadError(f"{path}: cannot be read as safetensors ({str(e).splitlines()[0][:120]}); "
+                            f"the file ({path.stat().st_size:,} bytes) may be truncated — download it again") from None
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        return _read_pickle(path)
+    raise LoadError(f"{path}: unknown format '{path.suffix}'; expected .safetensors, .ckpt, .pt, .bin "
+                    "or a diffusers folder")
+
+
+# ----------------------------------------------------------------------------- telling files apart
+
+def describe_wrong_file(keys, shapes: Dict[str, tuple]) -> Optional[str]:
+    """What a file that is not an SD v1 model looks like, or None if it might be one."""
+    keys = list(keys)
+    if not keys:
+        return "is empty"
+    if any("lora_" in k or "lora." in k or ".lora" in k for k in keys):
+        return "is a LoRA (it has 'lora_' keys), not a full model; this project loads full SD v1.x checkpoints"
+    if "string_to_param" in keys or "emb_params" in keys or (
+            len(keys) <= 8 and not any("." in k for k in keys)
+            and all(len(shapes[k]) <= 2 and tuple(shapes[k])[-1:] in ((768,), (1024,)) for k in keys)):
+        return "is a textual-inversion embedding, not a model; load it with sample.py --embedding"
+    if any(k.startswith("conditioner.embedders") for k in keys) or "model.diffusion_model.label_emb.0.0.weight" in keys:
+        return "is an SDXL model; this project implements SD v1.x (context width 768, one text encoder)"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "is an SD 2.x model (OpenCLIP text encoder, context width 1024); this project implements SD v1.x"
+    to_k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if to_k in shapes and shapes[to_k][1] == 1024:
+        return "is an SD 2.x model (cross-attention context width 1024); this project implements SD v1.x"
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    if conv_in in shapes and shapes[conv_in][1] == 9:
+        return "is an inpainting model (9 input channels); this project implements text-to-image SD v1.x"
+    if any(k.startswith(("down_blocks.", "mid_block.", "text_model.")) for k in keys):
+        return ("holds one component in the diffusers layout; pass the folder that contains "
+                "unet/, vae/ and text_encoder/ instead")
+    if all(k.startswith(("encoder.", "decoder.", "quant_conv", "post_quant_conv")) for k in keys):
+        return "is a VAE on its own, not a full model"
+    if not any(k.startswith(convert.PREFIX_UNET) for k in keys):
+        return "has no U-Net weights (no 'model.diffusion_model.' keys); it is not a Stable Diffusion checkpoint"
+    return None
+
+
+def _check(expected: Dict[str, tuple], found: Dict[str, tuple], where: str):
+    """Strict key and shape comparison with a short, readable error."""
+    missing = [k for k in expected if k not in found]
+    if missing:
+        hint = describe_wrong_file(found.keys(), found)
+        if hint:
+            raise LoadError(f"{where} {hint}")
+        raise LoadError(f"{where} lacks {len(missing)} of the {len(expected)} expected tensors "
+                        f"(first: {', '.join(missing[:3])}); it may be truncated or not an SD v1 model")
+    wrong = [k for k in expected if tuple(found[k]) != tuple(expected[k])]
+    if wrong:
+        hint = describe_wrong_file(found.keys(), found)
+        if hint:
+            raise LoadError(f"{where} {hint}")
+        k = wrong[0]
+        raise LoadError(f"{where} has {len(wrong)} tensors of the wrong shape (e.g. {k}: "
+                        f"{list(found[k])}, expected {list(expected[k])}); it is a model of another size")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _take_ema(sd: Dict[str, torch.Tensor]) -> None:
+    """Replace the U-Net weights by their EMA copies (`model_ema.diffusion_modelinput_blocks00weight`)."""
+    for key in [k for k in sd if k.startswith(convert.PREFIX_UNET)]:
+        ema_key = "model_ema." + key[len("model."):].replace(".", "")
+        if ema_key not in sd:
+            raise LoadError(f"asked for EMA weights but the file has no '{ema_key}'")
+        sd[key] = sd[ema_key]
+
+
+def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device, dtype) -> StableDiffusion:
+    with torch.device("meta"):
+        model = StableDiffusion(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    optional = set(SCHEDULE_BUFFERS) | {POSITION_IDS}
+    found = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
+    _check({k: v for k, v in expected.items() if k not in optional}, found, where)
+
+    schedule = NoiseSchedule(config.schedule)  # built outside the meta device: real numbers
+    buffers = schedule.compvis_buffers()
+    final = {}
+    for key in expected:
+        if key in buffers:
+            final[key] = buffers[key].to(device)  # always recomputed in float32, whatever the file holds
+        elif key == POSITION_IDS:
+            final[key] = torch.arange(config.text.max_position_embeddings, device=device).unsqueeze(0)
+        else:
+            final[key] = sd.pop(key).to(device=device, dtype=dtype)
+    model.load_state_dict(final, strict=True, assign=True)
+    model.schedule = schedule.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def _load_single_file(path: Path, device, dtype, ema: bool) -> StableDiffusion:
+    sd, metadata = read_tensors(path)
+    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    if CONFIG_METADATA_KEY in metadata:
+        config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    else:
+        hint = describe_wrong_file(sd.keys(), {k: tuple(v.shape) for k, v in sd.items()})
+        if hint:
+            raise LoadError(f"{path} {hint}")
+        config = ModelConfig()  # the public SD v1.x files carry no configuration: they are all this size
+    if ema:
+        _take_ema(sd)
+    return _build(config, sd, str(path), device, dtype)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path.parent.parent}: a diffusers folder needs {path.parent.name}/{path.name}") from None
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path}: is not valid JSON ({e})") from None
+
+
+def _load_diffusers_folder(folder: Path, device, dtype) -> StableDiffusion:
+    parts = {}
+    for part in ("unet", "vae", "text_encoder"):
+        if not (folder / part).is_dir():
+            raise LoadError(f"{folder}: a diffusers folder needs the subfolders unet/, vae/ and text_encoder/ "
+                            f"('{part}/' is missing)")
+        parts[part] = _read_json(folder / part / "config.json")
+    try:
+        config = convert.read_diffusers_configs(parts["unet"], parts["vae"], parts["text_encoder"])
+    except ValueError as e:
+        raise LoadError(f"{folder}: {e}") from None
+    sd: Dict[str, torch.Tensor] = {}
+    to_compvis = {"unet": (lambda s: convert.unet_diffusers_to_compvis(s, config.unet), convert.PREFIX_UNET),
+                  "vae": (lambda s: convert.vae_diffusers_to_compvis(s, config.vae), convert.PREFIX_VAE),
+                  "text_encoder": (convert.text_diffusers_to_compvis, convert.PREFIX_TEXT)}
+    for part, (rename, prefix) in to_compvis.items():
+        files = [folder / part / name for name in DIFFUSERS_WEIGHTS[part] if (folder / part / name).exists()]
+        if not files:
+            raise LoadError(f"{folder}: {part}/ has no weights (expected one of {', '.join(DIFFUSERS_WEIGHTS[part])})")
+        tensors, _ = read_tensors(files[0])
+        try:
+            renamed = rename(tensors)
+        except convert.ConversionError as e:
+            raise LoadError(f"{files[0]}: {e.args[0] if e.args else e}") from None
+        sd.update({prefix + k: v for k, v in renamed.items()})
+    return _build(config, sd, str(folder), device, dtype)
+
+
+def load(path, device="cpu", dtype=torch.float32, ema: bool = False) -> StableDiffusion:
+    """Load an SD v1.x model from a CompVis single file or a diffusers folder.
+
+    `dtype` is the dtype of the weights in memory (fp16 files load as fp32 and back);
+    `ema=True` takes the EMA copy of the U-Net from a full (non-"emaonly") checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or folder")
+    device = torch.device(device)
+    if path.is_dir():
+        return _load_diffusers_folder(path, device, dtype)
+    return _load_single_file(path, device, dtype, ema)
+
+
+# ----------------------------------------------------------------------------- saving
+
+def file_hash(path) -> str:
+    """sha256 of a weights file (first 16 hex digits), used to tie learned embeddings to their base model."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _cast(sd: Dict[str, torch.Tensor], dtype) -> Dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k not in SCHEDULE_BUFFERS else v)
+            .detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def save(model: StableDiffusion, path, dtype: Optional[torch.dtype] = None,
+         metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Save in the layout the path names: `x.safetensors` or `x.ckpt` (CompVis single file,
+    configuration in the metadata), or a folder (diffusers layout with config.json files)."""
+    path = Path(path)
+    sd = _cast(model.state_dict(), dtype)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict()), **(metadata or {})}
+        _atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    elif path.suffix in (".ckpt", ".pt"):
+        config = json.dumps(model.config.to_dict())
+        _atomic(path, lambda tmp: torch.save({"state_dict": sd, CONFIG_METADATA_KEY: config}, tmp))
+    elif path.suffix == "":
+        _save_diffusers_folder(model, sd, path)
+    else:
+        raise LoadError(f"{path}: cannot save as '{path.suffix}'; use .safetensors, .ckpt or a folder name")
+    return path
+
+
+def _save_diffusers_folder(model: StableDiffusion, sd: Dict[str, torch.Tensor], folder: Path) -> None:
+    from safetensors.torch import save_file
+    cfg = model.config
+    unet_json, vae_json, text_json = convert.write_diffusers_configs(cfg)
+    take = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    parts = {
+        "unet": (convert.unet_compvis_to_diffusers(take(convert.PREFIX_UNET), cfg.unet), unet_json,
+                 "diffusion_pytorch_model.safetensors"),
+        "vae": (convert.vae_compvis_to_diffusers(take(convert.PREFIX_VAE), cfg.vae), vae_json,
+                "diffusion_pytorch_model.safetensors"),
+        "text_encoder": (convert.text_compvis_to_diffusers(take(convert.PREFIX_TEXT)), text_json,
+                         "model.safetensors"),
+    }
+    for part, (tensors, config_json, filename) in parts.items():
+        (folder / part).mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        _atomic(folder / part / filename, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        _atomic(folder / part / "config.json",
+                lambda tmp: Path(tmp).write_text(json.dumps(config_json, indent=2)))

@@ -1,0 +1,135 @@
+"""Generate images from a prompt with a Stable Diffusion v1 model.
+
+    python sample.py --prompt "a large blue circle on the left"          # the shipped tiny model
+    python sample.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a photo of a cat" --n 4
+
+Writes one PNG per image (prompt, seed and settings in its text metadata) and a grid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm.cli import CLIError, Parser, nonnegative_float, pick_device, pick_dtype, positive_int, run
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", required=True, help="what to draw; learned words (e.g. <cat-toy>) need --embedding")
+    p.add_argument("--negative", default="", help="negative prompt: the unconditional half of guidance")
+    p.add_argument("--ckpt", type=Path, default=None,
+                   help=f"SD v1.x weights: a CompVis .safetensors/.ckpt file or a diffusers folder "
+                        f"(default: {DEFAULT_CKPT.relative_to(ROOT)})")
+    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (U-Net evaluations)")
+    p.add_argument("--scale", type=nonnegative_float, default=7.5,
+                   help="classifier-free guidance scale; 1 turns guidance off")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--n", type=positive_int, default=4, help="number of images")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per U-Net batch")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
+                   help="ddim: deterministic, few steps; ddpm: ancestral, stochastic")
+    p.add_argument("--eta", type=nonnegative_float, default=0.0, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's)")
+    p.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's)")
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs and the grid")
+    p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="weights dtype; auto = fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--ema", action="store_true", help="use the EMA U-Net of a full (non-emaonly) checkpoint")
+    return p
+
+
+def resolve_checkpoint(ckpt) -> Path:
+    if ckpt is not None:
+        return ckpt
+    if not DEFAULT_CKPT.exists():
+        raise CLIError(f"no default model at {DEFAULT_CKPT.relative_to(ROOT)}: pass --ckpt with an SD v1.x "
+                       "checkpoint (see weights/README.md for which files work and where to put them)")
+    return DEFAULT_CKPT
+
+
+def load_model(ckpt, device: torch.device, dtype: torch.dtype):
+    """The model named by --ckpt (or the default), with a one-line error for anything wrong."""
+    import ldm
+    return ldm.load(resolve_checkpoint(ckpt), device=device, dtype=dtype)
+
+
+def png_info(settings: dict):
+    """PNG text chunks: each setting as its own key, and an AUTOMATIC1111-style "parameters" line."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for key, value in settings.items():
+        info.add_text(key, str(value))
+    a1111 = (f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt']}\n"
+             f"Steps: {settings['steps']}, Sampler: {settings['sampler'].upper()}, CFG scale: {settings['scale']}, "
+             f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}")
+    info.add_text("parameters", a1111)
+    return info
+
+
+def save_png(image, path: Path, info=None) -> None:
+    """Write through a temporary name so an interrupted run leaves no broken PNG."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.ckpt is not None and not args.ckpt.exists():
+        raise CLIError(f"--ckpt {args.ckpt}: no such file or folder")
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.precision, device)
+    model = load_model(args.ckpt, device, dtype)
+
+    from tqdm import tqdm
+    from ldm.generate import generate, latent_shape, make_grid, to_pil
+
+    height, width = args.height or model.config.image_size, args.width or model.config.image_size
+    try:
+        latent_shape(model, height, width)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt_name = str(args.ckpt) if args.ckpt else str(DEFAULT_CKPT.relative_to(ROOT))
+    images, paths = [], []
+    seeds = [args.seed + i for i in range(args.n)]
+    bar = tqdm(total=args.n * args.steps, desc="sampling", unit="step", disable=None)
+
+    def progress(steps):
+        for s in steps:
+            yield s
+            bar.update(1)
+
+    for start in range(0, args.n, args.batch_size):
+        batch_seeds = seeds[start:start + args.batch_size]
+        batch = generate(model, [args.prompt] * len(batch_seeds), batch_seeds, negative_prompt=args.negative,
+                         steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta,
+                         height=height, width=width, progress=progress)
+        for seed, image in zip(batch_seeds, to_pil(batch)):
+            settings = dict(prompt=args.prompt, negative_prompt=args.negative, seed=seed, steps=args.steps,
+                            scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
+                            model=ckpt_name)
+            path = args.out / f"{seed:06d}.png"
+            save_png(image, path, png_info(settings))
+            images.append(image)
+            paths.append(path)
+    bar.close()
+    grid_path = args.out / "grid.png"
+    save_png(make_grid(images), grid_path,
+             png_info(dict(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
+                           scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
+                           model=ckpt_name)))
+    print(f"wrote {len(paths)} images and {grid_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, prog="sample.py"))

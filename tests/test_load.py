@@ -1,0 +1,219 @@
+"""Loading and saving: both public layouts, the quirks real files have, and clear errors."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, tiny_config, randomize
+import ldm
+from ldm import convert
+from ldm.load import LoadError, describe_wrong_file
+from ldm.model import StableDiffusion
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize(StableDiffusion(tiny_config()), seed=7).eval()
+
+
+def assert_same_parameters(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype or not sa[k].is_floating_point(), k
+        assert torch.equal(sa[k].to(sb[k].dtype), sb[k]), k
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.ckpt", "diffusers_folder"])
+def test_round_trip_in_every_layout(model, tmp_path, name):
+    path = ldm.save(model, tmp_path / name)
+    loaded = ldm.load(path)
+    assert loaded.config == model.config
+    assert_same_parameters(model, loaded)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_diffusers_folder_has_the_diffusers_layout(model, tmp_path):
+    folder = ldm.save(model, tmp_path / "sd")
+    for part, name in (("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors"),
+                       ("text_encoder", "model.safetensors")):
+        assert (folder / part / "config.json").exists()
+        keys = load_file(folder / part / name).keys()
+        assert any(k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.")) for k in keys), part
+
+
+def test_diffusers_folder_loads_in_diffusers(model, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    folder = ldm.save(model, tmp_path / "sd")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert torch.allclose(unet(x, 10, encoder_hidden_states=ctx).sample, model.unet(x, 10, ctx), atol=1e-5)
+
+
+def compvis_file_with(model, tmp_path, edit, name="edited.safetensors"):
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    edit(sd)
+    path = tmp_path / name
+    meta = {"ldm_config": json.dumps(model.config.to_dict())}
+    save_file(sd, path, metadata=meta)
+    return path
+
+
+def test_quirks_of_real_files_all_load(model, tmp_path):
+    pos = convert.PREFIX_TEXT + "embeddings.position_ids"
+
+    def quirks(sd):
+        for name in model.schedule.compvis_buffers():      # schedule buffers absent
+            del sd[name]
+        sd[pos] = torch.tensor([[float(i) + 0.3 for i in range(77)]])  # position_ids stored as (wrong) floats
+        sd["logvar"] = torch.zeros(1000)
+        sd["model_ema.decay"] = torch.tensor(0.9999)
+        sd["model_ema.num_updates"] = torch.tensor(1, dtype=torch.int32)
+
+    loaded = ldm.load(compvis_file_with(model, tmp_path, quirks))
+    assert torch.equal(loaded.state_dict()[pos], torch.arange(77).unsqueeze(0))
+    assert torch.equal(loaded.betas, model.betas)
+    assert_same_parameters(model, loaded)
+
+    loaded = ldm.load(compvis_file_with(model, tmp_path, lambda sd: sd.pop(pos), "nopos.safetensors"))
+    assert torch.equal(loaded.state_dict()[pos], torch.arange(77).unsqueeze(0))
+
+
+def test_ema_weights_are_taken_when_asked(model, tmp_path):
+    def add_ema(sd):
+        for k in [k for k in sd if k.startswith(convert.PREFIX_UNET)]:
+            sd["model_ema." + k[len("model."):].replace(".", "")] = sd[k] + 1
+    path = compvis_file_with(model, tmp_path, add_ema)
+    plain, ema = ldm.load(path), ldm.load(path, ema=True)
+    w = "input_blocks.0.0.weight"
+    assert torch.equal(plain.unet.state_dict()[w], model.unet.state_dict()[w])
+    assert torch.equal(ema.unet.state_dict()[w], model.unet.state_dict()[w] + 1)
+
+
+def test_diffusers_folder_variants_load(model, tmp_path):
+    """Legacy VAE attention names, text keys without `text_model.`, and .bin weights."""
+    folder = ldm.save(model, tmp_path / "sd")
+    vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    vae = load_file(vae_file)
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for k, v in vae.items():
+        for new, old in legacy.items():
+            k = k.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        renamed[k] = v
+    assert renamed.keys() != vae.keys()
+    save_file(renamed, vae_file)
+    text_file = folder / "text_encoder" / "model.safetensors"
+    text = {k[len("text_model."):]: v for k, v in load_file(text_file).items()}
+    text_file.unlink()
+    torch.save(text, folder / "text_encoder" / "pytorch_model.bin")
+    assert_same_parameters(model, ldm.load(folder))
+
+
+def test_fp16_file_loads_as_fp32_and_fp16(model, tmp_path):
+    path = ldm.save(model, tmp_path / "half.safetensors", dtype=torch.float16)
+    assert load_file(path)["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    as32 = ldm.load(path, dtype=torch.float32)
+    as16 = ldm.load(path, dtype=torch.float16)
+    assert as32.dtype == torch.float32 and as16.dtype == torch.float16
+    assert as32.betas.dtype == torch.float32 and as16.betas.dtype == torch.float32  # schedule stays fp32
+    w = "model.diffusion_model.out.2.weight"
+    assert torch.equal(as32.state_dict()[w], model.state_dict()[w].half().float())
+
+
+def test_ckpt_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Evil()}, path)
+    with pytest.raises(LoadError, match="refuses to load safely"):
+        ldm.load(path)
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: {"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(4, 320)}, "LoRA"),
+    (lambda: {"string_to_param": torch.zeros(1, 768)}, "embedding"),
+    (lambda: {"<cat-toy>": torch.zeros(768)}, "embedding"),
+    (lambda: {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(768),
+              "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}, "SDXL"),
+    (lambda: {"cond_stage_model.model.ln_final.weight": torch.zeros(1024),
+              "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}, "SD 2.x"),
+    (lambda: {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}, "inpainting"),
+    (lambda: {"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3), "decoder.conv_out.weight": torch.zeros(3, 128, 3, 3),
+              "encoder.conv_in.bias": torch.zeros(128), "decoder.conv_out.bias": torch.zeros(3),
+              "quant_conv.weight": torch.zeros(8, 8, 1, 1)}, "VAE on its own"),
+])
+def test_wrong_files_are_named(tmp_path, make, expected):
+    path = tmp_path / "wrong.safetensors"
+    save_file(make(), path)
+    with pytest.raises(LoadError, match=expected) as e:
+        ldm.load(path)
+    assert "\n" not in str(e.value)
+
+
+def test_sd2_shapes_are_recognised():
+    shapes = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)}
+    assert "2.x" in describe_wrong_file(shapes.keys(), shapes)
+
+
+def test_truncated_and_missing_and_unknown_files(model, tmp_path):
+    good = ldm.save(model, tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError, match="truncated"):
+        ldm.load(cut)
+    cut_ckpt = tmp_path / "cut.ckpt"
+    cut_ckpt.write_bytes(ldm.save(model, tmp_path / "good.ckpt").read_bytes()[:5000])
+    with pytest.raises(LoadError, match="truncated"):
+        ldm.load(cut_ckpt)
+    with pytest.raises(LoadError, match="no such file"):
+        ldm.load(tmp_path / "absent.safetensors")
+    (tmp_path / "weights.onnx").write_bytes(b"x")
+    with pytest.raises(LoadError, match="unknown format"):
+        ldm.load(tmp_path / "weights.onnx")
+
+
+def test_missing_tensor_and_wrong_shape_are_reported(model, tmp_path):
+    key = "model.diffusion_model.out.2.weight"
+    path = compvis_file_with(model, tmp_path, lambda sd: sd.pop(key))
+    with pytest.raises(LoadError, match="lacks 1 of the"):
+        ldm.load(path)
+    path = compvis_file_with(model, tmp_path, lambda sd: sd.__setitem__(key, torch.zeros(4, 32, 1, 1)), "shape.safetensors")
+    with pytest.raises(LoadError, match="wrong shape"):
+        ldm.load(path)
+
+
+def test_incomplete_diffusers_folder(model, tmp_path):
+    folder = ldm.save(model, tmp_path / "sd")
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(LoadError, match="vae/"):
+        ldm.load(folder)
+
+
+def test_peak_memory_while_loading_is_bounded(tmp_path):
+    """fp16 file -> fp32 model: peak RSS growth <= 1.5x the fp32 model size (measured in a fresh process)."""
+    from ldm.config import ModelConfig, UNetConfig
+    cfg = ModelConfig(unet=UNetConfig(model_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2,
+                                      attention_resolutions=(2, 4), num_heads=4))
+    with torch.device("meta"):
+        size = sum(p.numel() for p in StableDiffusion(cfg).parameters()) * 4
+    torch.manual_seed(0)
+    path = ldm.save(StableDiffusion(cfg), tmp_path / "big.safetensors", dtype=torch.float16)
+    code = (
+        "import resource, sys, torch, ldm; "
+        "from ldm.model import StableDiffusion; "
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024; "
+        f"m = ldm.load(r'{path}', dtype=torch.float32); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    growth = int(out.stdout.strip())
+    assert size > 200e6
+    assert growth <= 1.5 * size, f"peak growth {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"

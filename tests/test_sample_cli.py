@@ -1,0 +1,77 @@
+"""sample.py end to end on a tiny random checkpoint, and its one-line errors."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, tiny_config, randomize
+import ldm
+import sample
+from ldm.model import StableDiffusion
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    cfg = tiny_config()
+    cfg.image_size = 32
+    return ldm.save(randomize(StableDiffusion(cfg), seed=3), path)
+
+
+def test_writes_pngs_with_metadata_and_a_grid(ckpt, tmp_path):
+    out = tmp_path / "out"
+    rc = sample.main(["--prompt", "a red circle", "--ckpt", str(ckpt), "--steps", "3", "--n", "3",
+                      "--batch-size", "2", "--seed", "5", "--out", str(out)])
+    assert rc == 0
+    files = sorted(p.name for p in out.glob("*.png"))
+    assert files == ["000005.png", "000006.png", "000007.png", "grid.png"]
+    im = Image.open(out / "000006.png")
+    assert im.size == (32, 32) and im.mode == "RGB"
+    assert im.text["prompt"] == "a red circle" and im.text["seed"] == "6" and im.text["steps"] == "3"
+    assert "Seed: 6" in im.text["parameters"]
+    assert Image.open(out / "grid.png").size == (64, 64)  # 3 images on a 2x2 grid
+    assert not list(out.glob(".*tmp"))
+
+
+def test_same_seed_same_image_whatever_the_batch(ckpt, tmp_path):
+    sample.main(["--prompt", "a", "--ckpt", str(ckpt), "--steps", "2", "--n", "2", "--batch-size", "2",
+                 "--out", str(tmp_path / "a")])
+    sample.main(["--prompt", "a", "--ckpt", str(ckpt), "--steps", "2", "--n", "1", "--seed", "1",
+                 "--out", str(tmp_path / "b")])
+    a = Image.open(tmp_path / "a" / "000001.png").tobytes()
+    assert a == Image.open(tmp_path / "b" / "000001.png").tobytes()
+    assert a != Image.open(tmp_path / "a" / "000000.png").tobytes()
+
+
+def test_ddpm_sampler_runs(ckpt, tmp_path):
+    assert sample.main(["--prompt", "a", "--ckpt", str(ckpt), "--steps", "4", "--n", "1", "--sampler", "ddpm",
+                        "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "000000.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt", "missing.safetensors"], "no such file"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "-3"], "--steps"),
+    (["--sampler", "euler"], "invalid choice"),
+    (["--height", "30"], "multiple of"),
+])
+def test_bad_input_gives_one_line_and_nonzero_exit(ckpt, tmp_path, args, message):
+    argv = ["--prompt", "x", "--out", str(tmp_path / "o")]
+    if "--ckpt" not in args:
+        argv += ["--ckpt", str(ckpt)]
+    proc = subprocess.run([sys.executable, "sample.py", *argv, *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_unknown_format_is_one_line(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x00" * 10)
+    proc = subprocess.run([sys.executable, "sample.py", "--prompt", "x", "--ckpt", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown format" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
