@@ -1,0 +1,1 @@
+"""Personalization by embedding inversion: Textual Inversion, NeTI and HiPer."""

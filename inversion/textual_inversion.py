@@ -1,0 +1,246 @@
+"""Textual Inversion (Gal et al. 2022, "An Image is Worth One Word").
+
+Find the embedding v* of a new word S* such that the frozen model, prompted with
+"a photo of S*", reconstructs the training images:
+
+    v* = argmin_v  E_{z ~ E(x), y, ε ~ N(0, I), t} || ε - ε_θ(z_t, t, c_θ(y(S* -> v))) ||²
+
+Only v is optimized; the U-Net ε_θ, the text encoder c_θ and the VAE E stay frozen.
+The paper's variants are options of `TIConfig`:
+  - num_vectors > 1: the "extended latent", S* is several tokens;
+  - progressive_every = K: start with one vector and add one every K steps;
+  - reg_weight = λ: + λ ||v - v_init||², keeping v near the init word's embedding;
+  - per_image_tokens: an extra token per training image ("a photo of S* with S_i"),
+    mixed in with probability per_image_prob, to absorb what is particular to each image.
+
+Every step's randomness comes from generators seeded with (seed, step), so a checkpoint's
+step is its whole random state: a resumed run is bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inversion.hook import LearnedEmbeddings, sub_tokens
+
+
+@dataclass
+class TIConfig:
+    placeholder: str = "<x>"
+    init_word: str = "object"
+    property: str = "object"          # "object" or "style": which prompt templates
+    num_vectors: int = 1
+    steps: int = 5000
+    lr: float = 5e-3                  # base learning rate, multiplied by the batch size
+    batch: int = 4
+    flip: bool = True                 # random horizontal flip
+    progressive_every: int = 0        # 0 = all vectors from the start
+    reg_weight: float = 0.0
+    per_image_tokens: bool = False
+    per_image_prob: float = 0.5
+    seed: int = 0
+    save_every: int = 500
+    sample_every: int = 0             # validation grid every N steps (0 = only at the end)
+    sample_steps: int = 50
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr * self.batch
+
+
+class TrainingError(ValueError):
+    """Bad settings or data for training; the message is one line."""
+
+
+def check_words(model, cfg: TIConfig) -> torch.Tensor:
+    """The init word's embedding (D,), after checking both words; TrainingError otherwise."""
+    tok = model.tokenizer
+    init_id = tok.word_id(cfg.init_word)
+    if init_id is None:
+        n = tok.num_tokens(cfg.init_word)
+        raise TrainingError(f"--init-word {cfg.init_word!r} is {n} tokens; choose a word that is one token "
+                            "(a plain common noun such as 'object', 'toy', 'cat' or 'painting')")
+    if tok.word_id(cfg.placeholder) is not None and cfg.placeholder not in tok.added_tokens:
+        raise TrainingError(f"--placeholder {cfg.placeholder!r} is already a word of the vocabulary; "
+                            "choose a string it does not know, such as '<my-toy>'")
+    if cfg.num_vectors < 1:
+        raise TrainingError("--num-vectors must be at least 1")
+    return model.text_encoder.text_model.embeddings.token_embedding.weight[init_id].detach().float().clone()
+
+
+def image_token(cfg: TIConfig, i: int) -> str:
+    return f"{cfg.placeholder}-img{i}"
+
+
+@torch.no_grad()
+def encode_images(model, images: torch.Tensor, batch: int = 8):
+    """Posterior mean and std (2N, C, h, w) of each image and of its mirror image, computed once."""
+    both = torch.cat([images, images.flip(-1)])
+    means, stds = [], []
+    for i in range(0, len(both), batch):
+        post = model.vae.encode(both[i:i + batch].to(model.device, model.dtype))
+        means.append(post.mean.float())
+        stds.append(post.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+class TextualInversion:
+    """The trainer: learned vectors, their optimizer and the loop. `run()` trains to cfg.steps."""
+
+    def __init__(self, model, images: torch.Tensor, cfg: TIConfig, out: Path,
+                 templates: List[str], log: Callable[[str], None] = print):
+        self.model, self.cfg, self.out, self.templates, self.log = model, cfg, Path(out), templates, log
+        model.requires_grad_(False).eval()
+        init = check_words(model, cfg)
+        self.init_vector = init.to(model.device)
+        self.learned = LearnedEmbeddings(model.tokenizer)
+        self.learned.add(cfg.placeholder, init.expand(cfg.num_vectors, -1), trainable=True)
+        self.n_images = len(images)
+        if cfg.per_image_tokens:
+            for i in range(self.n_images):
+                self.learned.add(image_token(cfg, i), init[None], trainable=True)
+        self.learned.to(model.device)
+        self.active = 1 if cfg.progressive_every else cfg.num_vectors
+        self.optimizer = torch.optim.AdamW(self.learned.parameters(), lr=cfg.effective_lr)
+        self.means, self.stds = encode_images(model, images)
+        self.step = 0
+        self.checkpoint_path = self.out / "checkpoint.pt"
+        self.losses: List[tuple] = []
+
+    # ------------------------------------------------------------------ one step
+    def prompts(self, rng: np.random.Generator, image_idx: np.ndarray) -> List[str]:
+        word = " ".join(sub_tokens(self.cfg.placeholder, self.active))
+        out = []
+        for i in image_idx:
+            text = self.templates[int(rng.integers(len(self.templates)))].format(word)
+            if self.cfg.per_image_tokens and rng.random() < self.cfg.per_image_prob:
+                text += f" with {image_token(self.cfg, int(i))}"
+            out.append(text)
+        return out
+
+    def loss(self, step: int) -> torch.Tensor:
+        cfg, model = self.cfg, self.model
+        rng = np.random.default_rng([cfg.seed, step])
+        g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        idx = rng.integers(0, self.n_images, cfg.batch)
+        flipped = (rng.random(cfg.batch) < 0.5) if cfg.flip else np.zeros(cfg.batch, bool)
+        rows = torch.from_numpy(idx + self.n_images * flipped)
+        noise_z = torch.randn(self.means[rows].shape, generator=g).to(model.device)
+        z0 = (self.means[rows] + self.stds[rows] * noise_z) * model.scale_factor  # z ~ E(x), scaled
+        noise = torch.randn(z0.shape, generator=g).to(model.device)
+        t = torch.randint(0, model.schedule.num_timesteps, (cfg.batch,), generator=g).to(model.device)
+        z_t = model.schedule.add_noise(z0, noise, t)
+
+        ids = self.model.tokenizer(self.prompts(rng, idx)).to(model.device)
+        with self.autocast():
+            context = model.text_encoder(ids, self.learned.mapping())
+            eps = model.unet(z_t.to(model.dtype), t, context)
+        loss = F.mse_loss(eps.float(), noise)
+        if cfg.reg_weight:
+            v = self.learned.vectors[0][: self.active]
+            loss = loss + cfg.reg_weight * (v - self.init_vector).pow(2).sum(-1).mean()
+        return loss
+
+    def autocast(self):
+        device = self.model.device
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cpu", enabled=False)
+
+    def grow(self) -> None:
+        """Progressive extension: one more vector, started at the init word's embedding."""
+        if self.cfg.progressive_every and self.active < self.cfg.num_vectors \
+                and self.step > 0 and self.step % self.cfg.progressive_every == 0:
+            with torch.no_grad():
+                self.learned.vectors[0][self.active] = self.init_vector
+            self.active += 1
+            self.log(f"step {self.step}: now {self.active} vectors")
+
+    def train_step(self) -> Optional[float]:
+        self.grow()
+        loss = self.loss(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if not torch.isfinite(loss):
+            self.log(f"warning: step {self.step}: loss is {loss.item()}, step skipped")
+            return None
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    # ------------------------------------------------------------------ state
+    def embedding(self) -> torch.Tensor:
+        """The learned word: (active, D), fp32, on the CPU."""
+        return self.learned.vectors[0][: self.active].detach().float().cpu().clone()
+
+    def state_dict(self) -> dict:
+        return {"vectors": [v.detach().cpu() for v in self.learned.vectors], "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "active": self.active, "config": str(asdict(self.cfg)),
+                "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != str(asdict(self.cfg)):
+            raise TrainingError(f"{self.checkpoint_path} was made with other settings; resume with the same "
+                                "arguments, or start a new --out folder")
+        with torch.no_grad():
+            for v, saved in zip(self.learned.vectors, state["vectors"]):
+                v.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.active = int(state["step"]), int(state["active"])
+        self.losses = [tuple(r) for r in state["losses"].tolist()]
+
+    def save_checkpoint(self) -> None:
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def resume(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        self.load_state_dict(torch.load(self.checkpoint_path, map_location="cpu", weights_only=True))
+        return True
+
+    def write_loss_log(self) -> None:
+        with open(self.out / "loss.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "loss"])
+            w.writerows((int(s), f"{l:.6f}") for s, l in self.losses)
+
+    # ------------------------------------------------------------------ loop
+    def run(self, on_save: Callable[["TextualInversion"], None] = lambda t: None,
+            on_sample: Callable[["TextualInversion"], None] = lambda t: None, progress: bool = True) -> None:
+        """Train until cfg.steps; checkpoint and call `on_save` every save_every steps and at the
+        end; on Ctrl-C, save what was learned and re-raise."""
+        from tqdm import tqdm
+        cfg = self.cfg
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="textual inversion", unit="step",
+                   disable=not progress, dynamic_ncols=True)
+        try:
+            while self.step < cfg.steps:
+                loss = self.train_step()
+                if loss is not None:
+                    self.losses.append((self.step, loss))
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+                    self.write_loss_log()
+                    on_save(self)
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    on_sample(self)
+        except KeyboardInterrupt:
+            bar.close()
+            self.save_checkpoint()
+            self.write_loss_log()
+            on_save(self)
+            raise
+        bar.close()

@@ -1,0 +1,223 @@
+"""Learn a new word for a concept from a few images (Textual Inversion).
+
+    python invert.py                       # learn a held-out shape of the tiny world, then score it
+    python invert.py --images my_toy/ --placeholder "<my-toy>" --init-word toy \\
+                     --ckpt v1-5-pruned-emaonly.safetensors
+
+The frozen model is asked to reconstruct the images from prompts such as "a photo of a
+<my-toy>"; only the new word's embedding is trained. The result loads in sample.py,
+diffusers (`load_textual_inversion`) and AUTOMATIC1111 / ComfyUI.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ldm.cli import CLIError, Parser, nonnegative_float, pick_device, pick_dtype, positive_int, run
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
+# Measured on the tiny model (see README, "Textual Inversion results"); SD uses the paper's recipe.
+TINY_DEFAULTS = dict(steps=400, batch=8, lr=5e-3, save_every=100)
+SD_DEFAULTS = dict(steps=5000, batch=4, lr=5e-3, save_every=500)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="invert.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    data = p.add_argument_group("data")
+    data.add_argument("--images", type=Path, default=None,
+                      help="folder of 3-5 images of the concept (default: a held-out concept of the tiny world)")
+    data.add_argument("--concept", default="ring",
+                      help="without --images: which tiny-world concept to learn (ring, hourglass, checkered)")
+    data.add_argument("--num-images", type=positive_int, default=5, help="without --images: how many to render")
+    data.add_argument("--resolution", type=positive_int, default=None,
+                      help="training resolution (default: the model's, 512 for SD v1)")
+    data.add_argument("--no-flip", action="store_true", help="turn off the random horizontal flip")
+
+    word = p.add_argument_group("the new word")
+    word.add_argument("--placeholder", default=None, help="the new token, e.g. '<cat-toy>' (default: <concept>)")
+    word.add_argument("--init-word", default=None,
+                      help="a one-token word the embedding starts from, e.g. 'toy' (default: object/pattern)")
+    word.add_argument("--property", choices=("object", "style"), default=None,
+                      help="object: 'a photo of a <x>' templates; style: 'a painting in the style of <x>'")
+    word.add_argument("--num-vectors", type=positive_int, default=1,
+                      help="vectors per word: the paper's extended latent")
+    word.add_argument("--progressive-every", type=int, default=0,
+                      help="progressive extension: start with one vector and add one every K steps")
+    word.add_argument("--reg-weight", type=nonnegative_float, default=0.0,
+                      help="L2 regularization toward the init word's embedding")
+    word.add_argument("--per-image-tokens", action="store_true",
+                      help="an extra token per training image, mixed into prompts with --per-image-prob")
+    word.add_argument("--per-image-prob", type=float, default=0.5)
+
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--steps", type=positive_int, default=None, help="training steps (tiny model: 400; SD: 5000)")
+    opt.add_argument("--lr", type=float, default=None, help="base learning rate, multiplied by --batch (5e-3)")
+    opt.add_argument("--batch", type=positive_int, default=None, help="batch size (tiny: 8; SD: 4)")
+    opt.add_argument("--seed", type=int, default=0)
+
+    run_ = p.add_argument_group("model and outputs")
+    run_.add_argument("--ckpt", type=Path, default=None,
+                      help=f"SD v1.x weights (default: {DEFAULT_CKPT.relative_to(ROOT)})")
+    run_.add_argument("--out", type=Path, default=Path("outputs") / "inversion", help="output folder")
+    run_.add_argument("--save-every", type=positive_int, default=None, help="checkpoint and embedding files every N steps")
+    run_.add_argument("--sample-every", type=int, default=0, help="validation grid every N steps (0 = at the end)")
+    run_.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    run_.add_argument("--no-eval", action="store_true", help="tiny world: skip the reconstruction/editability scores")
+    run_.add_argument("--device", default="auto")
+    run_.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="fp32",
+                      help="frozen weights' dtype (autocast is used on CUDA either way)")
+    return p
+
+
+def tiny_world_images(concept: str, n: int, seed: int, out: Path) -> torch.Tensor:
+    """Render n images of a held-out concept, save them to out/ to look at, return (n, 3, 32, 32)."""
+    from PIL import Image
+    from tinyworld.world import concept_images
+    from tinyworld.train import to_tensor
+    try:
+        images = concept_images(concept, n, seed=seed)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).resize((128, 128), Image.NEAREST).save(out / f"{i:02d}.png")
+    return to_tensor(images)
+
+
+def output_files(out: Path, placeholder: str):
+    safe = "".join(c if c.isalnum() or c in "-_" else "" for c in placeholder) or "embedding"
+    return out / "learned_embeds.safetensors", out / f"{safe}.pt", out / f"{safe}.safetensors"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from inversion.data import DataError, load_images, templates
+    from inversion.files import save_a1111, save_embeddings
+    from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError
+    from ldm.load import file_hash, load
+
+    ckpt = args.ckpt or DEFAULT_CKPT
+    if not ckpt.exists():
+        if args.ckpt is None:
+            raise CLIError(f"no default model at {DEFAULT_CKPT.relative_to(ROOT)}: pass --ckpt with an SD v1.x "
+                           "checkpoint (see weights/README.md)")
+        raise CLIError(f"--ckpt {ckpt}: no such file or folder")
+    if args.images is not None and not args.images.exists():
+        raise CLIError(f"--images {args.images}: no such file or folder")
+    if args.resume and not (args.out / "checkpoint.pt").exists():
+        raise CLIError(f"--resume: {args.out / 'checkpoint.pt'} does not exist")
+    if not args.resume and (args.out / "checkpoint.pt").exists():
+        raise CLIError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
+    if not 0 <= args.per_image_prob <= 1:
+        raise CLIError("--per-image-prob must be between 0 and 1")
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.precision, device)
+    t_start = time.time()
+    model = load(ckpt, device=device, dtype=dtype)
+    tiny = model.config.image_size <= 64
+    defaults = TINY_DEFAULTS if tiny else SD_DEFAULTS
+
+    tiny_concept = args.images is None
+    if tiny_concept:
+        from tinyworld.concepts import concept_attribute, default_init_word
+        if not tiny:
+            raise CLIError("--images is required with an SD checkpoint (the tiny world only fits the tiny model)")
+        try:
+            kind = concept_attribute(args.concept)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        placeholder = args.placeholder or f"<{args.concept}>"
+        init_word = args.init_word or default_init_word(args.concept)
+        prop = args.property or ("object" if kind == "shape" else "style")
+        images = tiny_world_images(args.concept, args.num_images, args.seed, args.out / "train_images")
+    else:
+        if not args.placeholder or not args.init_word:
+            raise CLIError("with --images, give --placeholder (e.g. '<my-toy>') and --init-word (e.g. 'toy')")
+        placeholder, init_word, prop = args.placeholder, args.init_word, args.property or "object"
+        resolution = args.resolution or model.config.image_size
+        try:
+            images = load_images(args.images, resolution)
+        except DataError as e:
+            raise CLIError(str(e)) from None
+    if len(images) == 1:
+        print("warning: one training image; the word will copy that image closely (3-5 images work best)",
+              file=sys.stderr)
+
+    cfg = TIConfig(placeholder=placeholder, init_word=init_word, property=prop, num_vectors=args.num_vectors,
+                   steps=args.steps or defaults["steps"], lr=args.lr or defaults["lr"],
+                   batch=args.batch or defaults["batch"], flip=not args.no_flip,
+                   progressive_every=args.progressive_every, reg_weight=args.reg_weight,
+                   per_image_tokens=args.per_image_tokens, per_image_prob=args.per_image_prob, seed=args.seed,
+                   save_every=args.save_every or defaults["save_every"], sample_every=args.sample_every)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer = TextualInversion(model, images, cfg, args.out, templates(prop))
+        resumed = args.resume and trainer.resume()
+    except TrainingError as e:
+        raise CLIError(str(e)) from None
+    print(f"{'resuming at step ' + str(trainer.step) if resumed else 'training'} {placeholder!r} "
+          f"({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)}) from {len(images)} images on {device}; "
+          f"effective lr = {cfg.lr:g} x batch {cfg.batch} = {cfg.effective_lr:g}")
+
+    base_hash = file_hash(ckpt) if ckpt.is_file() else file_hash(next((ckpt / "unet").glob("*.safetensors"),
+                                                                      next((ckpt / "unet").iterdir())))
+    ours, a1111_pt, a1111_st = output_files(args.out, placeholder)
+
+    def save(t: TextualInversion) -> None:
+        vec = t.embedding()
+        meta = {"base_model_hash": base_hash, "base_model": str(ckpt), "init_word": init_word, "step": str(t.step),
+                "placeholder": placeholder, "method": "textual_inversion", "num_vectors": str(len(vec))}
+        save_embeddings(ours, {placeholder: vec}, meta)
+        save_a1111(a1111_pt, placeholder, vec, t.step, metadata=meta)
+        save_a1111(a1111_st, placeholder, vec, t.step, metadata=meta)
+
+    def sample_grid(t: TextualInversion) -> None:
+        write_validation_grid(model, t, args.out / "samples" / f"step-{t.step:06d}.png", tiny)
+
+    try:
+        trainer.run(on_save=save, on_sample=sample_grid)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}: saved {ours} and {args.out / 'checkpoint.pt'} "
+              "(continue with --resume)", file=sys.stderr)
+        return 130
+    sample_grid(trainer)
+    print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {ours}, {a1111_pt.name}, "
+          f"{a1111_st.name}, loss.csv and samples/")
+    if tiny_concept and not args.no_eval:
+        report_tiny_scores(model, trainer, args.concept, placeholder)
+    return 0
+
+
+@torch.no_grad()
+def write_validation_grid(model, trainer, path: Path, tiny: bool) -> None:
+    from inversion.data import templates
+    from ldm.generate import generate, make_grid, to_pil
+    word = " ".join(trainer.learned.expand(trainer.cfg.placeholder).split()[: trainer.active])
+    prompts = [tpl.format(word) for tpl in templates(trainer.cfg.property)[:4]]
+    images = generate(model, prompts, list(range(len(prompts))), steps=trainer.cfg.sample_steps if tiny else 30,
+                      new_embeddings=trainer.learned.mapping())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(to_pil(images), columns=len(prompts))
+    if tiny:
+        grid = grid.resize((grid.width * 4, grid.height * 4), 0)
+    grid.save(path)
+
+
+def report_tiny_scores(model, trainer, concept: str, placeholder: str) -> None:
+    from tinyworld.concepts import evaluate_word
+    t = time.time()
+    scores = evaluate_word(model, concept, placeholder, n=64, new_embeddings=trainer.learned.mapping())
+    print(f"{placeholder} on the tiny world ({time.time() - t:.0f} s, 64 samples each, DDIM 50): "
+          f"reconstruction {scores['reconstruction']:.0%} (read as {concept}), "
+          f"editability {scores['editability']:.0%} (other attributes honored)")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, prog="invert.py"))

@@ -1,0 +1,271 @@
+"""Train the tiny Stable Diffusion of the tiny world, on a CPU, in two stages.
+
+    python -m tinyworld.train                # both stages, then export weights/tiny.safetensors
+    python -m tinyworld.train --resume       # continue an interrupted run from its last checkpoint
+
+Stage 1, the autoencoder: AutoencoderKL (f = 4: 32×32×3 images -> 8×8×4 latents), an L1
+reconstruction loss weighted ×5 on the object's pixels (the object is what must survive)
+and the usual tiny KL term. Its latents are then computed once and cached, with the
+scale factor that gives them unit variance (SD v1's 0.18215 plays the same role).
+
+Stage 2, the diffusion model: the U-Net and the CLIP text transformer trained jointly from
+scratch on the cached latents with the ε-prediction loss of DDPM (as the original LDM
+trained its text encoder with its U-Net). Captions are drawn afresh every step (templates,
+dropped attributes, 10 % empty for classifier-free guidance). An exponential moving average
+of the weights is what gets shipped.
+
+The sizes are chosen for a 2-core CPU: the U-Net has three levels (8×8, 4×4, 2×2) so that
+its bottleneck can tell left from right, and the text encoder is 64 wide, since its
+49,408-row token table is most of the model's size.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model_config() -> ModelConfig:
+    return ModelConfig(
+        unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_resolutions=(1, 2, 4), num_heads=4, context_dim=64),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
+        text=CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4),
+        image_size=32,
+    )
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def object_weight(x: torch.Tensor, weight: float = 5.0) -> torch.Tensor:
+    """Per-pixel loss weight: `weight` where the pixel differs from the border's median color."""
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)  # (B, 3, 4W)
+    background = border.median(dim=2).values[:, :, None, None]
+    mask = ((x - background).abs().amax(dim=1, keepdim=True) > 0.15).float()
+    return 1 + (weight - 1) * mask
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def progress_bar(total, initial, desc):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, disable=None)
+
+
+# ----------------------------------------------------------------------------- stage 1: VAE
+
+def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path):
+    from ldm.vae import AutoencoderKL
+    ckpt = run / "vae.pt"
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(cfg.vae)
+    opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
+    step = 0
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    if step >= args.vae_steps:
+        return vae.eval()
+    bar = progress_bar(args.vae_steps, step, "autoencoder")
+    start = time.time()
+    while step < args.vae_steps:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(images), (args.vae_batch,), generator=g)
+        x = to_tensor(images[idx.numpy()])
+        posterior = vae.encode(x)
+        recon = vae.decode(posterior.sample(g))
+        rec = ((recon - x).abs() * object_weight(x)).mean()
+        kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
+        loss = rec + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec.item():.4f}")
+        if step % args.checkpoint_every == 0 or step == args.vae_steps:
+            save_checkpoint({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+    bar.close()
+    print(f"autoencoder: {args.vae_steps} steps in {(time.time() - start) / 60:.1f} min")
+    return vae.eval()
+
+
+@torch.no_grad()
+def cache_latents(vae, images: np.ndarray, run: Path, batch: int = 500):
+    path = run / "latents.pt"
+    if path.exists():
+        state = load_checkpoint(path)
+        return state["latents"], state["scale_factor"]
+    means = torch.cat([vae.encode(to_tensor(images[i:i + batch])).mean for i in range(0, len(images), batch)])
+    scale_factor = float(1.0 / means.std())
+    save_checkpoint({"latents": means, "scale_factor": scale_factor}, path)
+    return means, scale_factor
+
+
+# ----------------------------------------------------------------------------- stage 2: U-Net + text
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
+def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path):
+    from tinyworld.world import caption
+    ckpt = run / "diffusion.pt"
+    trainable = torch.nn.ModuleDict({"unet": model.unet, "text": model.text_encoder})
+    trainable.requires_grad_(True)
+    ema = copy.deepcopy(trainable).requires_grad_(False)
+    opt = torch.optim.AdamW(trainable.parameters(), lr=args.lr, weight_decay=0.0)
+    step, seconds = 0, 0.0
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        trainable.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, seconds = state["step"], state["seconds"]
+    tokenizer, schedule = model.tokenizer, model.schedule
+    log = open(run / "diffusion_log.csv", "a")
+    bar = progress_bar(args.steps, step, "diffusion")
+    t_last = time.time()
+    while step < args.steps and seconds < args.minutes * 60:
+        rng = np.random.default_rng([args.seed, 7, step])
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + 7 + step)
+        idx = rng.integers(0, len(latents), args.batch)
+        ids = tokenizer([caption(attrs[i], rng) for i in idx])
+        x0 = latents[torch.from_numpy(idx)]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, schedule.num_timesteps, (args.batch,), generator=g)
+        eps = model.unet(schedule.add_noise(x0, noise, t), t, model.text_encoder(ids))
+        loss = F.mse_loss(eps, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
+        for group in opt.param_groups:  # linear warm-up, then cosine decay to 10 %
+            warm = min(1.0, (step + 1) / args.warmup)
+            cos = 0.55 + 0.45 * math.cos(math.pi * min(step, args.steps) / args.steps)
+            group["lr"] = args.lr * warm * cos
+        opt.step()
+        ema_update(ema, trainable, min(args.ema, (1 + step) / (10 + step)))
+        step += 1
+        now = time.time()
+        seconds += now - t_last
+        t_last = now
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log.write(f"{step},{loss.item():.5f},{seconds:.1f}\n")
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            log.flush()
+            save_checkpoint({"model": trainable.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                             "step": step, "seconds": seconds}, ckpt)
+        if args.eval_every and step % args.eval_every == 0:
+            quick_eval(model, ema, step)
+    save_checkpoint({"model": trainable.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "step": step, "seconds": seconds}, ckpt)
+    bar.close()
+    log.close()
+    print(f"diffusion: {step} steps, {seconds / 60:.1f} min of training")
+    trainable.load_state_dict(ema.state_dict())  # ship the moving average
+    return model.requires_grad_(False).eval(), step, seconds
+
+
+@torch.no_grad()
+def quick_eval(model, ema, step, n: int = 48):
+    """Sample held-out-combination prompts with the EMA weights and print what the analyzer reads."""
+    from tinyworld.evaluate import evaluate_model
+    snapshot = copy.deepcopy(model)
+    torch.nn.ModuleDict({"unet": snapshot.unet, "text": snapshot.text_encoder}).load_state_dict(ema.state_dict())
+    acc = evaluate_model(snapshot.eval(), n=n, steps=20, seed=1234, quiet=True)
+    print(f"\n[step {step}] " + "  ".join(f"{k} {v:.0%}" for k, v in acc.items()), flush=True)
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m tinyworld.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", type=Path, default=ROOT / "runs" / "tiny", help="folder for checkpoints and logs")
+    p.add_argument("--out", type=Path, default=ROOT / "weights" / "tiny.safetensors", help="exported model")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run")
+    p.add_argument("--images", type=int, default=60000, help="training images (rendered once)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=12000, help="diffusion steps")
+    p.add_argument("--minutes", type=float, default=120.0, help="stop diffusion training after this much time")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=1000, help="quick accuracy check (0 = never)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = args.run
+    if run.exists() and any(run.iterdir()) and not args.resume:
+        print(f"error: {run} already holds a run; pass --resume to continue it or choose another --run",
+              file=sys.stderr)
+        return 2
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_model_config()
+    (run / "config.json").write_text(json.dumps(vars(args), default=str, indent=1))
+
+    from tinyworld.world import make_dataset
+    t0 = time.time()
+    images, _, attrs = make_dataset(args.images, seed=args.seed, split="train")
+    print(f"rendered {len(images)} training images in {time.time() - t0:.0f} s")
+
+    vae = train_vae(args, cfg, images, run)
+    latents, scale_factor = cache_latents(vae, images, run)
+    cfg.vae.scale_factor = scale_factor
+    print(f"latents {tuple(latents.shape)}, scale factor {scale_factor:.4f}")
+
+    from ldm.model import StableDiffusion
+    torch.manual_seed(args.seed)
+    model = StableDiffusion(cfg)
+    model.vae.load_state_dict(vae.state_dict())
+    model, steps, seconds = train_diffusion(args, model, latents * scale_factor, attrs, run)
+
+    import ldm
+    meta = {"training": json.dumps({"diffusion_steps": steps, "diffusion_minutes": round(seconds / 60, 1),
+                                    "vae_steps": args.vae_steps, "images": args.images, "seed": args.seed})}
+    ldm.save(model, args.out, dtype=torch.float16, metadata=meta)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
