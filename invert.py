@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         print("warning: one training image; the word will copy that image closely (3-5 images work best)",
               file=sys.stderr)
 
-    cfg = TIConfig(placeholder=placeholder, init_word=init_word, property=prop, num_vectors=args.num_vectors,
+    cfg = TIConfig(placeholder=placeholder, init_word=init_word, learnable_property=prop, num_vectors=args.num_vectors,
                    steps=args.steps or defaults["steps"], lr=args.lr or defaults["lr"],
                    batch=args.batch or defaults["batch"], flip=not args.no_flip,
                    progressive_every=args.progressive_every, reg_weight=args.reg_weight,
@@ -200,7 +200,7 @@ def write_validation_grid(model, trainer, path: Path, tiny: bool) -> None:
     from inversion.data import templates
     from ldm.generate import generate, make_grid, to_pil
     word = " ".join(trainer.learned.expand(trainer.cfg.placeholder).split()[: trainer.active])
-    prompts = [tpl.format(word) for tpl in templates(trainer.cfg.property)[:4]]
+    prompts = [tpl.format(word) for tpl in templates(trainer.cfg.learnable_property)[:4]]
     images = generate(model, prompts, list(range(len(prompts))), steps=trainer.cfg.sample_steps if tiny else 30,
                       new_embeddings=trainer.learned.mapping())
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from inversion.hook import LearnedEmbeddings, sub_tokens
 class TIConfig:
     placeholder: str = "<x>"
     init_word: str = "object"
-    property: str = "object"          # "object" or "style": which prompt templates
+    learnable_property: str = "object"  # "object" or "style": which prompt templates
     num_vectors: int = 1
     steps: int = 5000
     lr: float = 5e-3                  # base learning rate, multiplied by the batch size
@@ -98,6 +98,7 @@ class TextualInversion:
     def __init__(self, model, images: torch.Tensor, cfg: TIConfig, out: Path,
                  templates: List[str], log: Callable[[str], None] = print):
         self.model, self.cfg, self.out, self.templates, self.log = model, cfg, Path(out), templates, log
+        self.out.mkdir(parents=True, exist_ok=True)
         model.requires_grad_(False).eval()
         init = check_words(model, cfg)
         self.init_vector = init.to(model.device)
@@ -182,13 +183,18 @@ class TextualInversion:
         """The learned word: (active, D), fp32, on the CPU."""
         return self.learned.vectors[0][: self.active].detach().float().cpu().clone()
 
+    def settings(self) -> str:
+        """The settings a resumed run must share (it may run longer, or save and sample differently)."""
+        free = ("steps", "save_every", "sample_every", "sample_steps")
+        return str({k: v for k, v in asdict(self.cfg).items() if k not in free})
+
     def state_dict(self) -> dict:
         return {"vectors": [v.detach().cpu() for v in self.learned.vectors], "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "active": self.active, "config": str(asdict(self.cfg)),
+                "step": self.step, "active": self.active, "config": self.settings(),
                 "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["config"] != str(asdict(self.cfg)):
+        if state["config"] != self.settings():
             raise TrainingError(f"{self.checkpoint_path} was made with other settings; resume with the same "
                                 "arguments, or start a new --out folder")
         with torch.no_grad():

@@ -1,0 +1,151 @@
+"""Textual Inversion: only the new vectors learn, the frozen model never changes, resume is exact."""
+import pytest
+import torch
+
+from conftest import tiny_config, randomize
+from inversion.hook import LearnedEmbeddings
+from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError
+from ldm.model import StableDiffusion
+
+TEMPLATES = ["a photo of a {}", "a rendering of a {}"]
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.image_size = 16
+    return randomize(StableDiffusion(cfg), seed=1)
+
+
+@pytest.fixture
+def images():
+    return torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def make(model, images, tmp_path, **kw):
+    cfg = TIConfig(**{**dict(placeholder="<x>", init_word="object", steps=6, batch=2, save_every=3), **kw})
+    return TextualInversion(model, images, cfg, tmp_path, TEMPLATES, log=lambda s: None)
+
+
+def test_only_the_new_vectors_learn_and_the_model_stays_bit_identical(model, images, tmp_path):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = make(model, images, tmp_path)
+    start = t.embedding()
+    loss = t.loss(0)
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert t.learned.vectors[0].grad is not None and t.learned.vectors[0].grad.abs().sum() > 0
+    optimized = [p for g in t.optimizer.param_groups for p in g["params"]]
+    assert len(optimized) == 1 and optimized[0] is t.learned.vectors[0]
+    t.run(progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(t.embedding(), start)
+    assert t.step == 6 and len(t.losses) == 6
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "loss.csv").read_text().count("\n") == 7
+
+
+def test_embedding_table_is_not_resized(model, images, tmp_path):
+    table = model.text_encoder.text_model.embeddings.token_embedding.weight
+    rows = table.shape[0]
+    t = make(model, images, tmp_path, num_vectors=3)
+    assert table.shape[0] == rows
+    assert t.embedding().shape == (3, 32)
+    assert t.learned.ids(["a <x>"])[0, 2:6].tolist() == t.learned.token_ids("<x>") + [49407]
+
+
+def test_the_vectors_are_used_in_the_text_encoding(model, images, tmp_path):
+    t = make(model, images, tmp_path)
+    ids = t.learned.ids(["a photo of a <x>"])
+    a = model.text_encoder(ids, t.learned.mapping())
+    with torch.no_grad():
+        t.learned.vectors[0].add_(1.0)
+    b = model.text_encoder(ids, t.learned.mapping())
+    assert not torch.allclose(a, b)
+    # tokens before the placeholder cannot see it (causal attention)
+    assert torch.equal(a[:, :5], b[:, :5])
+
+
+def test_resume_is_bit_identical(model, images, tmp_path):
+    full = make(model, images, tmp_path / "full")
+    full.run(progress=False)
+
+    first = make(model, images, tmp_path / "split", steps=6)
+    first.cfg.steps = 3  # stop half way, as an interrupted run would
+    first.run(progress=False)
+    first.cfg.steps = 6
+    second = make(model, images, tmp_path / "split")
+    assert second.resume() and second.step == 3
+    second.run(progress=False)
+    assert torch.equal(second.embedding(), full.embedding())
+    assert second.losses == full.losses
+
+
+def test_resume_with_other_settings_is_refused(model, images, tmp_path):
+    make(model, images, tmp_path).run(progress=False)
+    other = make(model, images, tmp_path, reg_weight=0.1)
+    with pytest.raises(TrainingError, match="other settings"):
+        other.resume()
+
+
+def test_progressive_extension_adds_vectors(model, images, tmp_path):
+    t = make(model, images, tmp_path, num_vectors=3, progressive_every=2)
+    t.run(progress=False)
+    assert t.active == 3 and t.embedding().shape == (3, 32)
+    t2 = make(model, images, tmp_path / "b", num_vectors=3, progressive_every=4)
+    t2.run(progress=False)
+    assert t2.active == 2
+
+
+def test_regularization_keeps_the_vector_near_its_init(model, images, tmp_path):
+    free = make(model, images, tmp_path / "free", lr=0.05)
+    free.run(progress=False)
+    tied = make(model, images, tmp_path / "tied", lr=0.05, reg_weight=100.0)
+    tied.run(progress=False)
+    init = tied.init_vector.cpu()
+    assert (tied.embedding() - init).norm() < (free.embedding() - init).norm()
+
+
+def test_per_image_tokens_appear_in_prompts(model, images, tmp_path):
+    t = make(model, images, tmp_path, per_image_tokens=True, per_image_prob=1.0)
+    import numpy as np
+    prompts = t.prompts(np.random.default_rng(0), np.array([0, 2]))
+    assert prompts[0].endswith("with <x>-img0") and prompts[1].endswith("with <x>-img2")
+    assert len(t.learned.words) == 4
+    t.run(progress=False)
+
+
+def test_nan_loss_skips_the_step(model, images, tmp_path, monkeypatch):
+    t = make(model, images, tmp_path)
+    start = t.embedding()
+    messages = []
+    t.log = messages.append
+    monkeypatch.setattr(t, "loss", lambda step: torch.tensor(float("nan"), requires_grad=True))
+    assert t.train_step() is None
+    assert torch.equal(t.embedding(), start) and "skipped" in messages[0]
+
+
+def test_bad_words_are_refused(model, images, tmp_path):
+    with pytest.raises(TrainingError, match="one token"):
+        make(model, images, tmp_path).__class__(model, images, TIConfig(init_word="xylophonist bananas"),
+                                                tmp_path, TEMPLATES)
+    with pytest.raises(TrainingError, match="already a word"):
+        TextualInversion(model, images, TIConfig(placeholder="cat"), tmp_path, TEMPLATES)
+
+
+def test_ctrl_c_saves_what_was_learned(model, images, tmp_path, monkeypatch):
+    t = make(model, images, tmp_path, steps=100, save_every=1000)
+    saved = []
+    real_step = t.train_step
+
+    def step_then_interrupt():
+        if t.step == 4:
+            raise KeyboardInterrupt
+        return real_step()
+    monkeypatch.setattr(t, "train_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        t.run(on_save=lambda tr: saved.append(tr.step), progress=False)
+    assert saved == [4] and (tmp_path / "checkpoint.pt").exists()
+    resumed = make(model, images, tmp_path, steps=100, save_every=1000)
+    assert resumed.resume() and resumed.step == 4
