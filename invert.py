@@ -98,9 +98,9 @@ def output_files(out: Path, placeholder: str):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from inversion.data import DataError, load_images, templates
-    from inversion.files import save_a1111, save_embeddings
+    from inversion.files import base_model_hash, save_a1111, save_embeddings
     from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError
-    from ldm.load import file_hash, load
+    from ldm.load import load
 
     ckpt = args.ckpt or DEFAULT_CKPT
     if not ckpt.exists():
@@ -166,8 +166,7 @@ def main(argv=None) -> int:
           f"({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)}) from {len(images)} images on {device}; "
           f"effective lr = {cfg.lr:g} x batch {cfg.batch} = {cfg.effective_lr:g}")
 
-    base_hash = file_hash(ckpt) if ckpt.is_file() else file_hash(next((ckpt / "unet").glob("*.safetensors"),
-                                                                      next((ckpt / "unet").iterdir())))
+    base_hash = base_model_hash(ckpt)
     ours, a1111_pt, a1111_st = output_files(args.out, placeholder)
 
     def save(t: TextualInversion) -> None:

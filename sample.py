@@ -43,6 +43,8 @@ def build_parser() -> Parser:
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="weights dtype; auto = fp16 on CUDA, fp32 elsewhere")
     p.add_argument("--ema", action="store_true", help="use the EMA U-Net of a full (non-emaonly) checkpoint")
+    p.add_argument("--embedding", type=Path, action="append", default=[], metavar="FILE",
+                   help="a learned word (ours, diffusers, sd-concepts-library or AUTOMATIC1111 file); repeatable")
     return p
 
 
@@ -88,6 +90,18 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
     model = load_model(args.ckpt, device, dtype)
+    new_embeddings, prompt, negative = None, args.prompt, args.negative
+    if args.embedding:  # every file is read and checked before anything is written
+        from inversion.files import apply_embeddings, base_model_hash
+        from inversion.hook import LearnedEmbeddings
+        learned = LearnedEmbeddings(model.tokenizer)
+        words = apply_embeddings(model, learned, args.embedding,
+                                 check_hash=lambda: base_model_hash(resolve_checkpoint(args.ckpt)))
+        for word in words:
+            if word not in args.prompt and word not in args.negative:
+                print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)
+        new_embeddings = learned.mapping()
+        prompt, negative = learned.expand(args.prompt), learned.expand(args.negative)
 
     from tqdm import tqdm
     from ldm.generate import generate, latent_shape, make_grid, to_pil
@@ -99,6 +113,7 @@ def main(argv=None) -> int:
         raise CLIError(str(e)) from None
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_name = str(args.ckpt) if args.ckpt else str(DEFAULT_CKPT.relative_to(ROOT))
+    extra = {"embeddings": ", ".join(p.name for p in args.embedding)} if args.embedding else {}
     images, paths = [], []
     seeds = [args.seed + i for i in range(args.n)]
     bar = tqdm(total=args.n * args.steps, desc="sampling", unit="step", disable=None)
@@ -110,13 +125,13 @@ def main(argv=None) -> int:
 
     for start in range(0, args.n, args.batch_size):
         batch_seeds = seeds[start:start + args.batch_size]
-        batch = generate(model, [args.prompt] * len(batch_seeds), batch_seeds, negative_prompt=args.negative,
+        batch = generate(model, [prompt] * len(batch_seeds), batch_seeds, negative_prompt=negative,
                          steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta,
-                         height=height, width=width, progress=progress)
+                         height=height, width=width, new_embeddings=new_embeddings, progress=progress)
         for seed, image in zip(batch_seeds, to_pil(batch)):
             settings = dict(prompt=args.prompt, negative_prompt=args.negative, seed=seed, steps=args.steps,
                             scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
-                            model=ckpt_name)
+                            model=ckpt_name, **extra)
             path = args.out / f"{seed:06d}.png"
             save_png(image, path, png_info(settings))
             images.append(image)
@@ -126,7 +141,7 @@ def main(argv=None) -> int:
     save_png(make_grid(images), grid_path,
              png_info(dict(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                            scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
-                           model=ckpt_name)))
+                           model=ckpt_name, **extra)))
     print(f"wrote {len(paths)} images and {grid_path}")
     return 0
 

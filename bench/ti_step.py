@@ -1,0 +1,171 @@
+"""Textual Inversion training step: this repository's loop against diffusers' example loop.
+
+    python bench/ti_step.py                 # both configurations below, 2 timed steps each
+    python bench/ti_step.py --only tiny --steps 20
+
+The reference is the loop of diffusers' `examples/textual_inversion/textual_inversion.py`,
+rebuilt here from diffusers and transformers components: the VAE encodes the batch every
+step, the whole token-embedding matrix is trained by AdamW and every row but the new one is
+restored after each step. Ours encodes each image (and its mirror image) once and trains only
+the new vector. Both run the same architecture with the same random weights, the same batch,
+fp32, on the CPU; each side runs in its own process so its peak RSS is its own.
+
+Configurations: the SD v1.5 architecture at 256 px (batch 1), and the tiny model (batch 8).
+Prints seconds per step, peak RSS, and our/reference ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = {
+    "sd15-256": dict(resolution=256, batch=1, n_images=4),
+    "tiny": dict(resolution=32, batch=8, n_images=5),
+}
+
+
+def model_config(name):
+    from ldm.config import ModelConfig
+    if name == "tiny":
+        from tinyworld.train import tiny_model_config
+        return tiny_model_config()
+    return ModelConfig()
+
+
+def build_model(name):
+    """Our model with deterministic random weights (random init, seeded)."""
+    import torch
+    from ldm.model import StableDiffusion
+    torch.manual_seed(0)
+    return StableDiffusion(model_config(name)).eval()
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(name, steps):
+    import torch
+    from inversion.textual_inversion import TIConfig, TextualInversion
+    c = CONFIGS[name]
+    model = build_model(name)
+    images = torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1
+    cfg = TIConfig(placeholder="<x>", init_word="object", batch=c["batch"], steps=10 ** 6)
+    trainer = TextualInversion(model, images, cfg, Path("/tmp/bench_ti"), ["a photo of a {}"], log=lambda s: None)
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        trainer.train_step()
+        times.append(time.perf_counter() - t)
+    return times[1:]
+
+
+def run_reference(name, steps):
+    """diffusers' textual-inversion example loop, on the same weights."""
+    import torch
+    import torch.nn.functional as F
+    import diffusers
+    import transformers
+    from ldm import convert
+    c = CONFIGS[name]
+    ours = build_model(name)
+    cfg = ours.config
+    unet_json, vae_json, text_json = convert.write_diffusers_configs(cfg)
+    sd = ours.state_dict()
+    take = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    unet = diffusers.UNet2DConditionModel.from_config(unet_json)
+    unet.load_state_dict(convert.unet_compvis_to_diffusers(take(convert.PREFIX_UNET), cfg.unet))
+    vae = diffusers.AutoencoderKL.from_config(vae_json)
+    vae.load_state_dict(convert.vae_compvis_to_diffusers(take(convert.PREFIX_VAE), cfg.vae))
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_json))
+    text_sd = convert.text_compvis_to_diffusers(take(convert.PREFIX_TEXT))
+    if not hasattr(text, "text_model"):
+        text_sd = {k[len("text_model."):]: v for k, v in text_sd.items()}
+    text.load_state_dict({k: v for k, v in text_sd.items() if not k.endswith("position_ids")}, strict=False)
+    tokenizer = ours.tokenizer
+    del ours, sd
+    placeholder_id = tokenizer.add_token("<x>")
+    text.resize_token_embeddings(placeholder_id + 1)
+    embeddings = text.get_input_embeddings()
+    with torch.no_grad():
+        embeddings.weight[placeholder_id] = embeddings.weight[tokenizer.word_id("object")]
+    vae.requires_grad_(False)
+    unet.requires_grad_(False)
+    text.requires_grad_(False)
+    embeddings.weight.requires_grad_(True)
+    text.train()
+    optimizer = torch.optim.AdamW([embeddings.weight], lr=5e-3)
+    original = embeddings.weight.detach().clone()
+    scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        num_train_timesteps=1000)
+    images = torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1
+    ids = tokenizer(["a photo of a <x>"] * c["batch"])
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        batch = images[torch.randint(0, len(images), (c["batch"],))]
+        latents = vae.encode(batch).latent_dist.sample() * cfg.vae.scale_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (c["batch"],))
+        noisy = scheduler.add_noise(latents, noise, t)
+        states = text(ids)[0]
+        pred = unet(noisy, t, states).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            keep = torch.ones(len(original), dtype=torch.bool)
+            keep[placeholder_id] = False
+            embeddings.weight[keep] = original[keep]
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def child(side, name, steps):
+    import torch
+    torch.manual_seed(0)
+    before = rss_mb()
+    times = (run_ours if side == "ours" else run_reference)(name, steps)
+    print(json.dumps({"seconds_per_step": sum(times) / len(times), "peak_rss_mb": rss_mb(),
+                      "rss_at_start_mb": before}))
+
+
+def measure(side, name, steps):
+    out = subprocess.run([sys.executable, __file__, "--child", side, "--only", name, "--steps", str(steps)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{side} {name} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", choices=list(CONFIGS), default=None)
+    p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
+    p.add_argument("--child", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args.child, args.only, args.steps)
+        return
+    import torch
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    print("| configuration | ours s/step | reference s/step | time ratio | ours peak RSS | reference peak RSS | RAM ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ([args.only] if args.only else list(CONFIGS)):
+        o, r = measure("ours", name, args.steps), measure("reference", name, args.steps)
+        print(f"| {name} | {o['seconds_per_step']:.3f} | {r['seconds_per_step']:.3f} | "
+              f"{o['seconds_per_step'] / r['seconds_per_step']:.2f} | {o['peak_rss_mb']:.0f} MB | "
+              f"{r['peak_rss_mb']:.0f} MB | {o['peak_rss_mb'] / r['peak_rss_mb']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

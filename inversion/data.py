@@ -1,0 +1,140 @@
+"""Training images and prompt templates for Textual Inversion.
+
+The paper trains on 3-5 photos of a concept. Each photo is turned upright (EXIF
+orientation), made RGB, resized so its short side is the model's resolution (bicubic),
+and cut to the centre square; pixels go to [-1, 1] as the VAE expects. Random flips
+and template choice are the training loop's business.
+
+A training caption is a neutral template with the placeholder word in it: "a photo of
+a {}" for an object, "a painting in the style of {}" for a style.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Sequence, Union
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+OBJECT_TEMPLATES = [
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a dim photo of a {}",
+    "a blurry photo of the {}",
+    "a sharp photo of a {}",
+    "a photo of my {}",
+    "a photo of the small {}",
+    "a photo of the large {}",
+    "a good photo of a {}",
+    "a snapshot of the {}",
+    "a picture of a {}",
+    "a low-resolution photo of the {}",
+    "an old photo of a {}",
+    "a photo of one {}",
+    "a well-lit photo of the {}",
+    "a framed photo of a {}",
+    "a close photo of the {}",
+]
+
+STYLE_TEMPLATES = [
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a picture in the style of {}",
+    "a drawing in the style of {}",
+    "an illustration in the style of {}",
+    "a sketch in the style of {}",
+    "artwork in the style of {}",
+    "a small painting in the style of {}",
+    "a large painting in the style of {}",
+    "a cropped painting in the style of {}",
+    "a detailed painting in the style of {}",
+    "a bright picture in the style of {}",
+    "a dark picture in the style of {}",
+    "a landscape in the style of {}",
+    "a portrait in the style of {}",
+    "a still life in the style of {}",
+]
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message is one line."""
+
+
+def templates(property: str) -> List[str]:
+    """The caption templates for what is learned: "object" or "style"."""
+    lists = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+    if property not in lists:
+        raise DataError(f"unknown property {property!r}; choose 'object' or 'style'")
+    return list(lists[property])
+
+
+def image_files(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Path]:
+    """A folder's images (by extension, sorted by name), or the given list of files."""
+    if isinstance(paths_or_dir, (str, Path)) and Path(paths_or_dir).is_dir():
+        folder = Path(paths_or_dir)
+        files = sorted(p for p in folder.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"no images found in {folder} (looked for {' '.join(IMAGE_EXTENSIONS)})")
+        return files
+    files = [Path(paths_or_dir)] if isinstance(paths_or_dir, (str, Path)) else [Path(p) for p in paths_or_dir]
+    if not files:
+        raise DataError("no training images given")
+    for f in files:
+        if not f.exists():
+            raise DataError(f"cannot read {f}: no such file or folder")
+    return files
+
+
+def to_rgb(image):
+    """Any PIL mode -> RGB; transparency is laid over white, 16-bit grey is scaled to 8 bits."""
+    from PIL import Image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        grey = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if grey.max() > 255 else 1.0
+        image = Image.fromarray(np.clip(grey * scale, 0, 255).round().astype(np.uint8), "L")
+    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("PA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_center_crop(image, resolution: int):
+    """Short side to `resolution` (bicubic), then the centre square."""
+    from PIL import Image
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    if size != (w, h):
+        image = image.resize(size, Image.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def load_image(path: Union[str, Path], resolution: int) -> torch.Tensor:
+    """One training image -> (3, R, R) float32 in [-1, 1]."""
+    from PIL import Image, ImageOps
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so a truncated file fails here
+            image = to_rgb(ImageOps.exif_transpose(im))
+    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"cannot read {path}: {reason}") from None
+    array = np.asarray(resize_center_crop(image, resolution), dtype=np.float32)
+    return torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def load_images(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]], resolution: int) -> torch.Tensor:
+    """A folder of images or a list of files -> (N, 3, R, R) float32 in [-1, 1]."""
+    if resolution <= 0:
+        raise DataError(f"resolution must be positive, got {resolution}")
+    return torch.stack([load_image(p, resolution) for p in image_files(paths_or_dir)])

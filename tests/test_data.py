@@ -1,0 +1,117 @@
+"""inversion/data.py: training images come out upright, RGB, square, in [-1, 1]; clear errors."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inversion.data import (DataError, IMAGE_EXTENSIONS, OBJECT_TEMPLATES, STYLE_TEMPLATES, image_files,
+                            load_images, templates)
+
+RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
+
+
+def pixel(tensor, y, x):
+    """(3,) colour at (y, x) of a (3, H, W) tensor, back in 0..255."""
+    return ((tensor[:, y, x] + 1) * 127.5).round().tolist()
+
+
+def close(colour, expected, tol=40):
+    return all(abs(a - b) <= tol for a, b in zip(colour, expected))
+
+
+def test_exif_rotated_jpeg_comes_out_upright(tmp_path):
+    # Stored 40 wide x 20 high, red on top, blue below; EXIF orientation 6 says "rotate 90 degrees
+    # clockwise to display", so the upright picture is 20 x 40 with blue on the left, red on the right.
+    stored = Image.new("RGB", (40, 20), RED)
+    stored.paste(BLUE, (0, 10, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.jpg", quality=95, exif=exif.tobytes())
+
+    x = load_images([tmp_path / "phone.jpg"], 20)[0]  # 20 x 40 upright -> centre 20 x 20
+    assert close(pixel(x, 10, 2), BLUE) and close(pixel(x, 10, 17), RED)
+    assert close(pixel(x, 2, 2), BLUE) and close(pixel(x, 17, 17), RED)  # (unturned: red above blue)
+
+
+def test_resize_short_side_then_centre_crop(tmp_path):
+    im = Image.new("RGB", (60, 30), RED)  # green and blue bands at the sides are cropped away
+    im.paste(GREEN, (0, 0, 8, 30))  # 60 x 30 -> 32 x 16, whose centre 16 columns start at 8
+    im.paste(BLUE, (52, 0, 60, 30))
+    im.save(tmp_path / "wide.png")
+    x = load_images(tmp_path / "wide.png", 16)
+    assert x.shape == (1, 3, 16, 16) and x.dtype == torch.float32
+    assert all(close(pixel(x[0], y, c), RED, tol=8) for y in (0, 8, 15) for c in (0, 8, 15))
+    # upscaling works too, and the values stay in [-1, 1]
+    y = load_images([tmp_path / "wide.png"], 64)
+    assert y.shape == (1, 3, 64, 64) and y.min() >= -1 and y.max() <= 1
+
+
+def test_transparency_goes_on_white_and_every_mode_becomes_rgb(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 4, 8))  # left half opaque red, right half transparent
+    rgba.save(tmp_path / "a_rgba.png")
+    la = Image.new("LA", (8, 8), (0, 0))  # fully transparent black -> white
+    la.save(tmp_path / "b_la.png")
+    grey = Image.new("L", (8, 8), 100)
+    grey.save(tmp_path / "c_grey.png")
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.paste(0, (0, 0, 4, 8))  # left: index 0, transparent; right: index 1, blue
+    pal.save(tmp_path / "d_palette.png", transparency=0)
+    Image.new("P", (8, 8), 0).save(tmp_path / "e_palette_opaque.bmp")  # palette 0 = black by default
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "f_16bit.png")
+
+    x = load_images(tmp_path, 8)
+    assert x.shape == (6, 3, 8, 8)
+    assert close(pixel(x[0], 4, 1), RED, 2) and close(pixel(x[0], 4, 6), WHITE, 2)
+    assert close(pixel(x[1], 4, 4), WHITE, 2)
+    assert pixel(x[2], 4, 4) == [100, 100, 100]
+    assert close(pixel(x[3], 4, 1), WHITE, 2) and close(pixel(x[3], 4, 6), BLUE, 2)
+    assert close(pixel(x[4], 4, 4), (0, 0, 0), 2)
+    assert close(pixel(x[5], 4, 4), WHITE, 2)
+
+
+def test_folder_is_sorted_and_filtered_by_extension(tmp_path):
+    formats = {"b.JPG": "JPEG", "a.png": "PNG", "c.webp": "WEBP", "d.bmp": "BMP", "e.jpeg": "JPEG"}
+    for name, fmt in formats.items():
+        Image.new("RGB", (4, 4)).save(tmp_path / name, format=fmt)
+    (tmp_path / "captions.txt").write_text("not an image")
+    (tmp_path / "sub").mkdir()
+    assert [p.name for p in image_files(tmp_path)] == ["a.png", "b.JPG", "c.webp", "d.bmp", "e.jpeg"]
+    assert load_images(str(tmp_path), 4).shape == (5, 3, 4, 4)
+
+
+def test_empty_folder_error_names_the_folder_and_extensions(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError) as info:
+        load_images(tmp_path, 8)
+    message = str(info.value)
+    assert f"no images found in {tmp_path}" in message and "\n" not in message
+    assert all(ext in message for ext in IMAGE_EXTENSIONS)
+    assert isinstance(info.value, ValueError)
+
+
+def test_unreadable_and_truncated_files_are_named(tmp_path):
+    (tmp_path / "junk.png").write_bytes(b"this is not a png")
+    with pytest.raises(DataError, match=r"cannot read .*junk\.png: "):
+        load_images(tmp_path, 8)
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "cut.jpg")
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cannot read .*cut\.jpg: .*truncated"):
+        load_images([tmp_path / "cut.jpg"], 8)
+    with pytest.raises(DataError, match=r"cannot read .*missing\.png: no such file"):
+        load_images([tmp_path / "missing.png"], 8)
+
+
+def test_templates():
+    assert templates("object") == OBJECT_TEMPLATES and templates("style") == STYLE_TEMPLATES
+    assert len(OBJECT_TEMPLATES) >= 20 and len(STYLE_TEMPLATES) >= 15
+    for t in OBJECT_TEMPLATES + STYLE_TEMPLATES:
+        assert t.count("{}") == 1 and t.format("<x>").count("<x>") == 1
+    assert len(set(OBJECT_TEMPLATES)) == len(OBJECT_TEMPLATES)
+    templates("object").append("changed")
+    assert "changed" not in OBJECT_TEMPLATES  # a copy
+    with pytest.raises(DataError, match="choose 'object' or 'style'"):
+        templates("person")

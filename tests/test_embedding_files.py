@@ -1,0 +1,302 @@
+"""inversion/files.py: learned-embedding files in every layout, their errors, and their use.
+
+The model here is the tiny random one of conftest (text width 32), so every test is quick;
+the diffusers test builds a diffusers pipeline around the same text encoder."""
+import gzip
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import randomize, tiny_config
+import ldm
+import sample
+from inversion.files import (EmbeddingError, apply_embeddings, load_embeddings, save_a1111, save_embeddings)
+from inversion.hook import LearnedEmbeddings
+from ldm.cli import run
+from ldm.load import LoadError
+from ldm.model import StableDiffusion
+
+D = 32  # tiny_config's text width
+
+
+def vectors(n, seed=0, width=D):
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize(StableDiffusion(tiny_config()), seed=1).eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    cfg = tiny_config()
+    cfg.image_size = 32
+    return ldm.save(randomize(StableDiffusion(cfg), seed=3), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+# ----------------------------------------------------------------------------- formats
+
+def test_ours_round_trip_with_metadata_and_several_words(tmp_path):
+    a, b = vectors(3, 1), vectors(1, 2)
+    path = save_embeddings(tmp_path / "learned.safetensors", {"<a>": a, "<b>": b},
+                           {"base_model_hash": "abc123", "init_word": "toy", "step": 500})
+    embeds, meta = load_embeddings(path)
+    assert [w for w, _ in embeds] == ["<a>", "<b>"]
+    assert torch.equal(embeds[0][1], a) and torch.equal(embeds[1][1], b)
+    assert embeds[0][1].dtype == torch.float32 and embeds[1][1].shape == (1, D)
+    assert meta["base_model_hash"] == "abc123" and meta["init_word"] == "toy" and meta["step"] == "500"
+    assert not list(tmp_path.glob(".*tmp"))  # written through a temporary file
+
+
+def test_ours_stores_fp32_even_from_half_precision(tmp_path):
+    v = vectors(2).half()
+    (word, loaded), = load_embeddings(save_embeddings(tmp_path / "h.safetensors", {"<h>": v}))[0]
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, v.float())
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a1111_round_trip_names_the_word_after_the_file(tmp_path, suffix):
+    v = vectors(4, 5)
+    path = save_a1111(tmp_path / f"my-style{suffix}", "<my-style>", v, step=1200,
+                      metadata={"base_model_hash": "0123456789abcdef", "base_model": "v1-5.safetensors"})
+    (word, loaded), = load_embeddings(path)[0]
+    assert word == "my-style" and torch.equal(loaded, v)
+    meta = load_embeddings(path)[1]
+    assert meta["step"] == "1200" and meta["base_model_hash"] == "0123456789abcdef"
+
+
+def test_a1111_pt_has_the_webui_layout_and_loads_with_weights_only(tmp_path):
+    v = vectors(2)
+    path = save_a1111(tmp_path / "thing.pt", "<thing>", v, step=7, metadata={"base_model_hash": "ff00"})
+    data = torch.load(path, weights_only=True)
+    assert data["string_to_token"] == {"*": 265}
+    assert torch.equal(data["string_to_param"]["*"], v)
+    assert data["name"] == "thing" and data["step"] == 7 and data["sd_checkpoint"] == "ff00"
+    assert data["sd_checkpoint_name"] is None
+
+
+def test_a1111_safetensors_holds_only_emb_params(tmp_path):
+    from safetensors import safe_open
+    path = save_a1111(tmp_path / "thing.safetensors", "<thing>", vectors(2), step=3)
+    with safe_open(str(path), framework="pt") as f:
+        assert list(f.keys()) == ["emb_params"] and f.get_tensor("emb_params").shape == (2, D)
+        assert f.metadata()["step"] == "3" and f.metadata()["name"] == "thing"
+
+
+def test_original_textual_inversion_checkpoint_with_a_parameter_dict(tmp_path):
+    v = vectors(2, 6)
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(v.clone())})
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": params}, tmp_path / "toy.pt")
+    (word, loaded), = load_embeddings(tmp_path / "toy.pt")[0]
+    assert word == "toy" and torch.equal(loaded, v) and not loaded.requires_grad
+
+
+def test_sd_concepts_library_bin_with_a_1d_vector(tmp_path):
+    v = torch.randn(D)
+    torch.save({"<cat-toy>": v}, tmp_path / "learned_embeds.bin")
+    (word, loaded), = load_embeddings(tmp_path / "learned_embeds.bin")[0]
+    assert word == "<cat-toy>" and loaded.shape == (1, D) and torch.equal(loaded[0], v)
+    # a concept folder works too, as diffusers names the file inside it
+    assert load_embeddings(tmp_path)[0][0][0] == "<cat-toy>"
+
+
+def test_diffusers_training_script_safetensors(tmp_path):
+    from safetensors.torch import save_file
+    v = torch.randn(D)
+    save_file({"<dog>": v}, str(tmp_path / "learned_embeds.safetensors"), metadata={"format": "pt"})
+    (word, loaded), = load_embeddings(tmp_path / "learned_embeds.safetensors")[0]
+    assert word == "<dog>" and torch.equal(loaded, v[None])
+
+
+# ----------------------------------------------------------------------------- bad files
+
+def one_line_error(path, match, **kwargs):
+    with pytest.raises(EmbeddingError) as info:
+        load_embeddings(path, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    for word in match:
+        assert word in message, message
+    assert isinstance(info.value, LoadError)  # so the CLIs print it as one line
+    return message
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_truncated_file(tmp_path, suffix):
+    path = save_embeddings(tmp_path / "x.safetensors", {"<x>": vectors(2)}) if suffix == ".safetensors" \
+        else save_a1111(tmp_path / "x.pt", "<x>", vectors(2), step=1)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    one_line_error(path, ["truncated"])
+
+
+def test_full_model_is_not_an_embedding(tmp_path, ckpt):
+    one_line_error(ckpt, ["not a textual-inversion embedding", "full model"])
+
+
+def test_huge_file_is_refused_before_reading(tmp_path):
+    path = tmp_path / "model.ckpt"
+    with open(path, "wb") as f:
+        f.truncate(200 << 20)  # sparse: no disk used
+    one_line_error(path, ["200 MB", "too big"])
+
+
+def test_wrong_width_names_the_sd2_family(tmp_path):
+    path = save_embeddings(tmp_path / "sd2.safetensors", {"<x>": vectors(1, width=1024)})
+    one_line_error(path, ["1024 wide", "SD 2.x", "768 wide"], width=768)
+
+
+def test_sdxl_embedding_and_missing_file_and_unknown_suffix(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"clip_l": vectors(1, width=768), "clip_g": vectors(1, width=1280)}, str(tmp_path / "xl.safetensors"))
+    one_line_error(tmp_path / "xl.safetensors", ["SDXL"])
+    one_line_error(tmp_path / "nothing.pt", ["no such file"])
+    (tmp_path / "e.txt").write_text("hello")
+    one_line_error(tmp_path / "e.txt", ["unknown embedding format"])
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    torch.save({"<x>": torch.nn.Linear(2, 2)}, tmp_path / "evil.pt")  # unpickling it would run module code
+    one_line_error(tmp_path / "evil.pt", ["refuses to load safely"])
+
+
+def test_ordinary_word_is_refused_and_nothing_is_added(tmp_path, model):
+    good = save_embeddings(tmp_path / "good.safetensors", {"<good>": vectors(1)})
+    bad = save_a1111(tmp_path / "cat.pt", "<cat>", vectors(1), step=1)  # A1111 word = file stem = "cat"
+    learned = LearnedEmbeddings(model.tokenizer)
+    with pytest.raises(EmbeddingError) as info:
+        apply_embeddings(model, learned, [good, bad])
+    assert "'cat' is an ordinary word" in str(info.value) and "\n" not in str(info.value)
+    assert learned.words == []  # checked before anything was registered
+
+
+def test_apply_checks_width_and_duplicates(tmp_path, model):
+    wide = save_embeddings(tmp_path / "wide.safetensors", {"<w>": vectors(1, width=768)})
+    with pytest.raises(EmbeddingError, match="768 wide .an SD 1.x embedding.; this model's text encoder is 32 wide"):
+        apply_embeddings(model, LearnedEmbeddings(model.tokenizer), wide)
+    a = save_embeddings(tmp_path / "a.safetensors", {"<dup>": vectors(1)})
+    b = save_embeddings(tmp_path / "b.safetensors", {"<dup>": vectors(1)})
+    with pytest.raises(EmbeddingError, match="already defined by .*a.safetensors"):
+        apply_embeddings(model, LearnedEmbeddings(model.tokenizer), [a, b])
+
+
+def test_base_model_hash_mismatch_warns_but_loads(tmp_path, model):
+    path = save_embeddings(tmp_path / "h.safetensors", {"<hh>": vectors(1)}, {"base_model_hash": "aaaa"})
+    warnings = []
+    learned = LearnedEmbeddings(model.tokenizer)
+    assert list(apply_embeddings(model, learned, path, check_hash="bbbb", warn=warnings.append)) == ["<hh>"]
+    assert len(warnings) == 1 and "another base model" in warnings[0]
+    warnings.clear()
+    apply_embeddings(model, LearnedEmbeddings(model.tokenizer), path, check_hash="aaaa", warn=warnings.append)
+    assert warnings == []
+
+
+# ----------------------------------------------------------------------------- use
+
+def test_vectors_are_really_used_by_the_text_encoder(tmp_path, model):
+    a, b = vectors(2, 10), vectors(1, 11)
+    prompt = "a <a> next to a <b>"
+
+    def encode(a_vectors):
+        fa = save_embeddings(tmp_path / "a.safetensors", {"<a>": a_vectors})
+        fb = save_a1111(tmp_path / "<b>.pt", "<b>", b, step=1)
+        learned = LearnedEmbeddings(model.tokenizer)
+        apply_embeddings(model, learned, [fa, fb])
+        ids = learned.ids([prompt])
+        return ids, model.text_encoder(ids, learned.mapping())
+
+    ids, out = encode(a)
+    a2 = a.clone()
+    a2[1] += vectors(1, 12)[0]  # change the second vector of <a> only (not by a constant: LayerNorm hides that)
+    ids2, out2 = encode(a2)
+    assert torch.equal(ids, ids2)
+    first_changed = ids[0].tolist().index(model.tokenizer.added_tokens["<a>_1"])
+    assert torch.equal(out[0, :first_changed], out2[0, :first_changed])  # causal: earlier positions equal
+    assert (out[0, first_changed:] - out2[0, first_changed:]).abs().amax() > 1e-3
+
+
+def test_sample_cli_with_two_embeddings(tmp_path, ckpt):
+    f1 = save_embeddings(tmp_path / "a.safetensors", {"<a>": vectors(2, 1)})
+    f2 = save_a1111(tmp_path / "<b>.pt", "<b>", vectors(1, 2), step=3)
+    out = tmp_path / "out"
+    # (without the learned vectors, the text encoder refuses the new token ids)
+    rc = sample.main(["--ckpt", str(ckpt), "--steps", "1", "--scale", "1", "--n", "2", "--batch-size", "2",
+                      "--out", str(out), "--embedding", str(f1), "--embedding", str(f2),
+                      "--prompt", "a <a> next to a <b>"])
+    assert rc == 0
+    for name in ("000000.png", "000001.png", "grid.png"):
+        im = Image.open(out / name)
+        assert im.text["embeddings"] == "a.safetensors, <b>.pt"
+        assert im.text["prompt"] == "a <a> next to a <b>"
+
+
+@pytest.mark.parametrize("bad", ["missing", "wide"])
+def test_sample_cli_bad_embedding_is_one_line_and_writes_nothing(tmp_path, ckpt, bad, capsys):
+    path = tmp_path / "missing.pt"
+    if bad == "wide":
+        path = save_embeddings(tmp_path / "wide.safetensors", {"<w>": vectors(1, width=768)})
+    out = tmp_path / "o"
+    rc = run(sample.main, ["--ckpt", str(ckpt), "--prompt", "a <w>", "--steps", "1", "--n", "1",
+                           "--out", str(out), "--embedding", str(path)], prog="sample.py")
+    assert rc == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sample.py: error:")
+    assert ("no such file" if bad == "missing" else "768 wide") in lines[0]
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- diffusers interop
+
+def hf_tokenizer(folder):
+    """A transformers CLIPTokenizer from the same BPE file as ours (as tests/test_tokenizer.py does)."""
+    import transformers
+    from clip.tokenizer import DEFAULT_VOCAB_PATH, bytes_to_unicode
+    lines = gzip.decompress(DEFAULT_VOCAB_PATH.read_bytes()).decode("utf-8").split("\n")
+    merges = lines[1: 49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}), "utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+    return transformers.CLIPTokenizer.from_pretrained(str(folder))
+
+
+def test_our_files_load_in_diffusers_load_textual_inversion(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from ldm.convert import write_scheduler_config
+
+    model = randomize(StableDiffusion(tiny_config()), seed=4)  # a fresh tokenizer: new ids from 49408, as HF
+
+    folder = ldm.save(model, tmp_path / "pipe")
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae"),
+        text_encoder=transformers.CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        tokenizer=hf_tokenizer(folder / "tokenizer"),
+        unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet"),
+        scheduler=diffusers.PNDMScheduler.from_config(write_scheduler_config(model.config.schedule)),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    toy, thing = vectors(3, 20), vectors(2, 21)
+    ours = save_embeddings(tmp_path / "learned_embeds.safetensors", {"<cat-toy>": toy}, {"step": "10"})
+    a1111 = save_a1111(tmp_path / "<thing>.pt", "<thing>", thing, step=10)  # diffusers takes data["name"]
+    pipe.load_textual_inversion(str(ours))
+    pipe.load_textual_inversion(str(a1111))
+
+    learned = LearnedEmbeddings(model.tokenizer)
+    apply_embeddings(model, learned, [ours, a1111])
+    prompt = "a photo of <cat-toy> with a <thing> on it"
+    theirs_prompt = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
+    assert theirs_prompt == learned.expand(prompt)
+    theirs_ids = pipe.tokenizer(theirs_prompt, padding="max_length", max_length=77, truncation=True,
+                                return_tensors="pt").input_ids
+    our_ids = learned.ids([prompt])
+    assert torch.equal(theirs_ids, our_ids)
+    with torch.no_grad():
+        theirs = pipe.text_encoder(theirs_ids).last_hidden_state
+        mine = model.text_encoder(our_ids, learned.mapping())
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
