@@ -1,0 +1,119 @@
+"""invert.py end to end on a tiny random checkpoint: outputs, interop with sample.py, bad input."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import tiny_config, randomize
+import invert
+import ldm
+import sample
+from ldm.cli import run
+from ldm.model import StableDiffusion
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    cfg = tiny_config()
+    cfg.image_size = 16
+    torch.manual_seed(0)
+    return ldm.save(randomize(StableDiffusion(cfg), seed=2), tmp_path_factory.mktemp("m") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def call(argv, capsys):
+    rc = run(invert.main, argv, prog="invert.py")
+    return rc, capsys.readouterr()
+
+
+def test_training_writes_every_output_and_sample_py_reads_them(ckpt, images, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, cap = call(["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>", "--init-word", "toy",
+                    "--steps", "4", "--batch", "2", "--save-every", "2", "--out", str(out)], capsys)
+    assert rc == 0, cap.err
+    assert "effective lr = 0.005 x batch 2 = 0.01" in cap.out
+    ours = load_file(out / "learned_embeds.safetensors")
+    assert list(ours) == ["<toy>"] and ours["<toy>"].shape == (1, 32)
+    a1111 = torch.load(out / "toy.pt", weights_only=True)
+    assert torch.equal(a1111["string_to_param"]["*"], ours["<toy>"]) and a1111["step"] == 4
+    assert (out / "toy.safetensors").exists() and (out / "checkpoint.pt").exists()
+    assert (out / "loss.csv").read_text().splitlines()[0] == "step,loss"
+    assert len((out / "loss.csv").read_text().splitlines()) == 5
+    assert (out / "samples" / "step-000004.png").exists()
+    from safetensors import safe_open
+    with safe_open(str(out / "learned_embeds.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["init_word"] == "toy" and meta["step"] == "4" and len(meta["base_model_hash"]) == 16
+
+    rc = sample.main(["--ckpt", str(ckpt), "--prompt", "a photo of <toy>", "--embedding",
+                      str(out / "learned_embeds.safetensors"), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s")])
+    assert rc == 0 and (tmp_path / "s" / "000000.png").exists()
+
+
+def test_resume_continues_to_the_same_result(ckpt, images, tmp_path, capsys):
+    base = ["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>", "--init-word", "toy",
+            "--batch", "2", "--save-every", "2"]
+    assert call(base + ["--steps", "4", "--out", str(tmp_path / "full")], capsys)[0] == 0
+    assert call(base + ["--steps", "2", "--out", str(tmp_path / "part")], capsys)[0] == 0
+    rc, cap = call(base + ["--steps", "4", "--out", str(tmp_path / "part"), "--resume"], capsys)
+    assert rc == 0 and "resuming at step 2" in cap.out
+    a = load_file(tmp_path / "full" / "learned_embeds.safetensors")["<toy>"]
+    b = load_file(tmp_path / "part" / "learned_embeds.safetensors")["<toy>"]
+    assert torch.equal(a, b)
+
+
+def bad_cases(ckpt, images, tmp_path):
+    unreadable = tmp_path / "bad_imgs"
+    unreadable.mkdir()
+    (unreadable / "broken.png").write_bytes(b"not a png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "checkpoint.pt").write_bytes(b"x")
+    common = ["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"]
+    return [
+        (["--ckpt", str(tmp_path / "nope.safetensors"), "--images", str(images), "--placeholder", "<a>",
+          "--init-word", "toy"], "no such file"),
+        (["--ckpt", str(ckpt), "--images", str(tmp_path / "none"), "--placeholder", "<a>", "--init-word", "toy"],
+         "no such file"),
+        (["--ckpt", str(ckpt), "--images", str(unreadable), "--placeholder", "<a>", "--init-word", "toy"], "broken.png"),
+        (["--ckpt", str(ckpt), "--images", str(empty), "--placeholder", "<a>", "--init-word", "toy"], "no images"),
+        (["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<a>", "--init-word", "gold fish tank"],
+         "one token"),
+        (["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "cat", "--init-word", "toy"], "already a word"),
+        (["--ckpt", str(ckpt), "--images", str(images)], "--placeholder"),
+        (common + ["--steps", "0"], "--steps"),
+        (common + ["--resume", "--out", str(tmp_path / "fresh")], "--resume"),
+        (common + ["--out", str(used)], "already holds a run"),
+    ]
+
+
+def test_bad_input_gives_one_line_nonzero_exit_and_no_files(ckpt, images, tmp_path, capsys):
+    for argv, message in bad_cases(ckpt, images, tmp_path):
+        out = tmp_path / "out_bad"
+        if "--out" not in argv:
+            argv = argv + ["--out", str(out)]
+        rc, cap = call(argv, capsys)
+        lines = cap.err.strip().splitlines()
+        assert rc == 2, (argv, cap.err)
+        assert len(lines) == 1 and message in lines[0], (message, cap.err)
+        assert not out.exists() or not any(out.rglob("*.safetensors")), argv
+
+
+def test_one_image_is_allowed_with_a_warning(ckpt, tmp_path, capsys):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), "red").save(folder / "a.png")
+    rc, cap = call(["--ckpt", str(ckpt), "--images", str(folder), "--placeholder", "<r>", "--init-word", "toy",
+                    "--steps", "1", "--batch", "1", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0 and "one training image" in cap.err
