@@ -10,7 +10,7 @@ diffusers (`load_textual_inversion`) and AUTOMATIC1111 / ComfyUI.
 """
 from __future__ import annotations
 
-import json
+import importlib
 import sys
 import time
 from dataclasses import replace
@@ -25,10 +25,15 @@ DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
 # Measured on the tiny model (see README, "Textual Inversion results"); SD uses the paper's recipe.
 TINY_DEFAULTS = dict(steps=400, batch=8, lr=5e-3, save_every=100)
 SD_DEFAULTS = dict(steps=5000, batch=4, lr=5e-3, save_every=500)
+# Methods beside Textual Inversion live in their own modules, each with
+# add_arguments(parser) (its own argument group) and main(args) -> int.
+METHOD_MODULES = {}
 
 
 def build_parser() -> Parser:
     p = Parser(prog="invert.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--method", choices=["ti", *METHOD_MODULES], default="ti",
+                   help="ti: Textual Inversion" + "".join(f"; {k}: see its options below" for k in METHOD_MODULES))
     data = p.add_argument_group("data")
     data.add_argument("--images", type=Path, default=None,
                       help="folder of 3-5 images of the concept (default: a held-out concept of the tiny world)")
@@ -72,6 +77,8 @@ def build_parser() -> Parser:
     run_.add_argument("--device", default="auto")
     run_.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="fp32",
                       help="frozen weights' dtype (autocast is used on CUDA either way)")
+    for module in METHOD_MODULES.values():
+        importlib.import_module(module).add_arguments(p)
     return p
 
 
@@ -95,32 +102,43 @@ def output_files(out: Path, placeholder: str):
     return out / "learned_embeds.safetensors", out / f"{safe}.pt", out / f"{safe}.safetensors"
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from inversion.data import DataError, load_images, templates
-    from inversion.files import base_model_hash, save_a1111, save_embeddings
-    from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError
-    from ldm.load import load
-
-    ckpt = args.ckpt or DEFAULT_CKPT
-    if not ckpt.exists():
-        if args.ckpt is None:
-            raise CLIError(f"no default model at {DEFAULT_CKPT.relative_to(ROOT)}: pass --ckpt with an SD v1.x "
-                           "checkpoint (see weights/README.md)")
-        raise CLIError(f"--ckpt {ckpt}: no such file or folder")
+def check_paths(args) -> None:
+    """The checks every method shares: model, images and output folder (before anything is loaded)."""
+    if args.ckpt is None and not DEFAULT_CKPT.exists():
+        raise CLIError(f"no default model at {DEFAULT_CKPT.relative_to(ROOT)}: pass --ckpt with an SD v1.x "
+                       "checkpoint (see weights/README.md)")
+    if args.ckpt is not None and not args.ckpt.exists():
+        raise CLIError(f"--ckpt {args.ckpt}: no such file or folder")
     if args.images is not None and not args.images.exists():
         raise CLIError(f"--images {args.images}: no such file or folder")
     if args.resume and not (args.out / "checkpoint.pt").exists():
         raise CLIError(f"--resume: {args.out / 'checkpoint.pt'} does not exist")
     if not args.resume and (args.out / "checkpoint.pt").exists():
         raise CLIError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
+
+
+def load_model(args):
+    """(checkpoint path, frozen model, device) from --ckpt, --device and --precision."""
+    from ldm.load import load
+    ckpt = args.ckpt or DEFAULT_CKPT
+    device = pick_device(args.device)
+    model = load(ckpt, device=device, dtype=pick_dtype(args.precision, device))
+    return ckpt, model, device
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.method != "ti":
+        return importlib.import_module(METHOD_MODULES[args.method]).main(args)
+    from inversion.data import DataError, load_images, templates
+    from inversion.files import base_model_hash, save_a1111, save_embeddings
+    from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError
+
+    check_paths(args)
     if not 0 <= args.per_image_prob <= 1:
         raise CLIError("--per-image-prob must be between 0 and 1")
-
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.precision, device)
     t_start = time.time()
-    model = load(ckpt, device=device, dtype=dtype)
+    ckpt, model, device = load_model(args)
     tiny = model.config.image_size <= 64
     defaults = TINY_DEFAULTS if tiny else SD_DEFAULTS
 
