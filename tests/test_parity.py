@@ -34,8 +34,11 @@ def pair():
     torch.manual_seed(0)
     cfg, sizes = config_and_sizes()
     unet_json, vae_json, text_json = convert.write_diffusers_configs(cfg)
-    ref_unet = randomize(diffusers.UNet2DConditionModel.from_config(unet_json), seed=1, std=0.05).eval()
-    ref_vae = randomize(diffusers.AutoencoderKL.from_config(vae_json), seed=2, std=0.05).eval()
+    # Every weight random, zero-initialised layers included. At full size a smaller spread keeps the
+    # activations at the scale of real ones (|latents| of a few units, not tens).
+    std = 0.02 if FULL else 0.05
+    ref_unet = randomize(diffusers.UNet2DConditionModel.from_config(unet_json), seed=1, std=std).eval()
+    ref_vae = randomize(diffusers.AutoencoderKL.from_config(vae_json), seed=2, std=std).eval()
     ref_text = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_json)), seed=3).eval()
 
     ours = StableDiffusion(cfg).eval()

@@ -73,7 +73,9 @@ def load_checkpoint(path: Path) -> dict:
 
 def progress_bar(total, initial, desc):
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, disable=None)
+    # redirected to a log file, the bar still prints, every 30 s
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30)
 
 
 # ----------------------------------------------------------------------------- stage 1: VAE
@@ -108,7 +110,7 @@ def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path):
         opt.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{rec.item():.4f}")
+        bar.set_postfix(loss=f"{rec.item():.4f}", refresh=False)
         if step % args.checkpoint_every == 0 or step == args.vae_steps:
             save_checkpoint({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
     bar.close()
@@ -178,7 +180,7 @@ def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path):
         seconds += now - t_last
         t_last = now
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         log.write(f"{step},{loss.item():.5f},{seconds:.1f}\n")
         if step % args.checkpoint_every == 0 or step == args.steps:
             log.flush()

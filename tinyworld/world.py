@@ -34,16 +34,25 @@ distance) is never drawn: blue on navy and yellow on beige (:func:`compatible`).
 Textures mix the object color ("primary") with a second shade of the same hue: a darker
 shade (40 % of the color) on light backgrounds, a lighter tint (mixed 55 % towards white) on
 dark backgrounds, so both shades stay far from the background.  Patterns have a period of
-4 px: striped = 2-px horizontal bands, dotted = 2x2-px dots on a 4-px grid, checkered =
-2x2-px checkerboard.
+4 px for striped (2-px horizontal bands) and dotted (2x2-px dots on a 4-px grid), 6 px for
+checkered (3x3-px checkerboard: 2-px cells would blur into a uniform color).
+
+Every shape fits in an s x s box (s = size across): circle / ring diameter s (ring hole
+s/2), square side 0.94 s, triangle base and height s, cross arms s long and 0.36 s thick,
+hourglass s wide at top and bottom, 0.2 s at the waist.  Even at the largest size (14 px)
+and jitter, the footprints of "left" (x <= 16) and "right" (x >= 16) never share a pixel.
 
 Rendering supersamples 4x4 per pixel and box-filters (anti-aliased edges).  With
 ``jitter=True``: center x +-1 px, y +-2 px, size +-1 px, each RGB channel of the object
-+-10, background brightness +-10 and each of its channels +-4, texture phase 0..3 px.
++-10, background brightness +-10 and each of its channels +-4, texture phase 0..3 px
+(0..5 for checkered).
 
-Held-out combinations: a fixed ~15 % of the named (shape, color, position, background)
-combinations (chosen by a seeded hash, :func:`heldout_combos`) never appear in the
-``"train"`` split; the ``"eval"`` split draws only from them.
+Sampling is uniform over every attribute's values (all six shapes, all four textures), so
+held-out concepts are frequent in training; incompatible color/background pairs are redrawn.
+
+Held-out combinations: a fixed 15 % (52 of 348) of the named (shape, color, position,
+background) combinations, chosen by a salted SHA-256 hash (:func:`heldout_combos`), never
+appear in the ``"train"`` split; the ``"eval"`` split draws only from them.
 
 Captions (:func:`caption`): empty with probability 0.1 (for classifier-free guidance);
 otherwise one of several templates, with size / position / background / texture each
@@ -99,7 +108,8 @@ COLOR_RGB = {
     "blue": (40, 60, 235),       # hue 234
     "purple": (210, 40, 220),    # hue 297 (magenta-ish)
 }
-COLOR_HUE = {"red": 0.0, "yellow": 60.0, "green": 120.0, "teal": 180.0, "blue": 240.0, "purple": 300.0}
+COLOR_HUE = {"red": 0.0, "yellow": 60.0, "green": 120.0, "teal": 180.0, "blue": 240.0,
+             "purple": 300.0}
 
 BACKGROUND_RGB = {
     "black": (12, 12, 12),
@@ -181,17 +191,13 @@ def _combo_hash(combo: Sequence[str]) -> float:
 def heldout_combos() -> tuple:
     """The (shape, color, position, background) combinations never shown in training.
 
-    Only named shapes and compatible (color, background) pairs take part; a combination is
-    held out when its salted SHA-256 hash falls below :data:`HELDOUT_COMBO_FRACTION`.
+    Among the combinations of named shapes and compatible (color, background) pairs, the
+    :data:`HELDOUT_COMBO_FRACTION` with the smallest salted SHA-256 hash (sorted).
     """
-    out = []
-    for s in SHAPES:
-        for c in COLORS:
-            for p in POSITIONS:
-                for b in BACKGROUNDS:
-                    if compatible(c, b) and _combo_hash((s, c, p, b)) < HELDOUT_COMBO_FRACTION:
-                        out.append((s, c, p, b))
-    return tuple(out)
+    combos = [(s, c, p, b) for s in SHAPES for c in COLORS for p in POSITIONS
+              for b in BACKGROUNDS if compatible(c, b)]
+    n = int(round(HELDOUT_COMBO_FRACTION * len(combos)))
+    return tuple(sorted(sorted(combos, key=_combo_hash)[:n]))
 
 
 @lru_cache(maxsize=None)
@@ -269,10 +275,10 @@ def shape_inside(shape: str, dx: np.ndarray, dy: np.ndarray, s: float) -> np.nda
         r2 = dx * dx + dy * dy
         return (r2 <= h * h) & (r2 >= (0.25 * s) ** 2)
     if shape == "square":
-        a = 0.44 * s
+        a = 0.47 * s
         return (adx <= a) & (ady <= a)
-    if shape == "triangle":     # pointing up, base 1.05 s, height 0.95 s
-        H, W = 0.95 * s, 1.05 * s
+    if shape == "triangle":     # pointing up, base s, height s
+        H, W = s, s
         t = (dy + H / 2) / H    # 0 at the apex, 1 at the base
         return (t >= 0) & (t <= 1) & (adx <= t * W / 2)
     if shape == "cross":        # plus sign, arms 0.36 s thick
@@ -296,7 +302,7 @@ def texture_secondary(texture: str, x: np.ndarray, y: np.ndarray,
     if texture == "dotted":
         return (fx % 4 < 2) & (fy % 4 < 2)
     if texture == "checkered":
-        return (fx // 2 + fy // 2) % 2 == 1
+        return (fx // 3 + fy // 3) % 2 == 1
     raise ValueError(f"unknown texture {texture!r}")
 
 
@@ -374,7 +380,7 @@ def layout(attrs: Attributes, rng: np.random.Generator | None = None,
         # background: mostly a brightness change, so a "white" background stays white
         bj = rng.integers(-JITTER_BG_TINT, JITTER_BG_TINT + 1, size=3)
         bg = np.clip(bg + cj[3] + bj, 0, 255)
-        ph = rng.integers(0, 4, size=2)
+        ph = rng.integers(0, 4 if attrs.texture != "checkered" else 6, size=2)
         phase = (int(ph[0]), int(ph[1]))
     sec = secondary_rgb(prim, attrs.background)
     return Layout(float(cx), float(cy), float(s), tuple(prim), tuple(sec), tuple(bg), phase)
@@ -558,7 +564,8 @@ class Dataset:
 
     def __init__(self, n: int, seed: int = 0, split: str = "train", p_empty: float = P_EMPTY,
                  materialize: bool = False, **sample_kw):
-        self.n, self.seed, self.split, self.p_empty, self.sample_kw = n, seed, split, p_empty, sample_kw
+        self.n, self.seed, self.split = n, seed, split
+        self.p_empty, self.sample_kw = p_empty, sample_kw
         self.data = make_dataset(n, seed, split, p_empty, **sample_kw) if materialize else None
 
     def __len__(self) -> int:
@@ -585,7 +592,8 @@ def concept_images(concept: str, n: int, seed: int = 0, return_attrs: bool = Fal
     elif concept in HELDOUT_TEXTURES:
         kw = dict(shapes=SHAPES, textures=(concept,))
     else:
-        raise ValueError(f"{concept!r} is not a held-out concept; expected one of {HELDOUT_CONCEPTS}")
+        raise ValueError(f"{concept!r} is not a held-out concept; "
+                         f"expected one of {HELDOUT_CONCEPTS}")
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     attrs = []
     for i in range(n):
