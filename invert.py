@@ -230,7 +230,7 @@ def write_validation_grid(model, trainer, path: Path, tiny: bool) -> None:
 def report_tiny_scores(model, trainer, concept: str, placeholder: str) -> None:
     from tinyworld.concepts import evaluate_word
     t = time.time()
-    scores = evaluate_word(model, concept, placeholder, n=64, new_embeddings=trainer.learned.mapping())
+    scores = evaluate_word(model, concept, placeholder, n=64, learned=trainer.learned)
     print(f"{placeholder} on the tiny world ({time.time() - t:.0f} s, 64 samples each, DDIM 50): "
           f"reconstruction {scores['reconstruction']:.0%} (read as {concept}), "
           f"editability {scores['editability']:.0%} (other attributes honored)")

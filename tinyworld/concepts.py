@@ -66,13 +66,18 @@ def score(images: np.ndarray, concept: str, attrs: Sequence[W.Attributes] | None
 
 
 def evaluate_word(model, concept: str, word: str, n: int = 64, steps: int = 50, scale: float = 7.5,
-                  seed: int = 0, **generate_kw) -> Dict[str, float]:
-    """Reconstruction and editability of `word` (a learned placeholder, or plain words)."""
+                  seed: int = 0, learned=None, **generate_kw) -> Dict[str, float]:
+    """Reconstruction and editability of `word`: plain words, or a placeholder of `learned`
+    (a LearnedEmbeddings, whose multi-vector words are expanded in the prompts)."""
     from tinyworld.evaluate import sample_prompts
+    expand = (lambda p: p) if learned is None else learned.expand
+    if learned is not None:
+        generate_kw["new_embeddings"] = learned.mapping()
     seeds = [seed + i for i in range(n)]
-    rec_images = sample_prompts(model, reconstruction_prompts(concept, word, n), seeds, steps, scale, **generate_kw)
+    rec_prompts = [expand(p) for p in reconstruction_prompts(concept, word, n)]
+    rec_images = sample_prompts(model, rec_prompts, seeds, steps, scale, **generate_kw)
     attrs = edit_attributes(concept, n, seed)
-    edit_images = sample_prompts(model, [edit_prompt(a, concept, word) for a in attrs], seeds, steps, scale,
+    edit_images = sample_prompts(model, [expand(edit_prompt(a, concept, word)) for a in attrs], seeds, steps, scale,
                                  **generate_kw)
     edit = score(edit_images, concept, attrs)
     return {"reconstruction": score(rec_images, concept)["concept"], "editability": edit["edit"],

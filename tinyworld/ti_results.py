@@ -1,0 +1,89 @@
+"""The Textual Inversion results table of the README, on the tiny world.
+
+    python -m tinyworld.ti_results                 # about 10 minutes on 2 CPU cores
+
+For each row, a word is learned from 5 rendered images of a held-out concept (a shape or a
+texture the base model draws but has no word for), then scored:
+  reconstruction: share of "a photo of a <x>"-style samples the analyzer reads as the concept;
+  editability: share of "a small red <x> on the left on a black background"-style prompts whose
+      other attributes (size, color, position, background) are all honored.
+The baseline row is the best ordinary word for the concept.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROWS = [
+    # (label, concept, TIConfig overrides)
+    ("single vector", "ring", dict()),
+    ("multi-vector (3)", "ring", dict(num_vectors=3)),
+    ("progressive (1 -> 3, every 100 steps)", "ring", dict(num_vectors=3, progressive_every=100)),
+    ("single vector", "hourglass", dict()),
+    ("style: single vector", "checkered", dict(learnable_property="style")),
+]
+
+
+def learn(model, concept: str, steps: int, seed: int, out: Path, **overrides):
+    """Train a word for `concept` on 5 of its images; returns the trainer."""
+    from inversion.data import templates
+    from inversion.textual_inversion import TIConfig, TextualInversion
+    from tinyworld.concepts import default_init_word
+    from tinyworld.train import to_tensor
+    from tinyworld.world import concept_images
+    from invert import TINY_DEFAULTS
+    cfg = TIConfig(placeholder=f"<{concept}>", init_word=default_init_word(concept), steps=steps,
+                   batch=TINY_DEFAULTS["batch"], lr=TINY_DEFAULTS["lr"], seed=seed, save_every=10 ** 9)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    images = to_tensor(concept_images(concept, 5, seed=seed))
+    trainer = TextualInversion(model, images, cfg, out, templates(cfg.learnable_property), log=lambda s: None)
+    trainer.run(progress=False)
+    return trainer
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tinyworld.ti_results", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: invert.py's tiny default)")
+    p.add_argument("--n", type=int, default=64, help="samples per score")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps when scoring")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("outputs") / "ti_results")
+    args = p.parse_args(argv)
+    import ldm
+    from invert import TINY_DEFAULTS
+    from tinyworld.concepts import best_plain_caption, evaluate_word
+    model = ldm.load(args.ckpt)
+    steps = args.steps or TINY_DEFAULTS["steps"]
+    print(f"Textual Inversion on the tiny world: 5 images per concept, {steps} steps, "
+          f"{args.n} samples per score, DDIM {args.sample_steps}\n")
+    print("| concept | word | reconstruction | editability | training time |\n|---|---|---|---|---|")
+    baselines = {}
+    for label, concept, overrides in ROWS:
+        if concept not in baselines:
+            word, rec = best_plain_caption(model, concept, n=args.n // 2, steps=args.sample_steps, seed=args.seed)
+            scores = evaluate_word(model, concept, word, n=args.n, steps=args.sample_steps, seed=args.seed)
+            baselines[concept] = word
+            print(f"| {concept} | baseline: best plain word \"{word}\" | {scores['reconstruction']:.0%} | "
+                  f"{scores['editability']:.0%} | - |", flush=True)
+        t = time.time()
+        folder = args.out / f"{concept}-{label.split()[0]}"
+        trainer = learn(model, concept, steps, args.seed, folder, **overrides)
+        seconds = time.time() - t
+        scores = evaluate_word(model, concept, trainer.cfg.placeholder, n=args.n, steps=args.sample_steps,
+                               seed=args.seed, learned=trainer.learned)
+        print(f"| {concept} | {label} | {scores['reconstruction']:.0%} | {scores['editability']:.0%} | "
+              f"{seconds:.0f} s |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
