@@ -11,7 +11,9 @@ the new vector. Both run the same architecture with the same random weights, the
 fp32, on the CPU; each side runs in its own process so its peak RSS is its own.
 
 Configurations: the SD v1.5 architecture at 256 px (batch 1), and the tiny model (batch 8).
-Prints seconds per step, peak RSS, and our/reference ratios.
+Prints the median seconds per step, the peak resident memory while training (sampled during the steps,
+so each side's different setup is not counted), that peak less the model weights and the
+interpreter's own memory (what the training itself costs), and our/reference ratios.
 """
 from __future__ import annotations
 
@@ -52,6 +54,34 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+class RSSSampler:
+    """Highest resident memory seen while training (sampled every 5 ms): the setup, which differs
+    between the two sides (the reference is built from our weights), is not counted."""
+
+    def __init__(self):
+        import threading
+        self.peak, self.running = 0.0, True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, current_rss_mb())
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
 def run_ours(name, steps):
     import torch
     from inversion.textual_inversion import TIConfig, TextualInversion
@@ -60,12 +90,14 @@ def run_ours(name, steps):
     images = torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1
     cfg = TIConfig(placeholder="<x>", init_word="object", batch=c["batch"], steps=10 ** 6)
     trainer = TextualInversion(model, images, cfg, Path("/tmp/bench_ti"), ["a photo of a {}"], log=lambda s: None)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2 ** 20
     times = []
-    for i in range(steps + 1):
-        t = time.perf_counter()
-        trainer.train_step()
-        times.append(time.perf_counter() - t)
-    return times[1:]
+    with RSSSampler() as rss:
+        for i in range(steps + 1):
+            t = time.perf_counter()
+            trainer.train_step()
+            times.append(time.perf_counter() - t)
+    return times[1:], rss.peak, weights
 
 
 def run_reference(name, steps):
@@ -91,7 +123,10 @@ def run_reference(name, steps):
         text_sd = {k[len("text_model."):]: v for k, v in text_sd.items()}
     text.load_state_dict({k: v for k, v in text_sd.items() if not k.endswith("position_ids")}, strict=False)
     tokenizer = ours.tokenizer
-    del ours, sd
+    weights = sum(t.numel() * t.element_size() for t in sd.values()) / 2 ** 20
+    del ours, sd, text_sd
+    import gc
+    gc.collect()
     placeholder_id = tokenizer.add_token("<x>")
     text.resize_token_embeddings(placeholder_id + 1)
     embeddings = text.get_input_embeddings()
@@ -109,6 +144,7 @@ def run_reference(name, steps):
     images = torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1
     ids = tokenizer(["a photo of a <x>"] * c["batch"])
     times = []
+    sampler = RSSSampler().__enter__()
     for i in range(steps + 1):
         t0 = time.perf_counter()
         batch = images[torch.randint(0, len(images), (c["batch"],))]
@@ -127,16 +163,20 @@ def run_reference(name, steps):
             keep[placeholder_id] = False
             embeddings.weight[keep] = original[keep]
         times.append(time.perf_counter() - t0)
-    return times[1:]
+    sampler.__exit__()
+    return times[1:], sampler.peak, weights
 
 
 def child(side, name, steps):
+    import statistics
     import torch
+    import diffusers, transformers  # noqa: F401  (imported on both sides, so the baselines are alike)
+    import inversion.textual_inversion  # noqa: F401
     torch.manual_seed(0)
-    before = rss_mb()
-    times = (run_ours if side == "ours" else run_reference)(name, steps)
-    print(json.dumps({"seconds_per_step": sum(times) / len(times), "peak_rss_mb": rss_mb(),
-                      "rss_at_start_mb": before}))
+    baseline = current_rss_mb()  # the interpreter and the libraries
+    times, peak, weights = (run_ours if side == "ours" else run_reference)(name, steps)
+    print(json.dumps({"seconds_per_step": statistics.median(times), "peak_rss_mb": peak,
+                      "above_weights_mb": peak - baseline - weights}))
 
 
 def measure(side, name, steps):
@@ -158,13 +198,16 @@ def main():
         return
     import torch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
-    print("| configuration | ours s/step | reference s/step | time ratio | ours peak RSS | reference peak RSS | RAM ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| configuration | ours s/step | reference s/step | time ratio | ours peak RSS | reference peak RSS "
+          "| RAM ratio | ours above the weights | reference above the weights | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in ([args.only] if args.only else list(CONFIGS)):
         o, r = measure("ours", name, args.steps), measure("reference", name, args.steps)
         print(f"| {name} | {o['seconds_per_step']:.3f} | {r['seconds_per_step']:.3f} | "
               f"{o['seconds_per_step'] / r['seconds_per_step']:.2f} | {o['peak_rss_mb']:.0f} MB | "
-              f"{r['peak_rss_mb']:.0f} MB | {o['peak_rss_mb'] / r['peak_rss_mb']:.2f} |", flush=True)
+              f"{r['peak_rss_mb']:.0f} MB | {o['peak_rss_mb'] / r['peak_rss_mb']:.2f} | "
+              f"{o['above_weights_mb']:.0f} MB | {r['above_weights_mb']:.0f} MB | "
+              f"{o['above_weights_mb'] / r['above_weights_mb']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
