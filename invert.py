@@ -27,7 +27,7 @@ TINY_DEFAULTS = dict(steps=400, batch=8, lr=5e-3, save_every=100)
 SD_DEFAULTS = dict(steps=5000, batch=4, lr=5e-3, save_every=500)
 # Methods beside Textual Inversion live in their own modules, each with
 # add_arguments(parser) (its own argument group) and main(args) -> int.
-METHOD_MODULES = {}
+METHOD_MODULES = {"hiper": "inversion.hiper_cli", "neti": "inversion.neti_cli"}
 
 
 def build_parser() -> Parser:

@@ -45,6 +45,14 @@ def build_parser() -> Parser:
     p.add_argument("--ema", action="store_true", help="use the EMA U-Net of a full (non-emaonly) checkpoint")
     p.add_argument("--embedding", type=Path, action="append", default=[], metavar="FILE",
                    help="a learned word (ours, diffusers, sd-concepts-library or AUTOMATIC1111 file); repeatable")
+    p.add_argument("--hiper", type=Path, default=None, metavar="FILE",
+                   help="a HiPer tail (invert.py --method hiper): --prompt is the target text, the tail keeps "
+                        "the source image's subject")
+    p.add_argument("--alpha", type=nonnegative_float, default=0.8, help="with --hiper: the weight α of the tail")
+    p.add_argument("--neti", type=Path, default=None, metavar="FILE",
+                   help="a NeTI mapper (invert.py --method neti); write its placeholder in --prompt")
+    p.add_argument("--truncation", type=positive_int, default=None, metavar="K",
+                   help="with --neti: keep the mapper's first K hidden units (smaller: more editable, less faithful)")
     return p
 
 
@@ -87,6 +95,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.ckpt is not None and not args.ckpt.exists():
         raise CLIError(f"--ckpt {args.ckpt}: no such file or folder")
+    if args.truncation is not None and args.neti is None:
+        raise CLIError("--truncation needs --neti (it truncates a NeTI mapper)")
+    if args.neti is not None and args.hiper is not None:
+        raise CLIError("use --neti or --hiper, not both")
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
     model = load_model(args.ckpt, device, dtype)
@@ -102,6 +114,24 @@ def main(argv=None) -> int:
                 print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)
         new_embeddings = learned.mapping()
         prompt, negative = learned.expand(args.prompt), learned.expand(args.negative)
+    cond = None
+    if args.hiper is not None:  # HiPer: the prompt's rows 0..76-K, then α x the learned tail
+        from inversion.files import base_model_hash
+        from inversion.hiper import HiPerError, hiper_condition, load_tail
+        tail, _ = load_tail(args.hiper, model.config.text.hidden_size,
+                            base_hash=lambda: base_model_hash(resolve_checkpoint(args.ckpt)))
+        try:
+            cond = hiper_condition(model, prompt, tail, args.alpha, new_embeddings)
+        except HiPerError as e:
+            raise CLIError(str(e)) from None
+
+    value_cond = uncond = value_uncond = None
+    if args.neti is not None:  # NeTI: the mapper's text for every timestep and cross-attention layer
+        from inversion.files import base_model_hash
+        from inversion.neti import neti_conditioning
+        cond, value_cond, uncond, value_uncond = neti_conditioning(
+            model, args.neti, prompt, negative, args.truncation, new_embeddings,
+            base_hash=lambda: base_model_hash(resolve_checkpoint(args.ckpt)))
 
     from tqdm import tqdm
     from ldm.generate import generate, latent_shape, make_grid, to_pil
@@ -114,6 +144,10 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_name = str(args.ckpt) if args.ckpt else str(DEFAULT_CKPT.relative_to(ROOT))
     extra = {"embeddings": ", ".join(p.name for p in args.embedding)} if args.embedding else {}
+    if args.hiper is not None:
+        extra.update(hiper=args.hiper.name, alpha=args.alpha)
+    if args.neti is not None:
+        extra.update(neti=args.neti.name, **({"truncation": args.truncation} if args.truncation else {}))
     images, paths = [], []
     seeds = [args.seed + i for i in range(args.n)]
     bar = tqdm(total=args.n * args.steps, desc="sampling", unit="step", disable=None)
@@ -127,7 +161,8 @@ def main(argv=None) -> int:
         batch_seeds = seeds[start:start + args.batch_size]
         batch = generate(model, [prompt] * len(batch_seeds), batch_seeds, negative_prompt=negative,
                          steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta,
-                         height=height, width=width, new_embeddings=new_embeddings, progress=progress)
+                         height=height, width=width, new_embeddings=new_embeddings, cond=cond, progress=progress,
+                         uncond=uncond, value_cond=value_cond, value_uncond=value_uncond)
         for seed, image in zip(batch_seeds, to_pil(batch)):
             settings = dict(prompt=args.prompt, negative_prompt=args.negative, seed=seed, steps=args.steps,
                             scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,

@@ -35,13 +35,15 @@ def initial_noise(shape: tuple, seeds: Sequence[int]) -> torch.Tensor:
 def generate(model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int], *,
              negative_prompt: str = "", steps: int = 50, scale: float = 7.5, sampler: str = "ddim",
              eta: float = 0.0, height: Optional[int] = None, width: Optional[int] = None,
-             new_embeddings=None, cond=None, uncond=None,
+             new_embeddings=None, cond=None, uncond=None, value_cond=None, value_uncond=None,
              progress: Optional[Callable] = None) -> torch.Tensor:
     """Sample one image per (prompt, seed): returns images (B, 3, H, W) in [0, 1] on the CPU.
 
     `cond`/`uncond` override the text encoding: a tensor (B, 77, D), a list with one per
-    cross-attention layer, or a function of the timestep (NeTI). `new_embeddings` are
-    learned token vectors spliced into the embedding lookup (Textual Inversion)."""
+    cross-attention layer, or a function of the timestep (NeTI). `value_cond`/`value_uncond`,
+    in the same forms, replace them for the cross-attention values only (NeTI's textual
+    bypass). `new_embeddings` are learned token vectors spliced into the embedding lookup
+    (Textual Inversion)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if len(prompts) != len(seeds):
@@ -54,7 +56,7 @@ def generate(model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int
     if uncond is None and scale != 1.0:
         uncond = model.encode_prompts([negative_prompt], new_embeddings)
     x_T = initial_noise(shape, seeds).to(model.device, model.dtype)
-    denoiser = guided_denoiser(model.unet, cond, uncond, scale)
+    denoiser = guided_denoiser(model.unet, cond, uncond, scale, value_cond=value_cond, value_uncond=value_uncond)
     generator = torch.Generator().manual_seed(int(seeds[0]))
     if sampler == "ddim":
         z = ddim_sample(denoiser, x_T, model.schedule, steps, eta=eta, generator=generator, progress=progress)

@@ -64,27 +64,40 @@ def _cat_context(uncond: Context, cond: Context) -> Context:
 
 
 def guided_denoiser(unet: Callable[[Tensor, Tensor, Context], Tensor], cond: Conditioning,
-                    uncond: Optional[Conditioning], scale: float) -> Denoiser:
+                    uncond: Optional[Conditioning], scale: float,
+                    value_cond: Optional[Conditioning] = None,
+                    value_uncond: Optional[Conditioning] = None) -> Denoiser:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): eps = eps_u + s * (eps_c - eps_u).
 
     `unet(x, t, context) -> eps`. Both halves run as one batch [uncond; cond]. A callable `cond` /
     `uncond` is called once per denoiser call with the step's integer timestep `int(t[0])`.
     Context tensors with batch 1 are expanded to the batch of x. With scale == 1 (or uncond None)
     only the conditional half is evaluated.
+
+    `value_cond` / `value_uncond` (same forms; None = the same as `cond` / `uncond`) feed the
+    cross-attention values while `cond` / `uncond` feed the keys (NeTI's textual bypass); the U-Net
+    is then called as `unet(x, t, context, value_context)`.
     """
     scale = float(scale)
     if uncond is None and scale != 1.0:
         raise ValueError("classifier-free guidance with scale != 1 needs an unconditional context")
-    needs_int_t = callable(cond) or callable(uncond)
+    needs_int_t = any(callable(c) for c in (cond, uncond, value_cond, value_uncond))
+    has_values = value_cond is not None or value_uncond is not None
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         batch = x.shape[0]
         t_int = int(t.reshape(-1)[0]) if needs_int_t else -1
         c = _expand_context(_resolve(cond, t_int), batch, "cond")
+        vc = c if value_cond is None else _expand_context(_resolve(value_cond, t_int), batch, "value_cond")
         if scale == 1.0:
-            return unet(x, t, c)
+            return unet(x, t, c, vc) if has_values else unet(x, t, c)
         u = _expand_context(_resolve(uncond, t_int), batch, "uncond")
-        eps = unet(torch.cat([x, x]), torch.cat([t, t]), _cat_context(u, c))
+        x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+        if has_values:
+            vu = u if value_uncond is None else _expand_context(_resolve(value_uncond, t_int), batch, "value_uncond")
+            eps = unet(x2, t2, _cat_context(u, c), _cat_context(vu, vc))
+        else:
+            eps = unet(x2, t2, _cat_context(u, c))
         eps_u, eps_c = eps.chunk(2)
         return eps_u + scale * (eps_c - eps_u)
 

@@ -1,0 +1,163 @@
+"""`invert.py --method hiper`: learn a HiPer tail for one image, then edit with sample.py.
+
+    python invert.py --method hiper                   # tiny world: render an image, learn, show edits
+    python invert.py --method hiper --image dog.png --source "a standing dog" \\
+                     --ckpt v1-5-pruned-emaonly.safetensors
+    python sample.py --hiper outputs/inversion/hiper_tail.safetensors --prompt "a sitting dog"
+
+Writes hiper_tail.safetensors (the tail, with K, the source prompt and the base model's hash),
+checkpoint.pt, loss.csv and samples/reconstruction.png (the source image, then the model's
+drawings from [e_src[:77-K]; e_hiper]).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ldm.cli import CLIError, positive_int
+
+# SD: the paper's recipe (HiPer0/HiPer script.sh: Adam, lr 5e-3, batch 1; tails used at step 1000).
+SD_DEFAULTS = dict(steps=1000, batch=1, lr=5e-3, save_every=100)
+# The tiny model (config.image_size <= 64): see tinyworld/hiper_eval.py for the measurements.
+TINY_DEFAULTS = dict(steps=300, batch=4, lr=5e-3, save_every=50)
+TAIL_FILE = "hiper_tail.safetensors"
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group(
+        "HiPer (--method hiper)",
+        "one image and a prompt describing it; also uses --steps, --lr, --batch, --seed, --ckpt, --out, --resume, "
+        "--save-every, --no-eval, --device, --precision (SD defaults: 1000 steps, lr 5e-3, batch 1; "
+        "tiny model: 300 steps, lr 5e-3, batch 4)")
+    g.add_argument("--image", type=Path, default=None, metavar="IMG",
+                   help="the source image (default on the tiny model: a rendered tiny-world object)")
+    g.add_argument("--source", default=None, metavar="TEXT",
+                   help="the source prompt describing --image, e.g. 'a standing dog'")
+    g.add_argument("--tail", type=positive_int, default=5, metavar="K",
+                   help="the last K of the 77 text-encoder rows are learned")
+
+
+def check_arguments(args) -> None:
+    """Everything that can be checked before the model is loaded; CLIError otherwise."""
+    from inversion.data import DataError, load_image
+    from inversion.hiper import HiPerError, check_prompt, check_tail_size
+    from invert import check_paths
+    if args.images is not None:
+        raise CLIError("--method hiper learns from one --image, not --images")
+    if (args.image is None) != (args.source is None):
+        raise CLIError("give --image and --source together (--source describes the image), or neither for the "
+                       "tiny-world demo")
+    try:
+        check_tail_size(args.tail)
+    except HiPerError as e:
+        raise CLIError(str(e)) from None
+    check_paths(args)
+    if args.image is not None:
+        if not args.image.is_file():
+            raise CLIError(f"--image {args.image}: no such file")
+        try:
+            load_image(args.image, 8)  # decodes the file: an unreadable image fails before the model loads
+        except DataError as e:
+            raise CLIError(f"--image: {e}") from None
+        from clip.tokenizer import Tokenizer
+        try:
+            check_prompt(Tokenizer(), args.source, args.tail)
+        except HiPerError as e:
+            raise CLIError(str(e)) from None
+
+
+def main(args) -> int:
+    from inversion.files import base_model_hash
+    from inversion.hiper import HiPer, HiPerConfig, HiPerError, save_tail
+    from invert import load_model
+
+    check_arguments(args)
+    t_start = time.time()
+    ckpt, model, device = load_model(args)
+    tiny = model.config.image_size <= 64
+    defaults = TINY_DEFAULTS if tiny else SD_DEFAULTS
+    demo = args.image is None
+    if demo:
+        if not tiny:
+            raise CLIError("--image and --source are required with an SD checkpoint (the demo fits the tiny model)")
+        from tinyworld.hiper_eval import make_source, source_prompt, to_model_image
+        attrs, image_u8, targets = make_source(args.seed, 0)
+        source, image = source_prompt(attrs), to_model_image(image_u8, model.config.image_size)
+    else:
+        from inversion.data import DataError, load_image
+        source = args.source
+        try:
+            image = load_image(args.image, model.config.image_size)
+        except DataError as e:
+            raise CLIError(f"--image: {e}") from None
+
+    cfg = HiPerConfig(source=source, tail=args.tail, steps=args.steps or defaults["steps"],
+                      lr=args.lr or defaults["lr"], batch=args.batch or defaults["batch"], seed=args.seed,
+                      save_every=args.save_every or defaults["save_every"])
+    try:
+        trainer = HiPer(model, image, cfg, args.out)
+        resumed = args.resume and trainer.resume()
+    except HiPerError as e:
+        raise CLIError(str(e)) from None
+    write_source_image(image, args.out / "source.png", tiny)
+    print(f"{'resuming at step ' + str(trainer.step) if resumed else 'learning'} a HiPer tail of {cfg.tail} rows "
+          f"for {source!r} on {device}; lr {cfg.lr:g}, batch {cfg.batch}, {cfg.steps} steps")
+
+    base_hash = base_model_hash(ckpt)
+    tail_path = args.out / TAIL_FILE
+
+    def save(t: HiPer) -> None:
+        save_tail(tail_path, t.tail_vectors(), {"base_model_hash": base_hash, "base_model": str(ckpt),
+                                                "source": source, "step": str(t.step)})
+
+    try:
+        trainer.run(on_save=save)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}: saved {tail_path} and {args.out / 'checkpoint.pt'} "
+              "(continue with --resume)", file=sys.stderr)
+        return 130
+    write_reconstruction(model, trainer, image, args.out / "samples" / "reconstruction.png", tiny)
+    print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {tail_path}, loss.csv, source.png "
+          f"and samples/reconstruction.png")
+    example = source_prompt(targets["position"]) if demo else "<the source prompt, edited>"
+    print(f"edit with: python sample.py --hiper {tail_path} --prompt \"{example}\""
+          + ("" if args.ckpt is None else f" --ckpt {args.ckpt}"))
+    if demo and not args.no_eval:
+        report_demo_edits(model, trainer, attrs, targets)
+    return 0
+
+
+def write_source_image(image: torch.Tensor, path: Path, tiny: bool) -> None:
+    from ldm.generate import to_pil
+    im = to_pil(((image[None] + 1) / 2).clamp(0, 1))[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (im.resize((im.width * 4, im.height * 4), 0) if tiny else im).save(path)
+
+
+@torch.no_grad()
+def write_reconstruction(model, trainer, image: torch.Tensor, path: Path, tiny: bool, n: int = 4) -> None:
+    """The source image, then n drawings from [e_src[:77-K]; e_hiper] (DDIM 50, guidance 7.5)."""
+    from ldm.generate import generate, make_grid, to_pil
+    cond = trainer.context()[None].to(model.dtype)
+    images = generate(model, [""] * n, list(range(n)), cond=cond, steps=50)
+    grid = make_grid(to_pil(torch.cat([((image[None] + 1) / 2).clamp(0, 1), images])), columns=n + 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (grid.resize((grid.width * 4, grid.height * 4), 0) if tiny else grid).save(path)
+
+
+def report_demo_edits(model, trainer, attrs, targets, samples: int = 4) -> None:
+    """Tiny-world demo: one edit of each kind, drawn with the plain target prompt and with HiPer."""
+    from tinyworld.hiper_eval import ALPHA, edit_results, rate, source_prompt
+    t = time.time()
+    results = edit_results(model, attrs, targets, trainer.tail_vectors().to(model.device), alphas=(ALPHA,),
+                           samples=samples)
+    print(f"edits of {source_prompt(attrs)!r}, {samples} seeds each, read by the analyzer ({time.time() - t:.0f} s); "
+          "identity = shape, color and size kept:")
+    for what, target in targets.items():
+        plain = rate(results, edit=what, method="target prompt")
+        hiper = rate(results, edit=what, method="HiPer")
+        print(f"  {what} -> {getattr(target, what)}: target prompt identity {plain[0]:.0%}, edit {plain[1]:.0%} | "
+              f"HiPer (α={ALPHA:g}) identity {hiper[0]:.0%}, edit {hiper[1]:.0%}")

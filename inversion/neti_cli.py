@@ -1,0 +1,193 @@
+"""`invert.py --method neti`: learn a NeTI mapper for a new word, then sample with sample.py.
+
+    python invert.py --method neti                     # tiny world: a held-out concept, then its scores
+    python invert.py --method neti --images my_toy/ --placeholder "<my-toy>" --init-word toy \\
+                     --ckpt v1-5-pruned-emaonly.safetensors
+    python sample.py --neti outputs/inversion/neti_mapper.safetensors --prompt "a photo of <my-toy>" \\
+                     [--truncation 32]
+
+Writes neti_mapper.safetensors (the mapper's weights, its configuration, the placeholder, the
+init word and the base model's hash), checkpoint.pt, loss.csv and samples/step-N.png.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ldm.cli import CLIError, positive_int
+
+# SD: NeTI's recipe (training/config.py of the authors' code): lr 1e-3 scaled by the images
+# per step, batch 2 with 4 accumulated micro-batches, 1000 steps, a checkpoint every 250.
+SD_DEFAULTS = dict(steps=1000, batch=2, grad_accum=4, lr=1e-3, save_every=250)
+# The tiny model (config.image_size <= 64): the same 8 images and lr per step as NeTI for SD.
+TINY_DEFAULTS = dict(steps=400, batch=8, grad_accum=1, lr=1e-3, save_every=100)
+# Options of Textual Inversion that NeTI does not have: (name, its "off" value).
+TI_ONLY = (("num_vectors", 1), ("progressive_every", 0), ("reg_weight", 0.0), ("per_image_tokens", False))
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group(
+        "NeTI (--method neti)",
+        "a mapper gives the word's vector for every timestep and cross-attention layer; also uses --images, "
+        "--concept, --num-images, --resolution, --no-flip, --placeholder, --init-word (the super-category "
+        "word), --property, --steps, --lr, --batch, --seed, --ckpt, --out, --resume, --save-every, "
+        "--sample-every, --no-eval, --device, --precision (SD defaults: 1000 steps, lr 1e-3 x 8 images)")
+    g.add_argument("--grad-accum", type=positive_int, default=None,
+                   help="micro-batches per step; the lr is scaled by batch x grad-accum (SD: 4, tiny: 1)")
+    g.add_argument("--sigma-t", type=float, default=0.03, help="scale of the time frequencies of the encoding")
+    g.add_argument("--sigma-l", type=float, default=2.0, help="scale of the layer frequencies of the encoding")
+    g.add_argument("--nested-dropout", type=float, default=0.5,
+                   help="probability of truncating the mapper's hidden units at a random index in training")
+    g.add_argument("--no-bypass", action="store_true", help="no textual bypass: the mapper gives only the word")
+
+
+def check_arguments(args) -> None:
+    """Everything that can be checked before the model is loaded; CLIError otherwise."""
+    from inversion.neti import NeTIConfig, check_config
+    from inversion.textual_inversion import TrainingError
+    from invert import check_paths
+    for name, off in TI_ONLY:
+        if getattr(args, name, off) != off:
+            raise CLIError(f"--{name.replace('_', '-')} is an option of Textual Inversion (--method ti), not of NeTI")
+    if getattr(args, "image", None) is not None:
+        raise CLIError("--method neti learns from --images (a folder), not --image")
+    try:  # the numbers the user chose, before anything is loaded
+        check_config(NeTIConfig(sigma_t=args.sigma_t, sigma_l=args.sigma_l, nested_dropout=args.nested_dropout,
+                                lr=args.lr or 1e-3))
+    except TrainingError as e:
+        raise CLIError(str(e)) from None
+    check_paths(args)
+
+
+def main(args) -> int:
+    from inversion.data import DataError, load_images, templates
+    from inversion.files import base_model_hash
+    from inversion.neti import MAPPER_FILE, NeTI, NeTIConfig, check_config, save_mapper
+    from inversion.textual_inversion import TrainingError, check_words
+    from invert import load_model, tiny_world_images
+
+    check_arguments(args)
+    t_start = time.time()
+    ckpt, model, device = load_model(args)
+    tiny = model.config.image_size <= 64
+    defaults = TINY_DEFAULTS if tiny else SD_DEFAULTS
+
+    tiny_concept = args.images is None
+    if tiny_concept:
+        from tinyworld.concepts import concept_attribute, default_init_word
+        if not tiny:
+            raise CLIError("--images is required with an SD checkpoint (the tiny world only fits the tiny model)")
+        try:
+            kind = concept_attribute(args.concept)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        placeholder = args.placeholder or f"<{args.concept}>"
+        init_word = args.init_word or default_init_word(args.concept)
+        prop = args.property or ("object" if kind == "shape" else "style")
+    else:
+        if not args.placeholder or not args.init_word:
+            raise CLIError("with --images, give --placeholder (e.g. '<my-toy>') and --init-word (e.g. 'toy')")
+        placeholder, init_word, prop = args.placeholder, args.init_word, args.property or "object"
+
+    cfg = NeTIConfig(placeholder=placeholder, init_word=init_word, learnable_property=prop,
+                     steps=args.steps or defaults["steps"], lr=args.lr or defaults["lr"],
+                     batch=args.batch or defaults["batch"], grad_accum=args.grad_accum or defaults["grad_accum"],
+                     flip=not args.no_flip, seed=args.seed, save_every=args.save_every or defaults["save_every"],
+                     sample_every=args.sample_every, sigma_t=args.sigma_t, sigma_l=args.sigma_l,
+                     nested_dropout=args.nested_dropout, bypass=not args.no_bypass)
+    try:  # the words, before any file is written
+        check_config(cfg)
+        check_words(model, cfg)
+    except TrainingError as e:
+        raise CLIError(str(e)) from None
+    if tiny_concept:
+        images = tiny_world_images(args.concept, args.num_images, args.seed, args.out / "train_images")
+    else:
+        try:
+            images = load_images(args.images, args.resolution or model.config.image_size)
+        except DataError as e:
+            raise CLIError(str(e)) from None
+    if len(images) == 1:
+        print("warning: one training image; the word will copy that image closely (3-5 images work best)",
+              file=sys.stderr)
+
+    try:
+        trainer = NeTI(model, images, cfg, args.out, templates(prop))
+        resumed = args.resume and trainer.resume()
+    except TrainingError as e:
+        raise CLIError(str(e)) from None
+    mc = trainer.mapper.config
+    print(f"{'resuming at step ' + str(trainer.step) if resumed else 'training'} a NeTI mapper for {placeholder!r} "
+          f"({mc.num_layers} cross-attention layers, {sum(p.numel() for p in trainer.mapper.parameters()):,} "
+          f"parameters) from {len(images)} images on {device}; effective lr = {cfg.lr:g} x batch {cfg.batch} "
+          f"x {cfg.grad_accum} = {cfg.effective_lr:g}")
+
+    base_hash = base_model_hash(ckpt)
+    mapper_path = args.out / MAPPER_FILE
+
+    def save(t: NeTI) -> None:
+        save_mapper(mapper_path, t.mapper, {"base_model_hash": base_hash, "base_model": str(ckpt),
+                                            "placeholder": placeholder, "init_word": init_word,
+                                            "learnable_property": prop, "step": str(t.step)})
+
+    def sample_grid(t: NeTI) -> None:
+        write_validation_grid(model, t, args.out / "samples" / f"step-{t.step:06d}.png", tiny)
+
+    try:
+        trainer.run(on_save=save, on_sample=sample_grid)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}: saved {mapper_path} and {args.out / 'checkpoint.pt'} "
+              "(continue with --resume)", file=sys.stderr)
+        return 130
+    sample_grid(trainer)
+    print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {mapper_path}, loss.csv and samples/")
+    example = templates(prop)[0].format(placeholder)
+    print(f"sample with: python sample.py --neti {mapper_path} --prompt \"{example}\""
+          + ("" if args.ckpt is None else f" --ckpt {args.ckpt}"))
+    if tiny_concept and not args.no_eval:
+        t = time.time()
+        scores = tiny_scores(model, trainer.mapper, args.concept, placeholder)
+        print(f"{placeholder} on the tiny world ({time.time() - t:.0f} s, 64 samples each, DDIM 50): "
+              f"reconstruction {scores['reconstruction']:.0%} (read as {args.concept}), "
+              f"editability {scores['editability']:.0%} (other attributes honored)")
+    return 0
+
+
+@torch.no_grad()
+def write_validation_grid(model, trainer, path: Path, tiny: bool) -> None:
+    """Four template prompts with the word, one image each (seeds 0-3)."""
+    from inversion.data import templates
+    from ldm.generate import generate, make_grid, to_pil
+    prompts = [tpl.format(trainer.cfg.placeholder) for tpl in templates(trainer.cfg.learnable_property)[:4]]
+    neti = trainer.conditioning(prompts)
+    images = generate(model, prompts, list(range(len(prompts))), steps=trainer.cfg.sample_steps if tiny else 30,
+                      cond=neti.keys, value_cond=neti.value_cond)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(to_pil(images), columns=len(prompts))
+    if tiny:
+        grid = grid.resize((grid.width * 4, grid.height * 4), 0)
+    grid.save(path)
+
+
+@torch.no_grad()
+def tiny_scores(model, mapper, concept: str, placeholder: str, n: int = 64, steps: int = 50, scale: float = 7.5,
+                truncation=None, seed: int = 0) -> dict:
+    """`tinyworld.concepts.evaluate_word` for a NeTI word: reconstruction and editability."""
+    from inversion.neti import SpaceTimeConditioning
+    from ldm.generate import generate
+    from tinyworld.concepts import edit_attributes, edit_prompt, reconstruction_prompts, score
+    from tinyworld.evaluate import to_uint8
+    seeds = [seed + i for i in range(n)]
+
+    def draw(prompts):
+        neti = SpaceTimeConditioning(model, mapper, placeholder, prompts, truncation)
+        return to_uint8(generate(model, prompts, seeds, steps=steps, scale=scale,
+                                 cond=neti.keys, value_cond=neti.value_cond))
+
+    reconstruction = score(draw(reconstruction_prompts(concept, placeholder, n)), concept)["concept"]
+    attrs = edit_attributes(concept, n, seed)
+    edit = score(draw([edit_prompt(a, concept, placeholder) for a in attrs]), concept, attrs)
+    return {"reconstruction": reconstruction, "editability": edit["edit"], "edit_and_concept": edit["edit_and_concept"]}

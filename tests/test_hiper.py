@@ -1,0 +1,224 @@
+"""HiPer: the tail replaces the last K rows, only it learns, resume is exact, files are checked."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from conftest import tiny_config, randomize
+import invert
+import ldm
+import sample
+from inversion.files import base_model_hash
+from inversion.hiper import (HiPer, HiPerConfig, HiPerError, TailFileError, edit_context, encode,
+                             hiper_condition, load_tail, save_tail)
+from ldm.cli import run
+from ldm.model import StableDiffusion
+
+SOURCE = "a red circle on the left"
+TARGET = "a red circle on the right"
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.image_size = 16
+    return randomize(StableDiffusion(cfg), seed=1)
+
+
+@pytest.fixture
+def image():
+    return torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    cfg = tiny_config()
+    cfg.image_size = 16
+    torch.manual_seed(0)
+    return ldm.save(randomize(StableDiffusion(cfg), seed=2), tmp_path_factory.mktemp("m") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "src.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def make(model, image, tmp_path, **kw):
+    cfg = HiPerConfig(**{**dict(source=SOURCE, tail=5, steps=4, batch=2, save_every=2), **kw})
+    return HiPer(model, image, cfg, tmp_path, log=lambda s: None)
+
+
+def test_the_tail_is_the_last_k_rows_of_the_source_encoding(model, image, tmp_path):
+    t = make(model, image, tmp_path, tail=3)
+    e_src = encode(model, SOURCE)[0]
+    assert t.tail.shape == (3, 32) and torch.equal(t.tail.detach(), e_src[-3:])
+    seen = []
+    model.unet.register_forward_pre_hook(lambda m, args: seen.append(args[2].detach().clone()))
+    t.run(progress=False)
+    context = seen[-1]                                         # what the U-Net got at the last step
+    assert context.shape == (2, 77, 32)
+    assert torch.equal(context[:, :-3], e_src[:-3].expand(2, -1, -1))   # the source's words, unchanged
+    assert not torch.equal(context[:, -3:], e_src[-3:].expand(2, -1, -1))  # the tail has moved...
+    assert torch.equal(seen[-1][0, -3:], seen[-1][1, -3:])      # ...and is one tail for the batch
+    assert torch.equal(t.context()[-3:], t.tail.detach())
+
+
+def test_alpha_scales_the_tail_and_zero_gives_the_target_with_its_tail_rows_zeroed(model):
+    tail = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    target = encode(model, TARGET)
+    zeroed = target.clone()
+    zeroed[:, -5:] = 0
+    assert torch.equal(hiper_condition(model, TARGET, tail, alpha=0.0), zeroed)
+    c = hiper_condition(model, TARGET, tail, alpha=0.8)
+    assert c.shape == (1, 77, 32) and torch.equal(c[:, :-5], target[:, :-5])
+    assert torch.allclose(c[0, -5:], 0.8 * tail)
+    assert torch.equal(edit_context(target.expand(3, -1, -1), tail, 1.0)[2, -5:], tail)
+
+
+def test_only_the_tail_learns_and_the_model_stays_bit_identical(model, image, tmp_path):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = make(model, image, tmp_path)
+    start = t.tail_vectors()
+    t.loss(0).backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert t.tail.grad is not None and t.tail.grad.abs().sum() > 0
+    assert [p for g in t.optimizer.param_groups for p in g["params"]] == [t.tail]
+    t.tail.grad = None
+    t.run(progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(t.tail_vectors(), start)
+    assert t.step == 4 and len(t.losses) == 4 and (tmp_path / "loss.csv").read_text().count("\n") == 5
+
+
+def test_resume_is_bit_identical(model, image, tmp_path):
+    full = make(model, image, tmp_path / "full")
+    full.run(progress=False)
+    part = make(model, image, tmp_path / "part", steps=2)
+    part.run(progress=False)
+    resumed = make(model, image, tmp_path / "part", steps=4)
+    assert resumed.resume() and resumed.step == 2
+    resumed.run(progress=False)
+    assert torch.equal(full.tail_vectors(), resumed.tail_vectors())
+    assert full.losses == resumed.losses
+
+
+def test_resume_with_another_source_or_image_is_refused(model, image, tmp_path):
+    make(model, image, tmp_path, steps=2).run(progress=False)
+    with pytest.raises(HiPerError, match="other settings"):
+        make(model, image, tmp_path, source="a blue square").resume()
+    with pytest.raises(HiPerError, match="another image"):
+        make(model, -image, tmp_path).resume()
+
+
+def test_nan_loss_skips_the_step_and_ctrl_c_saves(model, image, tmp_path, monkeypatch):
+    t = make(model, image, tmp_path, save_every=10)
+    start = t.tail_vectors()
+    monkeypatch.setattr(t, "loss", lambda step: torch.tensor(float("nan"), requires_grad=True))
+    assert t.train_step() is None and t.step == 1 and torch.equal(t.tail_vectors(), start)
+    monkeypatch.undo()
+
+    saved = []
+    calls = {"n": 0}
+    real = t.train_step
+
+    def interrupted():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(t, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        t.run(on_save=lambda tr: saved.append(tr.step), progress=False)
+    assert saved == [2] and (tmp_path / "checkpoint.pt").exists()
+
+
+def test_save_load_round_trip_and_refusals(tmp_path):
+    tail = torch.randn(5, 32)
+    path = save_tail(tmp_path / "t.safetensors", tail, {"base_model_hash": "abcd1234abcd1234", "source": SOURCE})
+    loaded, meta = load_tail(path, width=32, base_hash="abcd1234abcd1234")
+    assert torch.equal(loaded, tail) and meta["tail"] == "5" and meta["source"] == SOURCE
+    assert meta["method"] == "hiper"
+    with pytest.raises(TailFileError, match="another base model"):
+        load_tail(path, width=32, base_hash="ffff0000ffff0000")
+    with pytest.raises(TailFileError, match="768 wide"):
+        load_tail(path, width=768)
+    torch.save(tail[None], tmp_path / "hiper_embeddings_step1000.pt")   # the paper's code's file
+    assert torch.equal(load_tail(tmp_path / "hiper_embeddings_step1000.pt", width=32)[0], tail)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_invert_hiper_end_to_end_and_sample_py_reads_the_tail(ckpt, image_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = run(invert.main, ["--method", "hiper", "--ckpt", str(ckpt), "--image", str(image_file), "--source", SOURCE,
+                           "--steps", "3", "--batch", "2", "--save-every", "2", "--out", str(out)], prog="invert.py")
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    with safe_open(str(out / "hiper_tail.safetensors"), "pt") as f:
+        meta, tail = f.metadata(), f.get_tensor("hiper_tail")
+    assert tail.shape == (5, 32) and meta["tail"] == "5" and meta["source"] == SOURCE and meta["step"] == "3"
+    assert meta["base_model_hash"] == base_model_hash(ckpt)
+    assert (out / "checkpoint.pt").exists() and (out / "samples" / "reconstruction.png").exists()
+    assert len((out / "loss.csv").read_text().splitlines()) == 4
+
+    s = tmp_path / "s"
+    assert sample.main(["--ckpt", str(ckpt), "--hiper", str(out / "hiper_tail.safetensors"), "--prompt", TARGET,
+                        "--n", "1", "--steps", "2", "--out", str(s)]) == 0
+    hiper = np.asarray(Image.open(s / "000000.png"))
+    assert Image.open(s / "000000.png").text["alpha"] == "0.8"
+    sample.main(["--ckpt", str(ckpt), "--prompt", TARGET, "--n", "1", "--steps", "2", "--out", str(tmp_path / "p")])
+    assert not np.array_equal(hiper, np.asarray(Image.open(tmp_path / "p" / "000000.png")))  # the tail is used
+
+
+def test_tiny_world_demo_runs_without_an_image(ckpt, tmp_path, capsys):
+    rc = run(invert.main, ["--method", "hiper", "--ckpt", str(ckpt), "--steps", "2", "--out", str(tmp_path / "d")],
+             prog="invert.py")
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "position ->" in cap.out and "texture ->" in cap.out and "identity" in cap.out
+    with safe_open(str(tmp_path / "d" / "hiper_tail.safetensors"), "pt") as f:
+        assert f.metadata()["source"].startswith("a ")
+
+
+def test_bad_input_gives_one_line_exit_2_and_no_files(ckpt, image_file, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good = save_tail(tmp_path / "good.safetensors", torch.zeros(5, 32), {"base_model_hash": base_model_hash(ckpt)})
+    other = save_tail(tmp_path / "other.safetensors", torch.zeros(5, 32), {"base_model_hash": "0123456789abcdef"})
+    wide = save_tail(tmp_path / "wide.safetensors", torch.zeros(5, 768), {"base_model_hash": base_model_hash(ckpt)})
+    long_prompt = " ".join(["red"] * 71)   # 73 tokens with start and end > 77 - 5
+    train = ["--method", "hiper", "--ckpt", str(ckpt), "--steps", "1"]
+    cases = [
+        (invert.main, train + ["--image", str(broken), "--source", SOURCE], "broken.png"),
+        (invert.main, train + ["--image", str(tmp_path / "none.png"), "--source", SOURCE], "no such file"),
+        (invert.main, train + ["--image", str(image_file), "--source", long_prompt], "at most 72"),
+        (invert.main, train + ["--image", str(image_file)], "--source"),
+        (invert.main, train + ["--image", str(image_file), "--source", SOURCE, "--tail", "76"], "--tail"),
+        (sample.main, ["--ckpt", str(ckpt), "--hiper", str(other), "--prompt", TARGET], "another base model"),
+        (sample.main, ["--ckpt", str(ckpt), "--hiper", str(wide), "--prompt", TARGET], "768 wide"),
+        (sample.main, ["--ckpt", str(ckpt), "--hiper", str(broken), "--prompt", TARGET], "unknown format"),
+        (sample.main, ["--ckpt", str(ckpt), "--hiper", str(good), "--prompt", long_prompt], "target prompt"),
+    ]
+    for main, argv, message in cases:
+        out = tmp_path / "out_bad"
+        rc = run(main, argv + ["--out", str(out)], prog="x")
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, (argv, lines)
+        assert len(lines) == 1 and message in lines[0], (message, lines)
+        assert not out.exists(), argv
+
+
+def test_results_table_command_runs_on_a_random_checkpoint(ckpt, tmp_path, capsys):
+    from tinyworld import hiper_eval
+    grid = tmp_path / "grid.png"
+    rc = run(hiper_eval.main, ["--ckpt", str(ckpt), "--n", "1", "--steps", "2", "--ti-steps", "2", "--samples", "1",
+                               "--sample-steps", "2", "--alphas", "0,1", "--grid", str(grid)], prog="hiper_eval")
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| target prompt |" in out and "| TI |" in out and "| HiPer α=0.8 |" in out
+    assert "| 0 |" in out and "| 0.8 |" in out and "| 1 |" in out     # the sweep, with the paper's α added
+    assert Image.open(grid).size[0] > 10 * 128                          # source + 3 edits x 3 methods

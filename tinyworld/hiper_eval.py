@@ -1,0 +1,279 @@
+"""Does HiPer keep the subject while following the edit? A results table on the tiny world.
+
+    python -m tinyworld.hiper_eval                        # 20 source images, weights/tiny.safetensors
+    python -m tinyworld.hiper_eval --ckpt x.safetensors --n 2 --steps 4 --ti-steps 4 --sample-steps 4
+
+Each source is a rendered tiny-world object with its canonical prompt ("a large red circle on
+the left on a black background"). Each edit changes one attribute of the prompt: position,
+background, or texture (a named texture word, "striped" or "dotted"). The target is drawn
+three ways, with the same seeds:
+
+    target prompt   the plain target prompt: no personalization
+    TI              Textual Inversion of the one image ("<obj>" learned from "object"), then the
+                    target prompt with the shape word replaced by "<obj>"
+    HiPer           [e_tgt[:77-K]; α e_hiper], the tail learned on the source image
+
+The analyzer reads every image. identity kept: shape, color and size are the source's;
+edit honored: the edited attribute has its new value. The α sweep shows the trade-off: α = 0
+is the target prompt with its tail rows zeroed, α = 1 the tail as learned.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from tinyworld import world as W
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = ("size", "color", "shape", "position", "background", "texture")   # what a source prompt says
+IDENTITY = ("shape", "color", "size")                                     # what an edit must keep
+EDITS = ("position", "background", "texture")
+ALPHAS = (0.0, 0.4, 0.8, 1.0)
+ALPHA = 0.8                     # the paper's α, used in the main table
+TI_WORD = "<obj>"
+
+
+@dataclass
+class Result:
+    method: str                 # "target prompt", "TI", "HiPer"
+    alpha: Optional[float]      # HiPer's α
+    edit: str                   # "position", "background", "texture"; "none" for the reconstruction
+    identity: bool
+    honored: bool
+    image: np.ndarray           # (32, 32, 3) uint8
+
+
+# ----------------------------------------------------------------------------- sources and edits
+
+def source_prompt(attrs: W.Attributes) -> str:
+    """The canonical prompt with the texture said when it is not plain."""
+    return W.prompt(attrs, include=FULL)
+
+
+def ti_prompt(attrs: W.Attributes, word: str = TI_WORD) -> str:
+    return W.prompt(attrs, include=FULL, shape_word=word)
+
+
+def make_source(seed: int, index: int):
+    """(Attributes, image uint8 (32, 32, 3), {edit: target Attributes}) of source `index`:
+    a named shape (so that the prompt names it), plain texture (so that any texture word is an edit)."""
+    rng = np.random.default_rng([seed, 303, index])
+    attrs = W.sample_attributes(rng, "any", shapes=W.SHAPES, textures=("plain",))
+    image = W.render(attrs, rng)
+    targets = {}
+    for what in EDITS:
+        if what == "background":
+            choices = [b for b in W.BACKGROUNDS if b != attrs.background and W.compatible(attrs.color, b)]
+        elif what == "texture":
+            choices = [t for t in W.TEXTURES if t != "plain"]
+        else:
+            choices = [v for v in W.VALUES[what] if v != getattr(attrs, what)]
+        targets[what] = W.Attributes(**{**attrs.as_dict(), what: choices[int(rng.integers(len(choices)))]})
+    return attrs, image, targets
+
+
+def judge(read: dict, source: W.Attributes, target: W.Attributes, what: str) -> tuple:
+    """(identity kept, edit honored) of one analyzed image."""
+    identity = all(read[a] == getattr(source, a) for a in IDENTITY)
+    honored = what == "none" or read[what] == getattr(target, what)
+    return identity, honored
+
+
+def to_model_image(image: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (32, 32, 3) -> (3, size, size) in [-1, 1]."""
+    from PIL import Image
+    if image.shape[0] != size:
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    return torch.from_numpy(image.astype(np.float32) / 127.5 - 1).permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------- drawing and reading
+
+@torch.no_grad()
+def edit_results(model, source: W.Attributes, targets: Dict[str, W.Attributes], tail: torch.Tensor,
+                 alphas: Sequence[float] = ALPHAS, ti_mapping=None, samples: int = 2, steps: int = 50,
+                 scale: float = 7.5, seed: int = 0) -> List[Result]:
+    """Draw every (method, edit) `samples` times (seeds seed, seed+1, ... for every method)
+    and judge each image; plus the reconstruction [e_src[:77-K]; e_hiper] (edit "none")."""
+    from inversion.hiper import edit_context, encode
+    from ldm.generate import generate
+    from tinyworld.analyze import analyze_batch
+    from tinyworld.evaluate import to_uint8
+
+    conds = []      # (method, alpha, edit, target, context (1, 77, D))
+    for what, target in targets.items():
+        e_tgt = encode(model, source_prompt(target))
+        conds.append(("target prompt", None, what, target, e_tgt))
+        if ti_mapping is not None:
+            conds.append(("TI", None, what, target, encode(model, ti_prompt(target), ti_mapping)))
+        conds += [("HiPer", a, what, target, edit_context(e_tgt, tail, a)) for a in alphas]
+    conds.append(("HiPer", 1.0, "none", source, edit_context(encode(model, source_prompt(source)), tail, 1.0)))
+
+    context = torch.cat([c[-1] for c in conds for _ in range(samples)]).to(model.dtype)
+    seeds = [seed + j for _ in conds for j in range(samples)]
+    images = []
+    for i in range(0, len(seeds), 64):
+        images.append(to_uint8(generate(model, [""] * len(seeds[i:i + 64]), seeds[i:i + 64],
+                                        cond=context[i:i + 64], steps=steps, scale=scale)))
+    images = np.concatenate(images)
+    reads = analyze_batch(images)
+    results = []
+    for n, (method, alpha, what, target, _) in enumerate(conds):
+        for j in range(samples):
+            k = n * samples + j
+            results.append(Result(method, alpha, what, *judge(reads[k], source, target, what), images[k]))
+    return results
+
+
+def train_tail(model, image: torch.Tensor, source: str, steps: int, batch: int, lr: float, tail: int,
+               seed: int) -> torch.Tensor:
+    from inversion.hiper import HiPer, HiPerConfig
+    cfg = HiPerConfig(source=source, tail=tail, steps=steps, lr=lr, batch=batch, seed=seed, save_every=steps)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = HiPer(model, image, cfg, Path(out), log=lambda s: None)
+        trainer.run(progress=False)
+    return trainer.tail_vectors().to(model.device)
+
+
+def train_ti(model, image: torch.Tensor, steps: int, batch: int, seed: int):
+    """Textual Inversion on the one image: "<obj>" from "object"; returns its token mapping."""
+    from inversion.data import templates
+    from inversion.textual_inversion import TIConfig, TextualInversion
+    cfg = TIConfig(placeholder=TI_WORD, init_word="object", steps=steps, batch=batch, seed=seed, save_every=steps)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = TextualInversion(model, image[None], cfg, Path(out), templates("object"), log=lambda s: None)
+        trainer.run(progress=False)
+    return {k: v.detach() for k, v in trainer.learned.mapping().items()}
+
+
+# ----------------------------------------------------------------------------- tables
+
+def rate(results: List[Result], **match) -> tuple:
+    """(identity kept, edit honored, both, count) over the results matching every field given."""
+    rs = [r for r in results if all(getattr(r, k) == v for k, v in match.items())]
+    if not rs:
+        return (float("nan"),) * 3 + (0,)
+    return (np.mean([r.identity for r in rs]), np.mean([r.honored for r in rs]),
+            np.mean([r.identity and r.honored for r in rs]), len(rs))
+
+
+def print_tables(results: List[Result], alphas: Sequence[float], out=print) -> None:
+    methods = [("target prompt", dict(method="target prompt")), ("TI", dict(method="TI")),
+               (f"HiPer α={ALPHA:g}", dict(method="HiPer", alpha=ALPHA))]
+    methods = [(name, m) for name, m in methods if rate(results, **m)[3]]
+    edits = [e for e in EDITS if rate(results, edit=e)[3]]
+    out("identity kept (shape, color and size read as the source's) / edit honored (the new value read):")
+    out("| method | " + " | ".join(edits) + " | all edits | both |")
+    out("|---|" + "---|" * (len(edits) + 2))
+    for name, m in methods:
+        cells = [rate(results, edit=e, **m) for e in edits]
+        allr = [r for r in results if r.edit != "none" and all(getattr(r, k) == v for k, v in m.items())]
+        i, h, b, _ = rate(allr)
+        out(f"| {name} | " + " | ".join(f"{c[0]:.0%} / {c[1]:.0%}" for c in cells) + f" | {i:.0%} / {h:.0%} | {b:.0%} |")
+    out("")
+    out("HiPer α sweep (all edits):")
+    out("| α | identity kept | edit honored | both |\n|---|---|---|---|")
+    for a in alphas:
+        i, h, b, _ = rate([r for r in results if r.edit != "none"], method="HiPer", alpha=a)
+        out(f"| {a:g} | {i:.0%} | {h:.0%} | {b:.0%} |")
+    i, _, _, n = rate(results, edit="none")
+    if n:
+        out(f"reconstruction [e_src[:77-K]; e_hiper] (source prompt, α=1): identity kept {i:.0%} of {n}")
+
+
+def write_grid(path: Path, rows: List[tuple]) -> None:
+    """One row per source: the source, then per edit the target prompt, TI and HiPer (first seed)."""
+    images, captions = [], []
+    for source_image, attrs, targets, results in rows:
+        images.append(source_image)
+        captions.append("source: " + source_prompt(attrs))
+        for what, target in targets.items():
+            for name, m in (("target", dict(method="target prompt")), ("TI", dict(method="TI")),
+                            (f"HiPer {ALPHA:g}", dict(method="HiPer", alpha=ALPHA))):
+                hit = [r for r in results if r.edit == what and all(getattr(r, k) == v for k, v in m.items())]
+                if hit:
+                    images.append(hit[0].image)
+                    captions.append(f"{getattr(target, what)}: {name}")
+    from PIL import Image
+    size = (W.IMAGE_SIZE, W.IMAGE_SIZE)                 # (a model of another size draws other sizes)
+    images = [np.asarray(Image.fromarray(im).resize(size, Image.NEAREST)) for im in images]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    W.save_grid(str(path), np.stack(images), captions, cols=len(images) // len(rows))
+
+
+# ----------------------------------------------------------------------------- command
+
+def build_parser():
+    from ldm.cli import Parser, nonnegative_float, positive_int
+    from inversion.hiper_cli import TINY_DEFAULTS
+    from invert import TINY_DEFAULTS as TI_DEFAULTS
+    p = Parser(prog="python -m tinyworld.hiper_eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors", help="a tiny-world model")
+    p.add_argument("--n", type=positive_int, default=20, help="source images")
+    p.add_argument("--steps", type=positive_int, default=TINY_DEFAULTS["steps"], help="HiPer steps per image")
+    p.add_argument("--batch", type=positive_int, default=TINY_DEFAULTS["batch"], help="HiPer batch")
+    p.add_argument("--lr", type=float, default=TINY_DEFAULTS["lr"], help="HiPer learning rate")
+    p.add_argument("--tail", type=positive_int, default=5, help="HiPer tail rows K")
+    p.add_argument("--ti-steps", type=positive_int, default=TI_DEFAULTS["steps"], help="Textual Inversion steps")
+    p.add_argument("--ti-batch", type=positive_int, default=TI_DEFAULTS["batch"], help="Textual Inversion batch")
+    p.add_argument("--no-ti", action="store_true", help="skip the Textual Inversion baseline")
+    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in ALPHAS), help="α values of the sweep")
+    p.add_argument("--samples", type=positive_int, default=2, help="images per (source, edit, method)")
+    p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps")
+    p.add_argument("--scale", type=nonnegative_float, default=7.5, help="guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", type=Path, default=Path("outputs") / "hiper_eval.png",
+                   help="before/after grid of the first 8 sources")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv=None) -> int:
+    from ldm.cli import CLIError, pick_device
+    args = build_parser().parse_args(argv)
+    try:
+        alphas = sorted({float(a) for a in args.alphas.split(",") if a.strip()} | {ALPHA})
+    except ValueError:
+        raise CLIError(f"--alphas {args.alphas!r}: expected numbers separated by commas") from None
+    if not args.ckpt.exists():
+        raise CLIError(f"--ckpt {args.ckpt}: no such file (train the tiny model first, or pass --ckpt)")
+    import ldm
+    model = ldm.load(args.ckpt, device=pick_device(args.device))
+    if model.config.image_size > 64:
+        raise CLIError(f"{args.ckpt} is a {model.config.image_size}-px model; the tiny world needs the tiny model")
+    print(f"{args.n} sources x {len(EDITS)} edits x {args.samples} seeds; HiPer {args.steps} steps (batch "
+          f"{args.batch}, lr {args.lr:g}, K={args.tail})" + ("" if args.no_ti else
+          f", TI {args.ti_steps} steps (batch {args.ti_batch})") + f"; DDIM {args.sample_steps}, guidance {args.scale:g}")
+    results, grid_rows, t0 = [], [], time.time()
+    for i in range(args.n):
+        t = time.time()
+        attrs, image_u8, targets = make_source(args.seed, i)
+        image = to_model_image(image_u8, model.config.image_size)
+        tail = train_tail(model, image, source_prompt(attrs), args.steps, args.batch, args.lr, args.tail, args.seed)
+        t_hiper = time.time() - t
+        ti = None if args.no_ti else train_ti(model, image, args.ti_steps, args.ti_batch, args.seed)
+        rs = edit_results(model, attrs, targets, tail, alphas, ti, args.samples, args.sample_steps, args.scale,
+                          seed=1000 * args.seed + 10 * i)
+        results += rs
+        if len(grid_rows) < 8:
+            grid_rows.append((image_u8, attrs, targets, rs))
+        i_h, h_h, _, _ = rate(rs, method="HiPer", alpha=ALPHA)
+        print(f"[{i + 1}/{args.n}] {source_prompt(attrs)!r}: HiPer {t_hiper:.0f} s, total {time.time() - t:.0f} s; "
+              f"HiPer identity {i_h:.0%}, edit {h_h:.0%}", flush=True)
+    print(f"\n{args.n} sources in {time.time() - t0:.0f} s\n")
+    print_tables(results, alphas)
+    write_grid(args.grid, grid_rows)
+    print(f"\nwrote {args.grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    from ldm.cli import run
+    sys.exit(run(main, prog="tinyworld.hiper_eval"))
