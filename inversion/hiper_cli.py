@@ -21,7 +21,9 @@ from ldm.cli import CLIError, positive_int
 
 # SD: the paper's recipe (HiPer0/HiPer script.sh: Adam, lr 5e-3, batch 1; tails used at step 1000).
 SD_DEFAULTS = dict(steps=1000, batch=1, lr=5e-3, save_every=100)
-# The tiny model (config.image_size <= 64): see tinyworld/hiper_eval.py for the measurements.
+# The tiny model (config.image_size <= 64), measured with tinyworld/hiper_eval.py on 8 sources:
+# 150 and 300 steps both keep identity (98-100 %, plain target prompt 92 %) without losing edits;
+# 300 reconstructs the source best. lr 2e-2 overfits (α = 1 loses edits). ~20 s on one CPU thread.
 TINY_DEFAULTS = dict(steps=300, batch=4, lr=5e-3, save_every=50)
 TAIL_FILE = "hiper_tail.safetensors"
 
