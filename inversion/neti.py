@@ -37,7 +37,6 @@ Every step's randomness comes from generators seeded with (seed, step), as in
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inversion.textual_inversion import TrainingError, check_words, encode_images
+from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images
 from ldm.load import LoadError, _atomic
 
 Layers = List[torch.Tensor]  # one (B, 77, D) text encoding per cross-attention layer
@@ -476,52 +475,12 @@ class NeTI:
         self.step = int(state["step"])
         self.losses = [tuple(r) for r in state["losses"].tolist()]
 
-    def save_checkpoint(self) -> None:
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(self.checkpoint_path)
-
-    def resume(self) -> bool:
-        if not self.checkpoint_path.exists():
-            return False
-        self.load_state_dict(torch.load(self.checkpoint_path, map_location="cpu", weights_only=True))
-        return True
-
-    def write_loss_log(self) -> None:
-        with open(self.out / "loss.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "loss"])
-            w.writerows((int(s), f"{l:.6f}") for s, l in self.losses)
-
-    # ------------------------------------------------------------------ loop
-    def run(self, on_save: Callable[["NeTI"], None] = lambda t: None,
-            on_sample: Callable[["NeTI"], None] = lambda t: None, progress: bool = True) -> None:
-        """Train until cfg.steps; checkpoint and call `on_save` every save_every steps and at the
-        end; on Ctrl-C, save what was learned and re-raise."""
-        from tqdm import tqdm
-        cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="NeTI", unit="step",
-                   disable=not progress, dynamic_ncols=True)
-        try:
-            while self.step < cfg.steps:
-                loss = self.train_step()
-                if loss is not None:
-                    self.losses.append((self.step, loss))
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                bar.update(1)
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                    self.save_checkpoint()
-                    self.write_loss_log()
-                    on_save(self)
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
-                    on_sample(self)
-        except KeyboardInterrupt:
-            bar.close()
-            self.save_checkpoint()
-            self.write_loss_log()
-            on_save(self)
-            raise
-        bar.close()
+    # Checkpointing, the loss log and the loop are Textual Inversion's: same files, same rules.
+    progress_label = "NeTI"
+    save_checkpoint = TextualInversion.save_checkpoint
+    resume = TextualInversion.resume
+    write_loss_log = TextualInversion.write_loss_log
+    run = TextualInversion.run
 
     def conditioning(self, prompts: Sequence[str], truncation: Optional[int] = None) -> SpaceTimeConditioning:
         """Sampling conditioning with the mapper as it is now."""

@@ -95,6 +95,8 @@ def encode_images(model, images: torch.Tensor, batch: int = 8):
 class TextualInversion:
     """The trainer: learned vectors, their optimizer and the loop. `run()` trains to cfg.steps."""
 
+    progress_label = "textual inversion"
+
     def __init__(self, model, images: torch.Tensor, cfg: TIConfig, out: Path,
                  templates: List[str], log: Callable[[str], None] = print):
         self.model, self.cfg, self.out, self.templates, self.log = model, cfg, Path(out), templates, log
@@ -228,7 +230,7 @@ class TextualInversion:
         end; on Ctrl-C, save what was learned and re-raise."""
         from tqdm import tqdm
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="textual inversion", unit="step",
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.progress_label, unit="step",
                    disable=not progress, dynamic_ncols=True)
         try:
             while self.step < cfg.steps:
