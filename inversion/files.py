@@ -145,6 +145,7 @@ def _read(path: Path) -> Tuple[object, Dict[str, str]]:
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
+                _refuse_other_method(path, f.metadata() or {})
                 if len(keys) > MAX_WORDS:
                     raise _not_an_embedding(path, keys)
                 return {k: f.get_tensor(k) for k in keys}, dict(f.metadata() or {})
@@ -166,6 +167,17 @@ def _read(path: Path) -> Tuple[object, Dict[str, str]]:
             raise EmbeddingError(f"{path}: cannot be read as a PyTorch file ({_first_line(e)}); "
                                  f"the file ({path.stat().st_size:,} bytes) may be truncated or corrupt") from None
     raise EmbeddingError(f"{path}: unknown embedding format '{path.suffix}'; expected .safetensors, .pt or .bin")
+
+
+# Files of this project's other methods, which are not words: what loads them instead.
+OTHER_METHODS = {"hiper": "a HiPer embedding tail: load it with sample.py --hiper FILE",
+                 "neti": "a NeTI mapper: load it with sample.py --neti FILE"}
+
+
+def _refuse_other_method(path: Path, metadata: Mapping[str, str]) -> None:
+    method = metadata.get("method")
+    if method in OTHER_METHODS:
+        raise EmbeddingError(f"{path}: is not a textual-inversion embedding but {OTHER_METHODS[method]}")
 
 
 def _not_an_embedding(path: Path, keys: Sequence[str]) -> EmbeddingError:

@@ -202,6 +202,7 @@ def test_bad_input_gives_one_line_exit_2_and_no_files(ckpt, image_file, tmp_path
         (sample.main, ["--ckpt", str(ckpt), "--hiper", str(wide), "--prompt", TARGET], "768 wide"),
         (sample.main, ["--ckpt", str(ckpt), "--hiper", str(broken), "--prompt", TARGET], "unknown format"),
         (sample.main, ["--ckpt", str(ckpt), "--hiper", str(good), "--prompt", long_prompt], "target prompt"),
+        (sample.main, ["--ckpt", str(ckpt), "--embedding", str(good), "--prompt", TARGET], "sample.py --hiper"),
     ]
     for main, argv, message in cases:
         out = tmp_path / "out_bad"

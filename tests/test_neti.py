@@ -412,6 +412,7 @@ def test_bad_input_gives_one_line_exit_2_and_no_files(ckpt, image_dir, tmp_path,
         (base + ["--neti", str(ti)], "not a NeTI mapper"),
         (base + ["--neti", str(mapper), "--truncation", "500"], "between 1 and 128"),
         (base + ["--neti", str(mapper), "--hiper", str(ti)], "not both"),
+        (base + ["--embedding", str(mapper)], "sample.py --neti"),
     ]:
         rc, cap = sample(argv, capsys)
         lines = cap.err.strip().splitlines()
