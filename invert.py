@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch

@@ -7,7 +7,6 @@ Writes one PNG per image (prompt, seed and settings in its text metadata) and a 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -103,12 +102,16 @@ def main(argv=None) -> int:
     dtype = pick_dtype(args.precision, device)
     model = load_model(args.ckpt, device, dtype)
     new_embeddings, prompt, negative = None, args.prompt, args.negative
+    from inversion.files import base_model_hash
+
+    def base_hash() -> str:  # hashed only when a learned file records its base model
+        return base_model_hash(resolve_checkpoint(args.ckpt))
+
     if args.embedding:  # every file is read and checked before anything is written
-        from inversion.files import apply_embeddings, base_model_hash
+        from inversion.files import apply_embeddings
         from inversion.hook import LearnedEmbeddings
         learned = LearnedEmbeddings(model.tokenizer)
-        words = apply_embeddings(model, learned, args.embedding,
-                                 check_hash=lambda: base_model_hash(resolve_checkpoint(args.ckpt)))
+        words = apply_embeddings(model, learned, args.embedding, check_hash=base_hash)
         for word in words:
             if word not in args.prompt and word not in args.negative:
                 print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)
@@ -116,10 +119,8 @@ def main(argv=None) -> int:
         prompt, negative = learned.expand(args.prompt), learned.expand(args.negative)
     cond = None
     if args.hiper is not None:  # HiPer: the prompt's rows 0..76-K, then α x the learned tail
-        from inversion.files import base_model_hash
         from inversion.hiper import HiPerError, hiper_condition, load_tail
-        tail, _ = load_tail(args.hiper, model.config.text.hidden_size,
-                            base_hash=lambda: base_model_hash(resolve_checkpoint(args.ckpt)))
+        tail, _ = load_tail(args.hiper, model.config.text.hidden_size, base_hash=base_hash)
         try:
             cond = hiper_condition(model, prompt, tail, args.alpha, new_embeddings)
         except HiPerError as e:
@@ -127,11 +128,9 @@ def main(argv=None) -> int:
 
     value_cond = uncond = value_uncond = None
     if args.neti is not None:  # NeTI: the mapper's text for every timestep and cross-attention layer
-        from inversion.files import base_model_hash
         from inversion.neti import neti_conditioning
         cond, value_cond, uncond, value_uncond = neti_conditioning(
-            model, args.neti, prompt, negative, args.truncation, new_embeddings,
-            base_hash=lambda: base_model_hash(resolve_checkpoint(args.ckpt)))
+            model, args.neti, prompt, negative, args.truncation, new_embeddings, base_hash=base_hash)
 
     from tqdm import tqdm
     from ldm.generate import generate, latent_shape, make_grid, to_pil

@@ -176,6 +176,7 @@ class HiPerConfig:
     batch: int = 1              # timesteps and noises per step, all on the same image
     seed: int = 0
     save_every: int = 100
+    sample_every: int = 0       # no validation grid while training (run() is Textual Inversion's)
 
 
 def image_digest(image: torch.Tensor) -> str:
@@ -252,7 +253,7 @@ class HiPer:
 
     def settings(self) -> str:
         """What a resumed run must share (it may run longer or save at other steps), and the image."""
-        free = ("steps", "save_every")
+        free = ("steps", "save_every", "sample_every")
         return str({**{k: v for k, v in asdict(self.cfg).items() if k not in free}, "image": self.image})
 
     def state_dict(self) -> dict:
@@ -269,36 +270,10 @@ class HiPer:
         self.step = int(state["step"])
         self.losses = [tuple(r) for r in state["losses"].tolist()]
 
-    # The files are Textual Inversion's: checkpoint.pt written atomically, loss.csv.
+    # The files and the loop are Textual Inversion's: checkpoint.pt written atomically, loss.csv,
+    # run() with its checkpoints every save_every steps and its Ctrl-C handling.
     save_checkpoint = TextualInversion.save_checkpoint
     resume = TextualInversion.resume
     write_loss_log = TextualInversion.write_loss_log
-
-    # ------------------------------------------------------------------ loop
-    def run(self, on_save: Callable[["HiPer"], None] = lambda t: None, progress: bool = True) -> None:
-        """Train until cfg.steps; checkpoint and call `on_save` every save_every steps and at the
-        end; on Ctrl-C, save what was learned and re-raise."""
-        from tqdm import tqdm
-        cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="hiper", unit="step", disable=not progress,
-                   dynamic_ncols=True)
-
-        def save():
-            self.save_checkpoint()
-            self.write_loss_log()
-            on_save(self)
-
-        try:
-            while self.step < cfg.steps:
-                loss = self.train_step()
-                if loss is not None:
-                    self.losses.append((self.step, loss))
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                bar.update(1)
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                    save()
-        except KeyboardInterrupt:
-            bar.close()
-            save()
-            raise
-        bar.close()
+    run = TextualInversion.run
+    progress_label = "hiper"

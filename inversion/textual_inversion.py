@@ -19,9 +19,7 @@ step is its whole random state: a resumed run is bit-identical to an uninterrupt
 from __future__ import annotations
 
 import csv
-import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from conftest import ROOT, tiny_config, randomize

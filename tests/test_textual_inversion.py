@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from conftest import tiny_config, randomize
-from inversion.hook import LearnedEmbeddings
 from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError
 from ldm.model import StableDiffusion
 

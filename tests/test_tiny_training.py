@@ -1,7 +1,5 @@
 """The tiny model's training command, in a few steps, and the shipped model."""
 import hashlib
-import json
-from pathlib import Path
 
 import pytest
 import torch
