@@ -37,3 +37,19 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return tiny_config()
+
+
+def write_random_checkpoint(folder: Path, image_size: int = 16, seed: int = 2) -> Path:
+    """A random tiny_config() model saved as folder/tiny.safetensors (CompVis layout), the
+    stand-in for real weights in the command-line tests."""
+    import ldm
+    from ldm.model import StableDiffusion
+    cfg = tiny_config()
+    cfg.image_size = image_size
+    return ldm.save(randomize(StableDiffusion(cfg), seed=seed), Path(folder) / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    """A random 16-px tiny checkpoint file, shared by the command-line tests."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt"))

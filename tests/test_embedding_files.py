@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import randomize, tiny_config
+from conftest import randomize, tiny_config, write_random_checkpoint
 import ldm
 import sample
 from inversion.files import (EmbeddingError, apply_embeddings, load_embeddings, save_a1111, save_embeddings)
@@ -32,9 +32,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    cfg = tiny_config()
-    cfg.image_size = 32
-    return ldm.save(randomize(StableDiffusion(cfg), seed=3), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt"), image_size=32, seed=3)
 
 
 # ----------------------------------------------------------------------------- formats

@@ -7,7 +7,6 @@ from safetensors import safe_open
 
 from conftest import tiny_config, randomize
 import invert
-import ldm
 import sample
 from inversion.files import base_model_hash
 from inversion.hiper import (HiPer, HiPerConfig, HiPerError, TailFileError, edit_context, encode,
@@ -30,14 +29,6 @@ def model():
 @pytest.fixture
 def image():
     return torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    cfg = tiny_config()
-    cfg.image_size = 16
-    torch.manual_seed(0)
-    return ldm.save(randomize(StableDiffusion(cfg), seed=2), tmp_path_factory.mktemp("m") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")

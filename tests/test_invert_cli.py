@@ -5,20 +5,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import tiny_config, randomize
 import invert
-import ldm
 import sample
 from ldm.cli import run
-from ldm.model import StableDiffusion
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    cfg = tiny_config()
-    cfg.image_size = 16
-    torch.manual_seed(0)
-    return ldm.save(randomize(StableDiffusion(cfg), seed=2), tmp_path_factory.mktemp("m") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -315,15 +315,6 @@ def test_save_and_load_round_trip(model, tmp_path):
 # ----------------------------------------------------------------------------- command lines
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    import ldm
-    cfg = tiny_config()
-    cfg.image_size = 16
-    torch.manual_seed(0)
-    return ldm.save(randomize(StableDiffusion(cfg), seed=2), tmp_path_factory.mktemp("m") / "tiny.safetensors")
-
-
-@pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("imgs")
     rng = np.random.default_rng(0)

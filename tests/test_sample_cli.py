@@ -5,18 +5,13 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import ROOT, tiny_config, randomize
-import ldm
+from conftest import ROOT, write_random_checkpoint
 import sample
-from ldm.model import StableDiffusion
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    cfg = tiny_config()
-    cfg.image_size = 32
-    return ldm.save(randomize(StableDiffusion(cfg), seed=3), path)
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt"), image_size=32, seed=3)
 
 
 def test_writes_pngs_with_metadata_and_a_grid(ckpt, tmp_path):
