@@ -11,6 +11,9 @@ the new vector. Both run the same architecture with the same random weights, the
 fp32, on the CPU; each side runs in its own process so its peak RSS is its own.
 
 Configurations: the SD v1.5 architecture at 256 px (batch 1), and the tiny model (batch 8).
+With --precision bf16 both sides keep their frozen weights in bfloat16, as the example does with
+--mixed_precision bf16 (it casts the U-Net and the VAE, keeps the text encoder in fp32 and runs
+it under autocast); ours casts the text encoder too, since its learned vector lives apart in fp32.
 Prints the median seconds per step, the peak resident memory while training (sampled during the steps,
 so each side's different setup is not counted), that peak less the model weights and the
 interpreter's own memory (what the training itself costs), and our/reference ratios.
@@ -50,6 +53,11 @@ def build_model(name):
     return StableDiffusion(model_config(name)).eval()
 
 
+def dtype_of(precision):
+    import torch
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -82,11 +90,11 @@ class RSSSampler:
         self.thread.join()
 
 
-def run_ours(name, steps):
+def run_ours(name, steps, precision):
     import torch
     from inversion.textual_inversion import TIConfig, TextualInversion
     c = CONFIGS[name]
-    model = build_model(name)
+    model = build_model(name).to(dtype_of(precision))
     images = torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1
     cfg = TIConfig(placeholder="<x>", init_word="object", batch=c["batch"], steps=10 ** 6)
     trainer = TextualInversion(model, images, cfg, Path("/tmp/bench_ti"), ["a photo of a {}"], log=lambda s: None)
@@ -100,7 +108,7 @@ def run_ours(name, steps):
     return times[1:], rss.peak, weights
 
 
-def run_reference(name, steps):
+def run_reference(name, steps, precision):
     """diffusers' textual-inversion example loop, on the same weights."""
     import torch
     import torch.nn.functional as F
@@ -123,7 +131,6 @@ def run_reference(name, steps):
         text_sd = {k[len("text_model."):]: v for k, v in text_sd.items()}
     text.load_state_dict({k: v for k, v in text_sd.items() if not k.endswith("position_ids")}, strict=False)
     tokenizer = ours.tokenizer
-    weights = sum(t.numel() * t.element_size() for t in sd.values()) / 2 ** 20
     del ours, sd, text_sd
     import gc
     gc.collect()
@@ -139,6 +146,11 @@ def run_reference(name, steps):
     text.train()
     optimizer = torch.optim.AdamW([embeddings.weight], lr=5e-3)
     original = embeddings.weight.detach().clone()
+    weight_dtype = dtype_of(precision)  # the example's weight_dtype: U-Net and VAE only
+    unet.to(weight_dtype)
+    vae.to(weight_dtype)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32")
+    weights = sum(t.numel() * t.element_size() for m in (unet, vae, text) for t in m.state_dict().values()) / 2 ** 20
     scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                         num_train_timesteps=1000)
     images = torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1
@@ -148,11 +160,12 @@ def run_reference(name, steps):
     for i in range(steps + 1):
         t0 = time.perf_counter()
         batch = images[torch.randint(0, len(images), (c["batch"],))]
-        latents = vae.encode(batch).latent_dist.sample() * cfg.vae.scale_factor
+        latents = vae.encode(batch.to(weight_dtype)).latent_dist.sample() * cfg.vae.scale_factor
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (c["batch"],))
         noisy = scheduler.add_noise(latents, noise, t)
-        states = text(ids)[0]
+        with autocast:
+            states = text(ids)[0].to(weight_dtype)
         pred = unet(noisy, t, states).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
@@ -167,20 +180,25 @@ def run_reference(name, steps):
     return times[1:], sampler.peak, weights
 
 
-def child(side, name, steps):
+def child(side, name, steps, precision):
     import statistics
     import torch
-    import diffusers, transformers  # noqa: F401  (imported on both sides, so the baselines are alike)
-    import inversion.textual_inversion  # noqa: F401
+    # Each side imports what it runs on (ours never imports diffusers or transformers, about
+    # 100 MB of the reference's resident memory); "above the weights" subtracts this baseline.
+    if side == "ours":
+        import inversion.textual_inversion  # noqa: F401
+    else:
+        import diffusers, transformers  # noqa: F401
     torch.manual_seed(0)
     baseline = current_rss_mb()  # the interpreter and the libraries
-    times, peak, weights = (run_ours if side == "ours" else run_reference)(name, steps)
+    times, peak, weights = (run_ours if side == "ours" else run_reference)(name, steps, precision)
     print(json.dumps({"seconds_per_step": statistics.median(times), "peak_rss_mb": peak,
                       "above_weights_mb": peak - baseline - weights}))
 
 
-def measure(side, name, steps):
-    out = subprocess.run([sys.executable, __file__, "--child", side, "--only", name, "--steps", str(steps)],
+def measure(side, name, steps, precision):
+    out = subprocess.run([sys.executable, __file__, "--child", side, "--only", name, "--steps", str(steps),
+                          "--precision", precision],
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{side} {name} failed:\n{out.stderr[-2000:]}")
@@ -191,18 +209,20 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=list(CONFIGS), default=None)
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of the frozen weights on both sides (bf16: the example's --mixed_precision bf16)")
     p.add_argument("--child", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.only, args.steps)
+        child(args.child, args.only, args.steps, args.precision)
         return
     import torch
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, frozen weights in {args.precision}")
     print("| configuration | ours s/step | reference s/step | time ratio | ours peak RSS | reference peak RSS "
           "| RAM ratio | ours above the weights | reference above the weights | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in ([args.only] if args.only else list(CONFIGS)):
-        o, r = measure("ours", name, args.steps), measure("reference", name, args.steps)
+        o, r = measure("ours", name, args.steps, args.precision), measure("reference", name, args.steps, args.precision)
         print(f"| {name} | {o['seconds_per_step']:.3f} | {r['seconds_per_step']:.3f} | "
               f"{o['seconds_per_step'] / r['seconds_per_step']:.2f} | {o['peak_rss_mb']:.0f} MB | "
               f"{r['peak_rss_mb']:.0f} MB | {o['peak_rss_mb'] / r['peak_rss_mb']:.2f} | "

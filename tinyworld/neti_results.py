@@ -1,10 +1,10 @@
 """The NeTI results tables of the README: NeTI against Textual Inversion on the tiny world.
 
-    python -m tinyworld.neti_results                  # 8-12 minutes on 2 CPU cores
-    python -m tinyworld.neti_results --concept hourglass --grid outputs/neti_grid.png
+    python -m tinyworld.neti_results                  # about 25 minutes on 2 CPU cores (3 seeds)
+    python -m tinyworld.neti_results --concept hourglass --seeds 0 --grid outputs/neti_grid.png
 
-One held-out concept (a shape or texture the base model draws but has no word for), its 5
-rendered images, one seed. Both methods learn the word from the same images for the same
+One held-out concept (a shape or texture the base model draws but has no word for). For each
+seed, 5 rendered images of it: both methods learn the word from the same images for the same
 number of steps, each with its tiny-model recipe (Textual Inversion: invert.py's
 TINY_DEFAULTS; NeTI: inversion.neti_cli.TINY_DEFAULTS; 8 images a step for both), and are
 scored on the same prompts and seeds (tinyworld.concepts):
@@ -25,6 +25,8 @@ Tables:
      dropout orders them), K = 2 ... 128, against reconstruction and editability; K = 128 is
      the full mapper of table 1;
   4. with --grid, a PNG of a few samples: TI, NeTI, NeTI truncated (upscaled x4, nearest).
+Scores are means over the seeds: on this tiny model one run's score depends much on its images
+and training noise (Textual Inversion's ring reconstruction ranged from 28% to 70% over seeds).
 The wall time of each part is printed after its table.
 """
 from __future__ import annotations
@@ -103,26 +105,31 @@ def checkpoints(steps: int, every: int) -> List[int]:
     return list(range(every, steps, every)) + [steps] if every > 0 else [steps]
 
 
-def trajectory(name: str, start, score, model, args, timing: Dict[str, float]):
+def trajectory(name: str, start, score, model, args, seed: int, timing: Dict[str, float]):
     """Train one method to args.steps, scoring it at every checkpoint (n/2 samples; n at the end):
     returns (trainer, {step: scores}). Adds its training and scoring seconds to `timing`."""
     marks = checkpoints(args.steps, args.every)
-    out = args.out / f"{args.concept}-{name.lower().replace(' ', '_')}"
+    out = args.out / f"{args.concept}-{name.lower().replace(' ', '_')}-seed{seed}"
     result, trainer = {}, None
     for step in marks:
         t = time.time()
         if trainer is None:
-            trainer = start(model, args.concept, step, args.seed, out)
+            trainer = start(model, args.concept, step, seed, out)
         else:
             train_on(trainer, step)
         timing[f"{name} training"] = timing.get(f"{name} training", 0.0) + time.time() - t
         t = time.time()
         n = args.n if step == args.steps else max(1, args.n // 2)
-        result[step] = score(model, trainer, args.concept, n, args.sample_steps, args.seed)
+        result[step] = score(model, trainer, args.concept, n, args.sample_steps, seed)
         timing[f"{name} scoring"] = timing.get(f"{name} scoring", 0.0) + time.time() - t
-        progress(f"{name} step {step}: reconstruction {result[step]['reconstruction']:.0%}, "
+        progress(f"seed {seed}: {name} step {step}: reconstruction {result[step]['reconstruction']:.0%}, "
                  f"editability {result[step]['editability']:.0%} ({n} samples)")
     return trainer, result
+
+
+def mean_scores(runs: Sequence[Scores]) -> Scores:
+    """The average over seeds of each score."""
+    return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
 
 
 def first_reaching(scores: Dict[int, Scores], target: Scores, keys: Sequence[str]) -> str:
@@ -179,7 +186,8 @@ def main(argv=None) -> int:
                    help="hidden units K kept in the truncation sweep")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG of TI / NeTI / NeTI-truncated samples")
     p.add_argument("--grid-truncation", type=int, default=16, help="K of the truncated row of --grid")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="one run of each method per seed (its own 5 images, training noise and sampling seeds)")
     p.add_argument("--out", type=Path, default=Path("outputs") / "neti_results", help="trainers' checkpoints")
     args = p.parse_args(argv)
 
@@ -200,30 +208,43 @@ def main(argv=None) -> int:
     args.steps = args.steps or TINY_DEFAULTS["steps"]
     t_all = time.time()
 
-    # ---- parts 1 and 2: both trainers, scored along the way
-    print(f"# NeTI vs Textual Inversion on the tiny world: <{args.concept}>\n\n5 images, seed {args.seed}, "
-          f"{args.steps} steps each (8 images a step), DDIM {args.sample_steps}, guidance 7.5; "
-          f"{args.n} samples per final score, {args.n // 2} at the checkpoints every {args.every} steps\n", flush=True)
+    # ---- parts 1 and 2: both trainers on each seed's images, scored along the way
+    seeds = args.seeds
+    print(f"# NeTI vs Textual Inversion on the tiny world: <{args.concept}>\n\n5 images per seed, seeds "
+          f"{', '.join(map(str, seeds))} (each seed: its own images, training noise and sampling seeds), "
+          f"{args.steps} steps each (8 images a step), DDIM {args.sample_steps}, guidance 7.5; {args.n} samples "
+          f"per final score, {args.n // 2} at the checkpoints every {args.every} steps; scores are means over "
+          "the seeds\n", flush=True)
     timing: Dict[str, float] = {}
     t = time.time()
-    ti_trainer, ti = trajectory("TI", start_ti, score_ti, model, args, timing)
-    neti_trainer, neti = trajectory("NeTI", start_neti, score_neti, model, args, timing)
+    runs = {"TI": [], "NeTI": []}      # per seed: (trainer, {step: scores})
+    for seed in seeds:
+        runs["TI"].append(trajectory("TI", start_ti, score_ti, model, args, seed, timing))
+        runs["NeTI"].append(trajectory("NeTI", start_neti, score_neti, model, args, seed, timing))
     part12 = time.time() - t
+    marks = checkpoints(args.steps, args.every)
+    mean = {name: {step: mean_scores([r[step] for _, r in runs[name]]) for step in marks} for name in runs}
+    ti, neti = mean["TI"], mean["NeTI"]
     final_ti, final_neti = ti[args.steps], neti[args.steps]
-    learned = {"TI": ti_trainer.embedding().numel(), "NeTI": sum(p.numel() for p in neti_trainer.mapper.parameters())}
+    learned = {"TI": runs["TI"][0][0].embedding().numel(),
+               "NeTI": sum(p.numel() for p in runs["NeTI"][0][0].mapper.parameters())}
 
-    print(f"## 1. Final scores after {args.steps} steps\n")
-    print("| method | learned numbers | reconstruction | editability | edit & concept | training time |")
-    print("|---|---|---|---|---|---|")
+    print(f"## 1. Final scores after {args.steps} steps (mean over {len(seeds)} seeds)\n")
+    print("| method | learned numbers | reconstruction | editability | edit & concept | per seed: reconstruction "
+          "/ editability | training time |")
+    print("|---|---|---|---|---|---|---|")
     for name, final in (("TI", final_ti), ("NeTI", final_neti)):
         label = "Textual Inversion (one vector)" if name == "TI" else "NeTI (mapper, full)"
+        per_seed = ", ".join(f"{r[args.steps]['reconstruction']:.0%} / {r[args.steps]['editability']:.0%}"
+                             for _, r in runs[name])
         print(f"| {label} | {learned[name]:,} | {final['reconstruction']:.0%} | {final['editability']:.0%} | "
-              f"{final['edit_and_concept']:.0%} | {timing[name + ' training']:.0f} s |")
+              f"{final['edit_and_concept']:.0%} | {per_seed} | {timing[name + ' training'] / len(seeds):.0f} s "
+              "a seed |")
 
-    print("\n## 2. Steps to reach Textual Inversion's final numbers\n")
-    print("| step | samples | TI reconstruction | TI editability | NeTI reconstruction | NeTI editability |")
+    print(f"\n## 2. Steps to reach Textual Inversion's final numbers (means over {len(seeds)} seeds)\n")
+    print("| step | samples a seed | TI reconstruction | TI editability | NeTI reconstruction | NeTI editability |")
     print("|---|---|---|---|---|---|")
-    for step in checkpoints(args.steps, args.every):
+    for step in marks:
         n = args.n if step == args.steps else args.n // 2
         print(f"| {step} | {n} | {ti[step]['reconstruction']:.0%} | {ti[step]['editability']:.0%} | "
               f"{neti[step]['reconstruction']:.0%} | {neti[step]['editability']:.0%} |")
@@ -237,27 +258,31 @@ def main(argv=None) -> int:
           f"{timing['NeTI training']:.0f} s; scoring: TI {timing['TI scoring']:.0f} s, "
           f"NeTI {timing['NeTI scoring']:.0f} s)\n", flush=True)
 
-    # ---- part 3: truncation sweep of the trained mapper
+    # ---- part 3: truncation sweep of the trained mappers
     t = time.time()
-    hidden = neti_trainer.mapper.config.hidden
-    print(f"## 3. Truncation: the trained mapper with only its first K of {hidden} hidden units\n")
+    hidden = runs["NeTI"][0][0].mapper.config.hidden
+    print(f"## 3. Truncation: the trained mappers with only their first K of {hidden} hidden units "
+          f"(mean over {len(seeds)} seeds)\n")
     print("| K | reconstruction | editability | edit & concept |\n|---|---|---|---|")
     for k in sorted(set(args.truncations)):
         if not 1 <= k <= hidden:
             continue
-        scores = final_neti if k == hidden else score_neti(model, neti_trainer, args.concept, args.n,
-                                                           args.sample_steps, args.seed, truncation=k)
+        scores = final_neti if k == hidden else mean_scores(
+            [score_neti(model, trainer, args.concept, args.n, args.sample_steps, seed, truncation=k)
+             for seed, (trainer, _) in zip(seeds, runs["NeTI"])])
         label = f"{k} (full, table 1)" if k == hidden else str(k)
         print(f"| {label} | {scores['reconstruction']:.0%} | {scores['editability']:.0%} | "
               f"{scores['edit_and_concept']:.0%} |", flush=True)
-    print(f"\nPart 3: {time.time() - t:.0f} s ({args.n} samples per score)\n")
+    print(f"\nPart 3: {time.time() - t:.0f} s ({args.n} samples per score and seed)\n")
 
-    # ---- part 4: the grid
+    # ---- part 4: the grid (the first seed's trainers)
     if args.grid is not None:
         t = time.time()
         k = min(max(1, args.grid_truncation), hidden)
-        write_grid(model, ti_trainer, neti_trainer, args.concept, args.grid, k, args.sample_steps, args.seed)
-        print(f"## 4. Samples\n\nwrote {args.grid} (rows: TI, NeTI, NeTI K={k}): {time.time() - t:.0f} s\n")
+        write_grid(model, runs["TI"][0][0], runs["NeTI"][0][0], args.concept, args.grid, k, args.sample_steps,
+                   seeds[0])
+        print(f"## 4. Samples\n\nwrote {args.grid} (seed {seeds[0]}; rows: TI, NeTI, NeTI K={k}): "
+              f"{time.time() - t:.0f} s\n")
     print(f"Total: {time.time() - t_all:.0f} s")
     return 0
 

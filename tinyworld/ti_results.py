@@ -1,13 +1,15 @@
 """The Textual Inversion results table of the README, on the tiny world.
 
-    python -m tinyworld.ti_results                 # about 10 minutes on 2 CPU cores
+    python -m tinyworld.ti_results                 # about 30 minutes on 2 CPU cores (3 seeds)
+    python -m tinyworld.ti_results --seeds 0       # one seed: about 10 minutes
 
 For each row, a word is learned from 5 rendered images of a held-out concept (a shape or a
 texture the base model draws but has no word for), then scored:
   reconstruction: share of "a photo of a <x>"-style samples the analyzer reads as the concept;
   editability: share of "a small red <x> on the left on a black background"-style prompts whose
       other attributes (size, color, position, background) are all honored.
-The baseline row is the best ordinary word for the concept.
+The baseline row is the best ordinary word for the concept. Each score is a mean over seeds:
+one run's score depends much on its images and training noise on this tiny model.
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: invert.py's tiny default)")
     p.add_argument("--n", type=int, default=64, help="samples per score")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps when scoring")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="one run per seed (its own 5 images, training noise and sampling seeds); scores are means")
     p.add_argument("--out", type=Path, default=Path("outputs") / "ti_results")
     args = p.parse_args(argv)
     import ldm
@@ -62,25 +65,34 @@ def main(argv=None) -> int:
     from tinyworld.concepts import best_plain_caption, evaluate_word
     model = ldm.load(args.ckpt)
     steps = args.steps or TINY_DEFAULTS["steps"]
-    print(f"Textual Inversion on the tiny world: 5 images per concept, {steps} steps, "
-          f"{args.n} samples per score, DDIM {args.sample_steps}\n")
-    print("| concept | word | reconstruction | editability | training time |\n|---|---|---|---|---|")
-    baselines = {}
+    seeds = args.seeds
+    print(f"Textual Inversion on the tiny world: 5 images per concept and seed, {steps} steps, {args.n} samples "
+          f"per score, DDIM {args.sample_steps}; means over seeds {', '.join(map(str, seeds))}\n")
+    print("| concept | word | reconstruction | editability | per seed: reconstruction / editability "
+          "| training time a seed |\n|---|---|---|---|---|---|")
+
+    def row(concept, label, runs, seconds="-"):
+        rec = sum(r["reconstruction"] for r in runs) / len(runs)
+        edit = sum(r["editability"] for r in runs) / len(runs)
+        per_seed = ", ".join(f"{r['reconstruction']:.0%} / {r['editability']:.0%}" for r in runs)
+        print(f"| {concept} | {label} | {rec:.0%} | {edit:.0%} | {per_seed} | {seconds} |", flush=True)
+
+    done = set()
     for label, concept, overrides in ROWS:
-        if concept not in baselines:
-            word, rec = best_plain_caption(model, concept, n=args.n // 2, steps=args.sample_steps, seed=args.seed)
-            scores = evaluate_word(model, concept, word, n=args.n, steps=args.sample_steps, seed=args.seed)
-            baselines[concept] = word
-            print(f"| {concept} | baseline: best plain word \"{word}\" | {scores['reconstruction']:.0%} | "
-                  f"{scores['editability']:.0%} | - |", flush=True)
-        t = time.time()
-        folder = args.out / f"{concept}-{label.split()[0]}"
-        trainer = learn(model, concept, steps, args.seed, folder, **overrides)
-        seconds = time.time() - t
-        scores = evaluate_word(model, concept, trainer.cfg.placeholder, n=args.n, steps=args.sample_steps,
-                               seed=args.seed, learned=trainer.learned)
-        print(f"| {concept} | {label} | {scores['reconstruction']:.0%} | {scores['editability']:.0%} | "
-              f"{seconds:.0f} s |", flush=True)
+        if concept not in done:  # the baseline: the best ordinary word, on the first seed's samples
+            word, _ = best_plain_caption(model, concept, n=args.n // 2, steps=args.sample_steps, seed=seeds[0])
+            row(concept, f"baseline: best plain word \"{word}\"",
+                [evaluate_word(model, concept, word, n=args.n, steps=args.sample_steps, seed=s) for s in seeds])
+            done.add(concept)
+        runs, seconds = [], 0.0
+        for seed in seeds:
+            t = time.time()
+            trainer = learn(model, concept, steps, seed, args.out / f"{concept}-{label.split()[0]}-seed{seed}",
+                            **overrides)
+            seconds += time.time() - t
+            runs.append(evaluate_word(model, concept, trainer.cfg.placeholder, n=args.n, steps=args.sample_steps,
+                                      seed=seed, learned=trainer.learned))
+        row(concept, label, runs, f"{seconds / len(seeds):.0f} s")
     return 0
 
 

@@ -1,0 +1,56 @@
+"""The README's results commands run end to end (on a random checkpoint, a few steps) and
+report means over seeds that agree with their per-seed columns."""
+import re
+
+import pytest
+
+from conftest import write_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt32(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt32"), image_size=32, seed=4)
+
+
+def percents(text):
+    return [int(x) / 100 for x in re.findall(r"(\d+)%", text)]
+
+
+def check_means(line):
+    """A row `| ... | rec | edit | r0 / e0, r1 / e1 | ...`: the means equal the per-seed averages."""
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    i = next(k for k, c in enumerate(cells) if " / " in c)
+    per_seed = [percents(pair) for pair in cells[i].split(",")]
+    (rec,), (edit,) = percents(cells[i - 2]), percents(cells[i - 1])
+    assert len(per_seed) == 2 and all(len(p) == 2 for p in per_seed)
+    assert rec == pytest.approx(sum(p[0] for p in per_seed) / 2, abs=0.006)
+    assert edit == pytest.approx(sum(p[1] for p in per_seed) / 2, abs=0.006)
+
+
+def test_ti_results_table(ckpt32, tmp_path, capsys):
+    from tinyworld import ti_results
+    assert ti_results.main(["--ckpt", str(ckpt32), "--steps", "2", "--n", "2", "--sample-steps", "2",
+                            "--seeds", "0", "1", "--out", str(tmp_path / "o")]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and "%" in l]
+    labels = [l.split("|")[2].strip() for l in rows]
+    assert sum(l.startswith("baseline") for l in labels) == 3          # ring, hourglass, checkered
+    for label in ("single vector", "multi-vector (3)", "style: single vector"):
+        assert label in labels
+    for line in rows:
+        check_means(line)
+
+
+def test_neti_results_table(ckpt32, tmp_path, capsys):
+    from tinyworld import neti_results
+    grid = tmp_path / "grid.png"
+    assert neti_results.main(["--ckpt", str(ckpt32), "--steps", "2", "--every", "1", "--n", "2",
+                              "--sample-steps", "2", "--seeds", "0", "1", "--truncations", "4", "128",
+                              "--grid", str(grid), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4."):
+        assert heading in out
+    final = [l for l in out.splitlines() if l.startswith("| Textual Inversion") or l.startswith("| NeTI (mapper")]
+    assert len(final) == 2
+    for line in final:
+        check_means(line)
+    assert "| 4 |" in out and "| 128 (full, table 1) |" in out and grid.exists()
