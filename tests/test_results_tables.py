@@ -54,3 +54,12 @@ def test_neti_results_table(ckpt32, tmp_path, capsys):
     for line in final:
         check_means(line)
     assert "| 4 |" in out and "| 128 (full, table 1) |" in out and grid.exists()
+
+
+def test_evaluate_prints_the_three_tables(ckpt32, capsys):
+    from tinyworld import evaluate
+    assert evaluate.main(["--ckpt", str(ckpt32), "--n", "4", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 prompts of held-out combinations" in out and "1 prompts naming a texture" in out
+    assert "| texture (textured only) |" in out
+    assert len([l for l in out.splitlines() if l.startswith("| ") and l.endswith("% |")]) == 5 + 3 + 5
