@@ -96,6 +96,41 @@ def tiny_world_images(concept: str, n: int, seed: int, out: Path) -> torch.Tenso
     return to_tensor(images)
 
 
+def the_word(args, tiny: bool):
+    """(placeholder, init word, property) of the word to learn: from the arguments, or, without
+    --images, the tiny-world concept's defaults ("<ring>", "object", "object")."""
+    if args.images is None:
+        from tinyworld.concepts import concept_attribute, default_init_word
+        if not tiny:
+            raise CLIError("--images is required with an SD checkpoint (the tiny world only fits the tiny model)")
+        try:
+            kind = concept_attribute(args.concept)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        return (args.placeholder or f"<{args.concept}>", args.init_word or default_init_word(args.concept),
+                args.property or ("object" if kind == "shape" else "style"))
+    if not args.placeholder or not args.init_word:
+        raise CLIError("with --images, give --placeholder (e.g. '<my-toy>') and --init-word (e.g. 'toy')")
+    return args.placeholder, args.init_word, args.property or "object"
+
+
+def training_images(args, model) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1]: the --images folder at the training resolution, or rendered
+    tiny-world images of --concept (saved to --out/train_images to look at)."""
+    from inversion.data import DataError, load_images
+    if args.images is None:
+        images = tiny_world_images(args.concept, args.num_images, args.seed, args.out / "train_images")
+    else:
+        try:
+            images = load_images(args.images, args.resolution or model.config.image_size)
+        except DataError as e:
+            raise CLIError(str(e)) from None
+    if len(images) == 1:
+        print("warning: one training image; the word will copy that image closely (3-5 images work best)",
+              file=sys.stderr)
+    return images
+
+
 def output_files(out: Path, placeholder: str):
     safe = "".join(c if c.isalnum() or c in "-_" else "" for c in placeholder) or "embedding"
     return out / "learned_embeds.safetensors", out / f"{safe}.pt", out / f"{safe}.safetensors"
@@ -129,9 +164,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.method != "ti":
         return importlib.import_module(METHOD_MODULES[args.method]).main(args)
-    from inversion.data import DataError, load_images, templates
+    from inversion.data import templates
     from inversion.files import base_model_hash, save_a1111, save_embeddings
-    from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError
+    from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError, check_words
 
     check_paths(args)
     if not 0 <= args.per_image_prob <= 1:
@@ -142,38 +177,18 @@ def main(argv=None) -> int:
     defaults = TINY_DEFAULTS if tiny else SD_DEFAULTS
 
     tiny_concept = args.images is None
-    if tiny_concept:
-        from tinyworld.concepts import concept_attribute, default_init_word
-        if not tiny:
-            raise CLIError("--images is required with an SD checkpoint (the tiny world only fits the tiny model)")
-        try:
-            kind = concept_attribute(args.concept)
-        except ValueError as e:
-            raise CLIError(str(e)) from None
-        placeholder = args.placeholder or f"<{args.concept}>"
-        init_word = args.init_word or default_init_word(args.concept)
-        prop = args.property or ("object" if kind == "shape" else "style")
-        images = tiny_world_images(args.concept, args.num_images, args.seed, args.out / "train_images")
-    else:
-        if not args.placeholder or not args.init_word:
-            raise CLIError("with --images, give --placeholder (e.g. '<my-toy>') and --init-word (e.g. 'toy')")
-        placeholder, init_word, prop = args.placeholder, args.init_word, args.property or "object"
-        resolution = args.resolution or model.config.image_size
-        try:
-            images = load_images(args.images, resolution)
-        except DataError as e:
-            raise CLIError(str(e)) from None
-    if len(images) == 1:
-        print("warning: one training image; the word will copy that image closely (3-5 images work best)",
-              file=sys.stderr)
-
+    placeholder, init_word, prop = the_word(args, tiny)
     cfg = TIConfig(placeholder=placeholder, init_word=init_word, learnable_property=prop, num_vectors=args.num_vectors,
                    steps=args.steps or defaults["steps"], lr=args.lr or defaults["lr"],
                    batch=args.batch or defaults["batch"], flip=not args.no_flip,
                    progressive_every=args.progressive_every, reg_weight=args.reg_weight,
                    per_image_tokens=args.per_image_tokens, per_image_prob=args.per_image_prob, seed=args.seed,
                    save_every=args.save_every or defaults["save_every"], sample_every=args.sample_every)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:  # the words, before any file is written
+        check_words(model, cfg)
+    except TrainingError as e:
+        raise CLIError(str(e)) from None
+    images = training_images(args, model)
     try:
         trainer = TextualInversion(model, images, cfg, args.out, templates(prop))
         resumed = args.resume and trainer.resume()

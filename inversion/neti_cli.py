@@ -63,11 +63,11 @@ def check_arguments(args) -> None:
 
 
 def main(args) -> int:
-    from inversion.data import DataError, load_images, templates
+    from inversion.data import templates
     from inversion.files import base_model_hash
     from inversion.neti import MAPPER_FILE, NeTI, NeTIConfig, check_config, save_mapper
     from inversion.textual_inversion import TrainingError, check_words
-    from invert import load_model, tiny_world_images
+    from invert import load_model, the_word, training_images
 
     check_arguments(args)
     t_start = time.time()
@@ -76,21 +76,7 @@ def main(args) -> int:
     defaults = TINY_DEFAULTS if tiny else SD_DEFAULTS
 
     tiny_concept = args.images is None
-    if tiny_concept:
-        from tinyworld.concepts import concept_attribute, default_init_word
-        if not tiny:
-            raise CLIError("--images is required with an SD checkpoint (the tiny world only fits the tiny model)")
-        try:
-            kind = concept_attribute(args.concept)
-        except ValueError as e:
-            raise CLIError(str(e)) from None
-        placeholder = args.placeholder or f"<{args.concept}>"
-        init_word = args.init_word or default_init_word(args.concept)
-        prop = args.property or ("object" if kind == "shape" else "style")
-    else:
-        if not args.placeholder or not args.init_word:
-            raise CLIError("with --images, give --placeholder (e.g. '<my-toy>') and --init-word (e.g. 'toy')")
-        placeholder, init_word, prop = args.placeholder, args.init_word, args.property or "object"
+    placeholder, init_word, prop = the_word(args, tiny)
 
     cfg = NeTIConfig(placeholder=placeholder, init_word=init_word, learnable_property=prop,
                      steps=args.steps or defaults["steps"], lr=args.lr or defaults["lr"],
@@ -103,16 +89,7 @@ def main(args) -> int:
         check_words(model, cfg)
     except TrainingError as e:
         raise CLIError(str(e)) from None
-    if tiny_concept:
-        images = tiny_world_images(args.concept, args.num_images, args.seed, args.out / "train_images")
-    else:
-        try:
-            images = load_images(args.images, args.resolution or model.config.image_size)
-        except DataError as e:
-            raise CLIError(str(e)) from None
-    if len(images) == 1:
-        print("warning: one training image; the word will copy that image closely (3-5 images work best)",
-              file=sys.stderr)
+    images = training_images(args, model)
 
     try:
         trainer = NeTI(model, images, cfg, args.out, templates(prop))
