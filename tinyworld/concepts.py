@@ -65,6 +65,11 @@ def score(images: np.ndarray, concept: str, attrs: Sequence[W.Attributes] | None
     return out
 
 
+def mean_scores(runs: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """The average over runs (seeds) of each score."""
+    return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+
+
 def evaluate_word(model, concept: str, word: str, n: int = 64, steps: int = 50, scale: float = 7.5,
                   seed: int = 0, learned=None, **generate_kw) -> Dict[str, float]:
     """Reconstruction and editability of `word`: plain words, or a placeholder of `learned`

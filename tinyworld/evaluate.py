@@ -45,10 +45,21 @@ def sample_prompts(model, prompts, seeds, steps=50, scale=7.5, batch=64, **kw) -
     return np.concatenate(out)
 
 
+def read_accuracy(reads, attrs, attributes=SCORED) -> dict:
+    """Share of the analyzer's reads that equal the intended value, per attribute."""
+    return {a: float(np.mean([r[a] == getattr(t, a) for r, t in zip(reads, attrs)])) for a in attributes}
+
+
 def accuracy(images: np.ndarray, attrs, attributes=SCORED) -> dict:
     from tinyworld.analyze import analyze_batch
-    reads = analyze_batch(images)
-    return {a: float(np.mean([r[a] == getattr(t, a) for r, t in zip(reads, attrs)])) for a in attributes}
+    return read_accuracy(analyze_batch(images), attrs, attributes)
+
+
+def print_table(title: str, acc: dict) -> None:
+    print(title)
+    print("| attribute | accuracy |\n|---|---|")
+    for k, v in acc.items():
+        print(f"| {k} | {v:.1%} |")
 
 
 def evaluate_model(model, n=240, steps=50, scale=7.5, seed=0, quiet=False, grid=None) -> dict:
@@ -59,10 +70,7 @@ def evaluate_model(model, n=240, steps=50, scale=7.5, seed=0, quiet=False, grid=
         from tinyworld.world import save_grid
         save_grid(str(grid), images[:32], prompts[:32])
     if not quiet:
-        print(f"{n} prompts of held-out combinations, DDIM {steps} steps, guidance {scale}")
-        print("| attribute | accuracy |\n|---|---|")
-        for k, v in acc.items():
-            print(f"| {k} | {v:.1%} |")
+        print_table(f"{n} prompts of held-out combinations, DDIM {steps} steps, guidance {scale}", acc)
     return acc
 
 
@@ -88,8 +96,7 @@ def autoencoder_accuracy(model, n=256, seed=0) -> dict:
     x = to_tensor(np.stack([render(a, rng) for a in attrs])).to(model.device, model.dtype)
     recon = model.vae.decode(model.vae.encode(x).mean).float().clamp(-1, 1)
     reads = analyze_batch(to_uint8((recon + 1) / 2))
-    acc = {a: float(np.mean([r[a] == getattr(t, a) for r, t in zip(reads, attrs)]))
-           for a in ("shape", "color", "size", "texture")}
+    acc = read_accuracy(reads, attrs, ("shape", "color", "size", "texture"))
     textured = [r["texture"] == t.texture for r, t in zip(reads, attrs) if t.texture != "plain"]
     acc["texture (textured only)"] = float(np.mean(textured))
     return acc
@@ -113,15 +120,10 @@ def main(argv=None) -> int:
         return 2
     evaluate_model(model, n=args.n, steps=args.steps, scale=args.scale, seed=args.seed, grid=args.grid)
     n_tex = max(1, args.n // 4)
-    acc = texture_word_accuracy(model, n=n_tex, steps=args.steps, scale=args.scale, seed=args.seed)
-    print(f"\n{n_tex} prompts naming a texture (striped or dotted)\n| attribute | accuracy |\n|---|---|")
-    for k, v in acc.items():
-        print(f"| {k} | {v:.1%} |")
-    acc = autoencoder_accuracy(model, seed=args.seed)
-    print("\nThe autoencoder alone: 256 rendered images encoded, decoded and read back\n"
-          "| attribute | accuracy |\n|---|---|")
-    for k, v in acc.items():
-        print(f"| {k} | {v:.1%} |")
+    print_table(f"\n{n_tex} prompts naming a texture (striped or dotted)",
+                texture_word_accuracy(model, n=n_tex, steps=args.steps, scale=args.scale, seed=args.seed))
+    print_table("\nThe autoencoder alone: 256 rendered images encoded, decoded and read back",
+                autoencoder_accuracy(model, seed=args.seed))
     return 0
 
 

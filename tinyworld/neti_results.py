@@ -127,11 +127,6 @@ def trajectory(name: str, start, score, model, args, seed: int, timing: Dict[str
     return trainer, result
 
 
-def mean_scores(runs: Sequence[Scores]) -> Scores:
-    """The average over seeds of each score."""
-    return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
-
-
 def first_reaching(scores: Dict[int, Scores], target: Scores, keys: Sequence[str]) -> str:
     for step in sorted(scores):
         if all(scores[step][k] >= target[k] for k in keys):
@@ -193,7 +188,7 @@ def main(argv=None) -> int:
 
     import ldm
     from invert import TINY_DEFAULTS
-    from tinyworld.concepts import concept_attribute
+    from tinyworld.concepts import concept_attribute, mean_scores
     try:
         concept_attribute(args.concept)
     except ValueError as e:

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import ldm
     from invert import TINY_DEFAULTS
-    from tinyworld.concepts import best_plain_caption, evaluate_word
+    from tinyworld.concepts import best_plain_caption, evaluate_word, mean_scores
     model = ldm.load(args.ckpt)
     steps = args.steps or TINY_DEFAULTS["steps"]
     seeds = args.seeds
@@ -72,10 +72,10 @@ def main(argv=None) -> int:
           "| training time a seed |\n|---|---|---|---|---|---|")
 
     def row(concept, label, runs, seconds="-"):
-        rec = sum(r["reconstruction"] for r in runs) / len(runs)
-        edit = sum(r["editability"] for r in runs) / len(runs)
+        mean = mean_scores(runs)
         per_seed = ", ".join(f"{r['reconstruction']:.0%} / {r['editability']:.0%}" for r in runs)
-        print(f"| {concept} | {label} | {rec:.0%} | {edit:.0%} | {per_seed} | {seconds} |", flush=True)
+        print(f"| {concept} | {label} | {mean['reconstruction']:.0%} | {mean['editability']:.0%} | {per_seed} | "
+              f"{seconds} |", flush=True)
 
     done = set()
     for label, concept, overrides in ROWS:
