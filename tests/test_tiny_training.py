@@ -1,5 +1,6 @@
 """The tiny model's training command, in a few steps, and the shipped model."""
 import hashlib
+import json
 
 import pytest
 import torch
@@ -26,6 +27,32 @@ def test_training_smoke_run_exports_a_loadable_model_and_resumes(tmp_path):
     assert train.main(argv) == 2
     assert train.main([*argv, "--resume", "--steps", "3"]) == 0
     assert torch.load(tmp_path / "run" / "diffusion.pt", weights_only=True)["step"] == 3
+
+    # --init continues from that model: with no steps in either stage it comes back unchanged,
+    # and the new file records where it came from
+    again = tmp_path / "again.safetensors"
+    small = ["--images", "64", "--vae-batch", "4", "--batch", "4", "--eval-every", "0", "--threads", "1"]
+    assert train.main(["--init", str(out), "--run", str(tmp_path / "run2"), "--out", str(again),
+                       "--vae-steps", "0", "--steps", "0", *small]) == 0
+    before, after = ldm.load(out).state_dict(), ldm.load(again).state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    from ldm.load import read_tensors
+    training = json.loads(read_tensors(again)[1]["training"])
+    assert training["init_file"] == out.name and training["init"]["diffusion_steps"] == 3
+    # with steps, the autoencoder moves (its anchor holds it near) and so does the U-Net
+    moved = tmp_path / "moved.safetensors"
+    assert train.main(["--init", str(out), "--run", str(tmp_path / "run3"), "--out", str(moved),
+                       "--vae-steps", "2", "--steps", "2", *small]) == 0
+    after = ldm.load(moved).state_dict()
+    for prefix in ("first_stage_model.decoder.", "model.diffusion_model."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+
+
+def test_init_refuses_a_file_that_is_not_a_model(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a model")
+    assert train.main(["--init", str(bad), "--run", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="the tiny model is not trained yet")
