@@ -53,6 +53,7 @@ def test_init_refuses_a_file_that_is_not_a_model(tmp_path, capsys):
     bad.write_bytes(b"not a model")
     assert train.main(["--init", str(bad), "--run", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="the tiny model is not trained yet")

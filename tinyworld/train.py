@@ -3,7 +3,7 @@
     python -m tinyworld.train                # both stages, then export weights/tiny.safetensors
     python -m tinyworld.train --resume       # continue an interrupted run from its last checkpoint
     python -m tinyworld.train --init weights/tiny.safetensors --run runs/texture \
-        --vae-steps 6000 --steps 1500        # continue training a model (how the shipped one was made)
+        --vae-steps 5000 --steps 1500        # continue training a model: both stages, from it
 
 Stage 1, the autoencoder: AutoencoderKL (f = 4: 32×32×3 images -> 8×8×4 latents), an L1
 reconstruction loss weighted ×5 on the object's pixels (the object is what must survive)
@@ -20,8 +20,8 @@ With `--init`, both stages continue from an existing model instead of from scrat
 autoencoder then also pays an anchor loss, the squared distance of its encoder means to the
 starting encoder's, so that the latents the diffusion model learned stay where they were while
 the decoder (and the encoder's fine detail) improves; the diffusion model then continues on
-the new latents. This is how the shipped model learned textures: after the first 3000
-autoencoder steps stripes and dots did not survive the round trip at all.
+the new latents. The README's texture experiment was run this way (the shipped model's 3000
+autoencoder steps left stripes and dots too weak to survive the round trip).
 
 The sizes are chosen for a 2-core CPU: the U-Net has three levels (8×8, 4×4, 2×2) so that
 its bottleneck can tell left from right, and the text encoder is 64 wide, since its
@@ -267,7 +267,6 @@ def main(argv=None) -> int:
         print(f"error: {run} already holds a run; pass --resume to continue it or choose another --run",
               file=sys.stderr)
         return 2
-    run.mkdir(parents=True, exist_ok=True)
     import ldm
     from ldm.model import StableDiffusion
     start = None
@@ -277,9 +276,8 @@ def main(argv=None) -> int:
         except ldm.LoadError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        cfg = start.config
-    else:
-        cfg = tiny_model_config()
+    cfg = tiny_model_config() if start is None else start.config
+    run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(vars(args), default=str, indent=1))
 
     from tinyworld.world import make_dataset
