@@ -91,6 +91,19 @@ def read_tensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
                     "or a diffusers folder")
 
 
+def read_metadata(path) -> Dict[str, str]:
+    """The metadata of a weights file alone (a safetensors header is read without its tensors)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                return dict(f.metadata() or {})
+        except Exception:
+            pass  # read_tensors words the error
+    return read_tensors(path)[1]
+
+
 # ----------------------------------------------------------------------------- telling files apart
 
 def describe_wrong_file(keys, shapes: Dict[str, tuple]) -> Optional[str]:

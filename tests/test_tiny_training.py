@@ -36,10 +36,10 @@ def test_training_smoke_run_exports_a_loadable_model_and_resumes(tmp_path):
                        "--vae-steps", "0", "--steps", "0", *small]) == 0
     before, after = ldm.load(out).state_dict(), ldm.load(again).state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    from ldm.load import read_tensors
-    training = json.loads(read_tensors(again)[1]["training"])
+    from ldm.load import read_metadata
+    training = json.loads(read_metadata(again)["training"])
     assert training["init_file"] == out.name and training["init"]["diffusion_steps"] == 3
-    # with steps, the autoencoder moves (its anchor holds it near) and so does the U-Net
+    # with steps, the autoencoder and the U-Net move
     moved = tmp_path / "moved.safetensors"
     assert train.main(["--init", str(out), "--run", str(tmp_path / "run3"), "--out", str(moved),
                        "--vae-steps", "2", "--steps", "2", *small]) == 0
@@ -48,12 +48,60 @@ def test_training_smoke_run_exports_a_loadable_model_and_resumes(tmp_path):
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
 
 
-def test_init_refuses_a_file_that_is_not_a_model(tmp_path, capsys):
+def test_anchor_holds_the_encoder_means_near_the_starting_ones(tmp_path):
+    from conftest import randomize, tiny_config
+    from ldm.vae import AutoencoderKL
+    from tinyworld.world import make_dataset
+    cfg = tiny_config()
+    images = make_dataset(16, seed=0, split="train")[0]
+    start = randomize(AutoencoderKL(cfg.vae), seed=1, std=0.05)
+    x = train.to_tensor(images[:8])
+    with torch.no_grad():
+        before = start.encode(x).mean
+    drift = {}
+    for weight in ("0", "1000"):
+        args = train.build_parser().parse_args(["--vae-steps", "5", "--vae-batch", "4", "--anchor", weight])
+        (tmp_path / weight).mkdir()  # a run folder each
+        vae = train.train_vae(args, cfg, images, tmp_path / weight, start=start)
+        with torch.no_grad():
+            drift[weight] = float((vae.encode(x).mean - before).pow(2).mean())
+    assert 0 < drift["1000"] < 0.5 * drift["0"], drift
+
+
+def test_max_timestep_trains_on_the_low_noise_steps_only(tmp_path):
+    from conftest import tiny_config
+    from ldm.model import StableDiffusion
+    from tinyworld.world import make_dataset
+    attrs = make_dataset(8, seed=0, split="train")[2]
+    seen = {}
+    for limit in ("0", "5"):
+        model = StableDiffusion(tiny_config())
+        ts = []
+        model.unet.register_forward_pre_hook(lambda module, inputs: ts.append(inputs[1].clone()))
+        args = train.build_parser().parse_args(["--steps", "3", "--batch", "4", "--max-timestep", limit,
+                                                "--eval-every", "0"])
+        (tmp_path / limit).mkdir()
+        train.train_diffusion(args, model, torch.randn(8, 4, 4, 4), attrs, tmp_path / limit)
+        seen[limit] = torch.cat(ts)
+    assert len(seen["5"]) == 12 and int(seen["5"].max()) < 5
+    assert int(seen["0"].max()) >= 5  # all 1000 timesteps otherwise
+
+
+@pytest.mark.parametrize("case", ["not a model", "wrong size", "max timestep", "anchor"])
+def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
+    from conftest import write_random_checkpoint
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a model")
-    assert train.main(["--init", str(bad), "--run", str(tmp_path / "run")]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
-    assert not (tmp_path / "run").exists()  # nothing written
+    argv = {"not a model": ["--init", str(bad)],
+            "wrong size": ["--init", str(write_random_checkpoint(tmp_path, image_size=16))],
+            "max timestep": ["--max-timestep", "1001"],
+            "anchor": ["--anchor", "-1"]}[case]
+    small = ["--images", "16", "--vae-steps", "1", "--vae-batch", "2", "--steps", "1", "--batch", "2",
+             "--eval-every", "0", "--threads", "1"]  # a short run, were the input let through
+    assert train.main([*argv, *small, "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="the tiny model is not trained yet")

@@ -258,6 +258,16 @@ def build_parser():
     return p
 
 
+def check_args(args, cfg: ModelConfig) -> str:
+    """What is wrong with the settings of the new options, in one line ('' if nothing)."""
+    if not 0 <= args.max_timestep <= cfg.schedule.num_timesteps:
+        return (f"--max-timestep must be between 0 (all timesteps) and {cfg.schedule.num_timesteps}, "
+                f"got {args.max_timestep}")
+    if not (math.isfinite(args.anchor) and args.anchor >= 0):
+        return f"--anchor must be a number >= 0, got {args.anchor}"
+    return ""
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -268,15 +278,26 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     import ldm
+    from ldm.load import read_metadata
     from ldm.model import StableDiffusion
-    start = None
+    from tinyworld.world import IMAGE_SIZE
+    start, parent_training = None, {}
     if args.init is not None:
         try:
             start = ldm.load(args.init)
+            parent_training = json.loads(read_metadata(args.init).get("training", "{}"))
         except ldm.LoadError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if start.config.image_size != IMAGE_SIZE:
+            print(f"error: {args.init} is a {start.config.image_size}-px model; --init takes a tiny-world "
+                  f"model ({IMAGE_SIZE} px), such as weights/tiny.safetensors", file=sys.stderr)
+            return 2
     cfg = tiny_model_config() if start is None else start.config
+    problem = check_args(args, cfg)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(vars(args), default=str, indent=1))
 
@@ -300,9 +321,7 @@ def main(argv=None) -> int:
     if args.max_timestep:
         training["max_timestep"] = args.max_timestep
     if start is not None:
-        from ldm.load import read_tensors
-        training = {"init": json.loads(read_tensors(args.init)[1].get("training", "{}")),
-                    "init_file": args.init.name, "anchor": args.anchor, **training}
+        training = {"init": parent_training, "init_file": args.init.name, "anchor": args.anchor, **training}
     meta = {"training": json.dumps(training)}
     ldm.save(model, args.out, dtype=torch.float16, metadata=meta)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
