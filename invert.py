@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import CLIError, Parser, nonnegative_float, pick_device, pick_dtype, positive_int, run
+from inversion.precision import training_dtype
+from ldm.cli import CLIError, Parser, nonnegative_float, pick_device, positive_int, run
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -73,9 +74,10 @@ def build_parser() -> Parser:
     run_.add_argument("--sample-every", type=int, default=0, help="validation grid every N steps (0 = at the end)")
     run_.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     run_.add_argument("--no-eval", action="store_true", help="tiny world: skip the reconstruction/editability scores")
-    run_.add_argument("--device", default="auto")
-    run_.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="fp32",
-                      help="frozen weights' dtype (autocast is used on CUDA either way)")
+    run_.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
+    run_.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                      help="frozen weights' dtype. auto: bf16 under autocast on a CUDA GPU, fp32 elsewhere; "
+                           "fp32 turns autocast off; the learned vectors are fp32 always")
     for module in METHOD_MODULES.values():
         importlib.import_module(module).add_arguments(p)
     return p
@@ -131,8 +133,12 @@ def training_images(args, model) -> torch.Tensor:
     return images
 
 
-def output_files(out: Path, placeholder: str):
+def output_files(out: Path, placeholder: str, tokenizer):
+    """Ours, and the AUTOMATIC1111 pair. AUTOMATIC1111 calls a word by its file name, so that name
+    must not be a word of the vocabulary: '<toy>' gives toy-embedding.pt, '<cat-toy>' cat-toy.pt."""
     safe = "".join(c if c.isalnum() or c in "-_" else "" for c in placeholder) or "embedding"
+    if tokenizer.word_id(safe) is not None:
+        safe += "-embedding"
     return out / "learned_embeds.safetensors", out / f"{safe}.pt", out / f"{safe}.safetensors"
 
 
@@ -156,7 +162,7 @@ def load_model(args):
     from ldm.load import load
     ckpt = args.ckpt or DEFAULT_CKPT
     device = pick_device(args.device)
-    model = load(ckpt, device=device, dtype=pick_dtype(args.precision, device))
+    model = load(ckpt, device=device, dtype=training_dtype(args.precision, device))
     return ckpt, model, device
 
 
@@ -199,7 +205,7 @@ def main(argv=None) -> int:
           f"effective lr = {cfg.lr:g} x batch {cfg.batch} = {cfg.effective_lr:g}")
 
     base_hash = base_model_hash(ckpt)
-    ours, a1111_pt, a1111_st = output_files(args.out, placeholder)
+    ours, a1111_pt, a1111_st = output_files(args.out, placeholder, model.tokenizer)
 
     def save(t: TextualInversion) -> None:
         vec = t.embedding()

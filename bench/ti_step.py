@@ -8,15 +8,19 @@ rebuilt here from diffusers and transformers components: the VAE encodes the bat
 step, the whole token-embedding matrix is trained by AdamW and every row but the new one is
 restored after each step. Ours encodes each image (and its mirror image) once and trains only
 the new vector. Both run the same architecture with the same random weights, the same batch,
-fp32, on the CPU; each side runs in its own process so its peak RSS is its own.
+fp32, on the CPU (or on a CUDA GPU with --device cuda); each side runs in its own process so its
+peak memory is its own.
 
-Configurations: the SD v1.5 architecture at 256 px (batch 1), and the tiny model (batch 8).
+Configurations: the SD v1.5 architecture at 256 px (batch 1), and the tiny model (batch 8); on
+CUDA also SD v1.5 at 512 px with batch 4, the recipe's own size.
 With --precision bf16 both sides keep their frozen weights in bfloat16, as the example does with
 --mixed_precision bf16 (it casts the U-Net and the VAE, keeps the text encoder in fp32 and runs
 it under autocast); ours casts the text encoder too, since its learned vector lives apart in fp32.
 Prints the median seconds per step, the peak resident memory while training (sampled during the steps,
 so each side's different setup is not counted), that peak less the model weights and the
-interpreter's own memory (what the training itself costs), and our/reference ratios.
+interpreter's own memory (what the training itself costs), and our/reference ratios. On CUDA the
+memory columns are the peak GPU memory allocated during the steps (torch.cuda.max_memory_allocated),
+and that peak less the weights.
 """
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ sys.path.insert(0, str(ROOT))
 CONFIGS = {
     "sd15-256": dict(resolution=256, batch=1, n_images=4),
     "tiny": dict(resolution=32, batch=8, n_images=5),
+    "sd15-512": dict(resolution=512, batch=4, n_images=4),  # SD's own recipe; by default on CUDA only
 }
+CPU_CONFIGS = ("sd15-256", "tiny")
 
 
 def model_config(name):
@@ -67,6 +73,33 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
 
 
+class CUDAPeak:
+    """Peak GPU memory allocated while training, in MB (the setup is not counted)."""
+
+    def __enter__(self):
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+def memory_meter(device):
+    return CUDAPeak() if device == "cuda" else RSSSampler()
+
+
+def clock(device):
+    """Seconds now, after the GPU's queued work is done."""
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class RSSSampler:
     """Highest resident memory seen while training (sampled every 5 ms): the setup, which differs
     between the two sides (the reference is built from our weights), is not counted."""
@@ -90,25 +123,25 @@ class RSSSampler:
         self.thread.join()
 
 
-def run_ours(name, steps, precision):
+def run_ours(name, steps, precision, device):
     import torch
     from inversion.textual_inversion import TIConfig, TextualInversion
     c = CONFIGS[name]
-    model = build_model(name).to(dtype_of(precision))
+    model = build_model(name).to(device, dtype_of(precision))
     images = torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1
     cfg = TIConfig(placeholder="<x>", init_word="object", batch=c["batch"], steps=10 ** 6)
     trainer = TextualInversion(model, images, cfg, Path("/tmp/bench_ti"), ["a photo of a {}"], log=lambda s: None)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2 ** 20
     times = []
-    with RSSSampler() as rss:
+    with memory_meter(device) as memory:
         for i in range(steps + 1):
-            t = time.perf_counter()
+            t = clock(device)
             trainer.train_step()
-            times.append(time.perf_counter() - t)
-    return times[1:], rss.peak, weights
+            times.append(clock(device) - t)
+    return times[1:], memory.peak, weights
 
 
-def run_reference(name, steps, precision):
+def run_reference(name, steps, precision, device):
     """diffusers' textual-inversion example loop, on the same weights."""
     import torch
     import torch.nn.functional as F
@@ -144,25 +177,27 @@ def run_reference(name, steps, precision):
     text.requires_grad_(False)
     embeddings.weight.requires_grad_(True)
     text.train()
+    text.to(device)
     optimizer = torch.optim.AdamW([embeddings.weight], lr=5e-3)
-    original = embeddings.weight.detach().clone()
+    original = embeddings.weight.detach().clone().to(device)
     weight_dtype = dtype_of(precision)  # the example's weight_dtype: U-Net and VAE only
-    unet.to(weight_dtype)
-    vae.to(weight_dtype)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32")
+    unet.to(device, weight_dtype)
+    vae.to(device, weight_dtype)
+    text.to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision != "fp32")
     weights = sum(t.numel() * t.element_size() for m in (unet, vae, text) for t in m.state_dict().values()) / 2 ** 20
     scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                         num_train_timesteps=1000)
-    images = torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1
-    ids = tokenizer(["a photo of a <x>"] * c["batch"])
+    images = (torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1).to(device)
+    ids = tokenizer(["a photo of a <x>"] * c["batch"]).to(device)
     times = []
-    sampler = RSSSampler().__enter__()
+    sampler = memory_meter(device).__enter__()
     for i in range(steps + 1):
-        t0 = time.perf_counter()
+        t0 = clock(device)
         batch = images[torch.randint(0, len(images), (c["batch"],))]
         latents = vae.encode(batch.to(weight_dtype)).latent_dist.sample() * cfg.vae.scale_factor
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (c["batch"],))
+        t = torch.randint(0, 1000, (c["batch"],)).to(device)
         noisy = scheduler.add_noise(latents, noise, t)
         with autocast:
             states = text(ids)[0].to(weight_dtype)
@@ -172,15 +207,15 @@ def run_reference(name, steps, precision):
         optimizer.step()
         optimizer.zero_grad()
         with torch.no_grad():
-            keep = torch.ones(len(original), dtype=torch.bool)
+            keep = torch.ones(len(original), dtype=torch.bool, device=device)
             keep[placeholder_id] = False
             embeddings.weight[keep] = original[keep]
-        times.append(time.perf_counter() - t0)
+        times.append(clock(device) - t0)
     sampler.__exit__()
     return times[1:], sampler.peak, weights
 
 
-def child(side, name, steps, precision):
+def child(side, name, steps, precision, device):
     import statistics
     import torch
     # Each side imports what it runs on (ours never imports diffusers or transformers, about
@@ -190,15 +225,15 @@ def child(side, name, steps, precision):
     else:
         import diffusers, transformers  # noqa: F401
     torch.manual_seed(0)
-    baseline = current_rss_mb()  # the interpreter and the libraries
-    times, peak, weights = (run_ours if side == "ours" else run_reference)(name, steps, precision)
+    baseline = current_rss_mb() if device == "cpu" else 0.0  # the interpreter and the libraries
+    times, peak, weights = (run_ours if side == "ours" else run_reference)(name, steps, precision, device)
     print(json.dumps({"seconds_per_step": statistics.median(times), "peak_rss_mb": peak,
                       "above_weights_mb": peak - baseline - weights}))
 
 
-def measure(side, name, steps, precision):
+def measure(side, name, steps, precision, device):
     out = subprocess.run([sys.executable, __file__, "--child", side, "--only", name, "--steps", str(steps),
-                          "--precision", precision],
+                          "--precision", precision, "--device", device],
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{side} {name} failed:\n{out.stderr[-2000:]}")
@@ -211,18 +246,25 @@ def main():
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="dtype of the frozen weights on both sides (bf16: the example's --mixed_precision bf16)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--child", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.only, args.steps, args.precision)
+        child(args.child, args.only, args.steps, args.precision, args.device)
         return
     import torch
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, frozen weights in {args.precision}")
-    print("| configuration | ours s/step | reference s/step | time ratio | ours peak RSS | reference peak RSS "
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda was asked for but no CUDA GPU is available")
+        where, memory = torch.cuda.get_device_name(), "peak GPU memory"
+    else:
+        where, memory = f"{torch.get_num_threads()} threads, CPU", "peak RSS"
+    print(f"torch {torch.__version__}, {where}, frozen weights in {args.precision}")
+    print(f"| configuration | ours s/step | reference s/step | time ratio | ours {memory} | reference {memory} "
           "| RAM ratio | ours above the weights | reference above the weights | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name in ([args.only] if args.only else list(CONFIGS)):
-        o, r = measure("ours", name, args.steps, args.precision), measure("reference", name, args.steps, args.precision)
+    for name in ([args.only] if args.only else list(CONFIGS) if args.device == "cuda" else CPU_CONFIGS):
+        o, r = (measure(side, name, args.steps, args.precision, args.device) for side in ("ours", "reference"))
         print(f"| {name} | {o['seconds_per_step']:.3f} | {r['seconds_per_step']:.3f} | "
               f"{o['seconds_per_step'] / r['seconds_per_step']:.2f} | {o['peak_rss_mb']:.0f} MB | "
               f"{r['peak_rss_mb']:.0f} MB | {o['peak_rss_mb'] / r['peak_rss_mb']:.2f} | "

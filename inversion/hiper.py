@@ -37,6 +37,7 @@ from torch import nn
 
 from inversion.files import BASE_MODEL_HASH, EmbeddingError
 from inversion.textual_inversion import TextualInversion, encode_images
+from inversion.precision import autocast
 from ldm.load import _atomic
 
 CONTEXT_LENGTH = 77             # rows of the text encoder's output
@@ -184,14 +185,6 @@ def image_digest(image: torch.Tensor) -> str:
     return hashlib.sha256(image.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def autocast(device: torch.device):
-    """bf16/fp16 autocast on CUDA (as Textual Inversion does); plain fp32 elsewhere."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
-
-
 class HiPer:
     """The trainer: the tail, its optimizer and the loop. `run()` trains to cfg.steps.
 
@@ -231,7 +224,7 @@ class HiPer:
         t = torch.randint(0, model.schedule.num_timesteps, (cfg.batch,), generator=g).to(model.device)
         z_t = model.schedule.add_noise(z0, noise, t)
         context = self.context().expand(cfg.batch, -1, -1)   # (B, 77, D)
-        with autocast(model.device):
+        with autocast(model):
             eps = model.unet(z_t.to(model.dtype), t, context.to(model.dtype))
         return F.mse_loss(eps.float(), noise)
 

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images
+from inversion.precision import autocast
 from ldm.load import LoadError, _atomic
 
 Layers = List[torch.Tensor]  # one (B, 77, D) text encoding per cross-attention layer
@@ -381,14 +382,6 @@ def check_config(cfg: NeTIConfig) -> None:
             raise TrainingError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-def autocast(device: torch.device):
-    """Mixed precision for the frozen networks on CUDA (bf16 where supported); none elsewhere."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
-
-
 class NeTI:
     """The trainer: the mapper, its optimizer and the loop. `run()` trains to cfg.steps."""
 
@@ -432,7 +425,7 @@ class NeTI:
         keep = nested_dropout_keep(cfg.batch, self.mapper.config.num_layers, cfg.hidden, cfg.nested_dropout, g)
 
         ids = model.tokenizer(prompts).to(model.device)
-        with autocast(model.device):
+        with autocast(model):
             keys, values = space_time_conditioning(model.text_encoder, self.mapper, ids, self.token_id, t,
                                                    keep.to(model.device))
             eps = model.unet(z_t.to(model.dtype), t, keys, values)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from inversion.hook import LearnedEmbeddings, sub_tokens
+from inversion.precision import autocast
 
 
 @dataclass
@@ -141,7 +142,7 @@ class TextualInversion:
         z_t = model.schedule.add_noise(z0, noise, t)
 
         ids = self.model.tokenizer(self.prompts(rng, idx)).to(model.device)
-        with self.autocast():
+        with autocast(model):
             context = model.text_encoder(ids, self.learned.mapping())
             eps = model.unet(z_t.to(model.dtype), t, context)
         loss = F.mse_loss(eps.float(), noise)
@@ -149,13 +150,6 @@ class TextualInversion:
             v = self.learned.vectors[0][: self.active]
             loss = loss + cfg.reg_weight * (v - self.init_vector).pow(2).sum(-1).mean()
         return loss
-
-    def autocast(self):
-        device = self.model.device
-        if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return torch.autocast("cpu", enabled=False)
 
     def grow(self) -> None:
         """Progressive extension: one more vector, started at the init word's embedding."""

@@ -32,9 +32,10 @@ def test_training_writes_every_output_and_sample_py_reads_them(ckpt, images, tmp
     assert "effective lr = 0.005 x batch 2 = 0.01" in cap.out
     ours = load_file(out / "learned_embeds.safetensors")
     assert list(ours) == ["<toy>"] and ours["<toy>"].shape == (1, 32)
-    a1111 = torch.load(out / "toy.pt", weights_only=True)
+    # AUTOMATIC1111 calls a word by its file name, and 'toy' is already a word: toy-embedding.pt
+    a1111 = torch.load(out / "toy-embedding.pt", weights_only=True)
     assert torch.equal(a1111["string_to_param"]["*"], ours["<toy>"]) and a1111["step"] == 4
-    assert (out / "toy.safetensors").exists() and (out / "checkpoint.pt").exists()
+    assert (out / "toy-embedding.safetensors").exists() and (out / "checkpoint.pt").exists()
     assert (out / "loss.csv").read_text().splitlines()[0] == "step,loss"
     assert len((out / "loss.csv").read_text().splitlines()) == 5
     assert (out / "samples" / "step-000004.png").exists()
@@ -46,6 +47,10 @@ def test_training_writes_every_output_and_sample_py_reads_them(ckpt, images, tmp
     rc = sample.main(["--ckpt", str(ckpt), "--prompt", "a photo of <toy>", "--embedding",
                       str(out / "learned_embeds.safetensors"), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s")])
     assert rc == 0 and (tmp_path / "s" / "000000.png").exists()
+    for a1111_file in ("toy-embedding.pt", "toy-embedding.safetensors"):  # sample.py reads them, by that name
+        rc = sample.main(["--ckpt", str(ckpt), "--prompt", "a photo of toy-embedding", "--embedding",
+                          str(out / a1111_file), "--n", "1", "--steps", "2", "--out", str(tmp_path / a1111_file)])
+        assert rc == 0 and (tmp_path / a1111_file / "000000.png").exists()
 
 
 def test_resume_continues_to_the_same_result(ckpt, images, tmp_path, capsys):

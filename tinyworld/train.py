@@ -89,7 +89,7 @@ def progress_bar(total, initial, desc):
 
 # ----------------------------------------------------------------------------- stage 1: VAE
 
-def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path, start=None):
+def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path, start=None, device="cpu"):
     """L1 reconstruction (object pixels ×5) + a tiny KL; from `start`, also the anchor loss."""
     from ldm.vae import AutoencoderKL
     ckpt = run / "vae.pt"
@@ -98,7 +98,8 @@ def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path, start=None)
     anchor = None
     if start is not None:
         vae.load_state_dict(start.state_dict())
-        anchor = copy.deepcopy(vae).requires_grad_(False).eval()
+        anchor = copy.deepcopy(vae).requires_grad_(False).eval().to(device)
+    vae.to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
     step = 0
     if ckpt.exists():
@@ -109,11 +110,11 @@ def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path, start=None)
     if step >= args.vae_steps:
         return vae.eval()
     bar = progress_bar(args.vae_steps, step, "autoencoder")
-    start = time.time()
-    while step < args.vae_steps:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    start, first = time.time(), step
+    while step < args.vae_steps and (not args.vae_minutes or time.time() - start < args.vae_minutes * 60):
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # on the CPU: same draws on any device
         idx = torch.randint(0, len(images), (args.vae_batch,), generator=g)
-        x = to_tensor(images[idx.numpy()])
+        x = to_tensor(images[idx.numpy()]).to(device)
         posterior = vae.encode(x)
         recon = vae.decode(posterior.sample(g))
         rec = ((recon - x).abs() * object_weight(x)).mean()
@@ -131,8 +132,10 @@ def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path, start=None)
         bar.set_postfix(loss=f"{rec.item():.4f}", refresh=False)
         if step % args.checkpoint_every == 0 or step == args.vae_steps:
             save_checkpoint({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+    save_checkpoint({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
     bar.close()
-    print(f"autoencoder: {args.vae_steps} steps in {(time.time() - start) / 60:.1f} min")
+    seconds = time.time() - start
+    print(f"autoencoder: {step} steps, {seconds / 60:.1f} min ({1000 * seconds / max(1, step - first):.1f} ms/step)")
     return vae.eval()
 
 
@@ -142,7 +145,9 @@ def cache_latents(vae, images: np.ndarray, run: Path, batch: int = 500):
     if path.exists():
         state = load_checkpoint(path)
         return state["latents"], state["scale_factor"]
-    means = torch.cat([vae.encode(to_tensor(images[i:i + batch])).mean for i in range(0, len(images), batch)])
+    device = next(vae.parameters()).device
+    means = torch.cat([vae.encode(to_tensor(images[i:i + batch]).to(device)).mean.cpu()
+                       for i in range(0, len(images), batch)])
     scale_factor = float(1.0 / means.std())
     save_checkpoint({"latents": means, "scale_factor": scale_factor}, path)
     return means, scale_factor
@@ -151,14 +156,29 @@ def cache_latents(vae, images: np.ndarray, run: Path, batch: int = 500):
 # ----------------------------------------------------------------------------- stage 2: U-Net + text
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1 - decay)
+    with torch.no_grad():  # e <- e + (1 - decay)(p - e), all tensors at once
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path):
+class CaptionIds:
+    """Token ids of captions, remembered: the same captions recur, and the tokenizer (ftfy,
+    BPE) costs more than a GPU training step."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.known = tokenizer, {}
+
+    def __call__(self, captions: list) -> torch.Tensor:
+        new = [c for c in dict.fromkeys(captions) if c not in self.known]
+        if new:
+            self.known.update(zip(new, self.tokenizer(new)))
+        return torch.stack([self.known[c] for c in captions])
+
+
+def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path, device="cpu"):
     from tinyworld.world import caption
     ckpt = run / "diffusion.pt"
+    model.to(device)
+    latents = latents.to(device)
     trainable = torch.nn.ModuleDict({"unet": model.unet, "text": model.text_encoder})
     trainable.requires_grad_(True)
     ema = copy.deepcopy(trainable).requires_grad_(False)
@@ -170,7 +190,7 @@ def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path):
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step, seconds = state["step"], state["seconds"]
-    tokenizer, schedule = model.tokenizer, model.schedule
+    tokenize, schedule = CaptionIds(model.tokenizer), model.schedule
     log = open(run / "diffusion_log.csv", "a")
     bar = progress_bar(args.steps, step, "diffusion")
     t_last = time.time()
@@ -178,18 +198,20 @@ def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path):
         rng = np.random.default_rng([args.seed, 7, step])
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + 7 + step)
         idx = rng.integers(0, len(latents), args.batch)
-        ids = tokenizer([caption(attrs[i], rng) for i in idx])
-        x0 = latents[torch.from_numpy(idx)]
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, args.max_timestep or schedule.num_timesteps, (args.batch,), generator=g)
+        ids = tokenize([caption(attrs[i], rng) for i in idx]).to(device)
+        x0 = latents[torch.from_numpy(idx).to(device)]
+        noise = torch.randn(x0.shape, generator=g).to(device)  # drawn on the CPU: same on any device
+        t = torch.randint(0, args.max_timestep or schedule.num_timesteps, (args.batch,), generator=g).to(device)
         eps = model.unet(schedule.add_noise(x0, noise, t), t, model.text_encoder(ids))
         loss = F.mse_loss(eps, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
-        for group in opt.param_groups:  # linear warm-up, then cosine decay to 10 %
+        # linear warm-up, then cosine decay to 10 % over the steps or the minutes, whichever runs out first
+        progress = min(1.0, max(step / args.steps, seconds / (args.minutes * 60)))
+        for group in opt.param_groups:
             warm = min(1.0, (step + 1) / args.warmup)
-            cos = 0.55 + 0.45 * math.cos(math.pi * min(step, args.steps) / args.steps)
+            cos = 0.55 + 0.45 * math.cos(math.pi * progress)
             group["lr"] = args.lr * warm * cos
         opt.step()
         ema_update(ema, trainable, min(args.ema, (1 + step) / (10 + step)))
@@ -241,10 +263,14 @@ def build_parser():
     p.add_argument("--images", type=int, default=60000, help="training images (rendered once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-minutes", type=float, default=0, help="stop the autoencoder stage after this "
+                                                                     "much time (0 = run all --vae-steps)")
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=12000, help="diffusion steps")
-    p.add_argument("--minutes", type=float, default=120.0, help="stop diffusion training after this much time")
+    p.add_argument("--minutes", type=float, default=120.0,
+                   help="stop diffusion training after this much time (the learning rate decays over "
+                        "the steps or the minutes, whichever runs out first)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=300)
@@ -255,6 +281,7 @@ def build_parser():
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--eval-every", type=int, default=1000, help="quick accuracy check (0 = never)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     return p
 
 
@@ -265,6 +292,8 @@ def check_args(args, cfg: ModelConfig) -> str:
                 f"got {args.max_timestep}")
     if not (math.isfinite(args.anchor) and args.anchor >= 0):
         return f"--anchor must be a number >= 0, got {args.anchor}"
+    if not (args.minutes > 0 and args.vae_minutes >= 0):
+        return f"--minutes must be > 0 and --vae-minutes >= 0, got {args.minutes} and {args.vae_minutes}"
     return ""
 
 
@@ -278,6 +307,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     import ldm
+    from ldm.cli import CLIError, pick_device
     from ldm.load import read_metadata
     from ldm.model import StableDiffusion
     from tinyworld.world import IMAGE_SIZE
@@ -295,6 +325,10 @@ def main(argv=None) -> int:
             return 2
     cfg = tiny_model_config() if start is None else start.config
     problem = check_args(args, cfg)
+    try:
+        device = pick_device(args.device)
+    except CLIError as e:
+        problem = str(e)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -306,7 +340,7 @@ def main(argv=None) -> int:
     images, _, attrs = make_dataset(args.images, seed=args.seed, split="train")
     print(f"rendered {len(images)} training images in {time.time() - t0:.0f} s")
 
-    vae = train_vae(args, cfg, images, run, start=None if start is None else start.vae)
+    vae = train_vae(args, cfg, images, run, start=None if start is None else start.vae, device=device)
     latents, scale_factor = cache_latents(vae, images, run)
     cfg.vae.scale_factor = scale_factor
     print(f"latents {tuple(latents.shape)}, scale factor {scale_factor:.4f}")
@@ -314,7 +348,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     model = StableDiffusion(cfg) if start is None else start
     model.vae.load_state_dict(vae.state_dict())
-    model, steps, seconds = train_diffusion(args, model, latents * scale_factor, attrs, run)
+    model, steps, seconds = train_diffusion(args, model, latents * scale_factor, attrs, run, device=device)
 
     training = {"diffusion_steps": steps, "diffusion_minutes": round(seconds / 60, 1),
                 "vae_steps": args.vae_steps, "images": args.images, "seed": args.seed}
@@ -323,7 +357,7 @@ def main(argv=None) -> int:
     if start is not None:
         training = {"init": parent_training, "init_file": args.init.name, "anchor": args.anchor, **training}
     meta = {"training": json.dumps(training)}
-    ldm.save(model, args.out, dtype=torch.float16, metadata=meta)
+    ldm.save(model.cpu(), args.out, dtype=torch.float16, metadata=meta)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -1,0 +1,42 @@
+"""The frozen networks' precision while training: bf16 under autocast on a CUDA GPU that has it,
+fp32 elsewhere, and no autocast for fp32 weights."""
+import types
+
+import pytest
+import torch
+
+from inversion.precision import autocast, training_dtype
+
+
+def test_auto_is_fp32_on_the_cpu_and_explicit_choices_are_kept():
+    cpu = torch.device("cpu")
+    assert training_dtype("auto", cpu) == torch.float32
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        assert training_dtype(name, cpu) == dtype
+        assert training_dtype(name, torch.device("cuda")) == dtype
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_on_cuda_is_bf16_where_the_gpu_has_it(monkeypatch, bf16, expected):
+    # fp16 weights would need a loss scaler for the new word's small gradients; fp32 needs none
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert training_dtype("auto", torch.device("cuda")) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_autocast_off_the_gpu(dtype):
+    model = types.SimpleNamespace(device=torch.device("cpu"), dtype=dtype)
+    with autocast(model):
+        assert not torch.is_autocast_enabled("cpu")
+        y = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert y.dtype == torch.float32
+
+
+def test_invert_runs_with_bf16_weights_on_the_cpu(tmp_path):
+    import invert
+    assert invert.main(["--steps", "2", "--no-eval", "--precision", "bf16", "--num-images", "2",
+                        "--out", str(tmp_path / "run")]) == 0
+    from safetensors.torch import load_file
+    learned = load_file(tmp_path / "run" / "learned_embeds.safetensors")
+    (vector,) = learned.values()
+    assert vector.dtype == torch.float32 and torch.isfinite(vector).all()
