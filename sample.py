@@ -112,6 +112,7 @@ def main(argv=None) -> int:
         from inversion.hook import LearnedEmbeddings
         learned = LearnedEmbeddings(model.tokenizer)
         words = apply_embeddings(model, learned, args.embedding, check_hash=base_hash)
+        learned.to(model.device)
         for word in words:
             if word not in args.prompt and word not in args.negative:
                 print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)

@@ -50,7 +50,7 @@ class CLIPTextEmbeddings(nn.Module):
                              "load the embedding that defines them")
         x = self.token_embedding(input_ids.clamp(max=vocab - 1))  # (B, L, D)
         for token_id, vector in new_embeddings.items():
-            vector = vector.to(x.dtype)
+            vector = vector.to(x.device, x.dtype)  # learned vectors may live elsewhere (fp32, CPU)
             vector = vector[:, None, :] if vector.dim() == 2 else vector  # (B, 1, D) or (D,)
             x = torch.where((input_ids == token_id).unsqueeze(-1), vector, x)
         positions = self.position_embedding(self.position_ids[:, : input_ids.shape[1]])

@@ -58,7 +58,9 @@ def test_transparency_goes_on_white_and_every_mode_becomes_rgb(tmp_path):
     pal.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
     pal.paste(0, (0, 0, 4, 8))  # left: index 0, transparent; right: index 1, blue
     pal.save(tmp_path / "d_palette.png", transparency=0)
-    Image.new("P", (8, 8), 0).save(tmp_path / "e_palette_opaque.bmp")  # palette 0 = black by default
+    opaque = Image.new("P", (8, 8), 0)
+    opaque.putpalette([0, 0, 0] * 256)  # a full palette: Pillow 11 writes a BMP it cannot read back without one
+    opaque.save(tmp_path / "e_palette_opaque.bmp")
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "f_16bit.png")
 
     x = load_images(tmp_path, 8)
