@@ -87,7 +87,7 @@ def test_max_timestep_trains_on_the_low_noise_steps_only(tmp_path):
     assert int(seen["0"].max()) >= 5  # all 1000 timesteps otherwise
 
 
-@pytest.mark.parametrize("case", ["not a model", "wrong size", "max timestep", "anchor"])
+@pytest.mark.parametrize("case", ["not a model", "wrong size", "max timestep", "anchor", "minutes", "device"])
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     from conftest import write_random_checkpoint
     bad = tmp_path / "bad.safetensors"
@@ -95,7 +95,9 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, cas
     argv = {"not a model": ["--init", str(bad)],
             "wrong size": ["--init", str(write_random_checkpoint(tmp_path, image_size=16))],
             "max timestep": ["--max-timestep", "1001"],
-            "anchor": ["--anchor", "-1"]}[case]
+            "anchor": ["--anchor", "-1"],
+            "minutes": ["--minutes", "0"],
+            "device": ["--device", "tpu"]}[case]
     small = ["--images", "16", "--vae-steps", "1", "--vae-batch", "2", "--steps", "1", "--batch", "2",
              "--eval-every", "0", "--threads", "1"]  # a short run, were the input let through
     assert train.main([*argv, *small, "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out.safetensors")]) == 2
@@ -123,3 +125,34 @@ def test_shipped_model_draws_what_it_is_told():
     reads = analyze_batch(images)
     right = [r["shape"] == "circle" and r["color"] == "blue" and r["position"] == "left" for r in reads]
     assert sum(right) >= 3, reads
+
+
+def test_cached_latents_follow_an_autoencoder_that_trained_on(tmp_path):
+    """A run stopped by --vae-minutes and resumed trains its autoencoder further: the latents
+    cached from the earlier autoencoder must not be used again."""
+    from conftest import tiny_config
+    from tinyworld.world import make_dataset
+    cfg = tiny_config()
+    images = make_dataset(16, seed=0, split="train")[0]
+    run = tmp_path / "run"
+    run.mkdir()
+    args = train.build_parser().parse_args(["--vae-steps", "2", "--vae-batch", "4"])
+    first, _ = train.cache_latents(train.train_vae(args, cfg, images, run), images, run)
+    again, _ = train.cache_latents(train.train_vae(args, cfg, images, run), images, run)
+    assert torch.equal(first, again)  # nothing trained in between: the cache is used
+    args = train.build_parser().parse_args(["--vae-steps", "4", "--vae-batch", "4"])
+    vae = train.train_vae(args, cfg, images, run)
+    later, _ = train.cache_latents(vae, images, run)
+    with torch.no_grad():
+        expected = vae.encode(train.to_tensor(images)).mean
+    assert not torch.equal(first, later) and torch.allclose(later, expected, atol=1e-6)
+
+
+def test_vae_minutes_stops_the_autoencoder_stage_and_keeps_its_step(tmp_path):
+    from conftest import tiny_config
+    from tinyworld.world import make_dataset
+    images = make_dataset(16, seed=0, split="train")[0]
+    args = train.build_parser().parse_args(["--vae-steps", "1000", "--vae-batch", "2", "--vae-minutes", "1e-9"])
+    train.train_vae(args, tiny_config(), images, tmp_path)
+    step = torch.load(tmp_path / "vae.pt", weights_only=True)["step"]
+    assert 0 <= step < 1000  # stopped by the clock, and the checkpoint says where

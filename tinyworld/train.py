@@ -141,15 +141,19 @@ def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path, start=None,
 
 @torch.no_grad()
 def cache_latents(vae, images: np.ndarray, run: Path, batch: int = 500):
-    path = run / "latents.pt"
+    """The encoder means of all training images and the scale that gives them unit variance;
+    cached in the run, and computed again when the autoencoder has trained on since."""
+    path, vae_ckpt = run / "latents.pt", run / "vae.pt"
+    vae_step = load_checkpoint(vae_ckpt)["step"] if vae_ckpt.exists() else 0
     if path.exists():
         state = load_checkpoint(path)
-        return state["latents"], state["scale_factor"]
+        if state.get("vae_step") == vae_step:
+            return state["latents"], state["scale_factor"]
     device = next(vae.parameters()).device
     means = torch.cat([vae.encode(to_tensor(images[i:i + batch]).to(device)).mean.cpu()
                        for i in range(0, len(images), batch)])
     scale_factor = float(1.0 / means.std())
-    save_checkpoint({"latents": means, "scale_factor": scale_factor}, path)
+    save_checkpoint({"latents": means, "scale_factor": scale_factor, "vae_step": vae_step}, path)
     return means, scale_factor
 
 
