@@ -1,7 +1,8 @@
-"""Train the tiny Stable Diffusion of the tiny world, on a CPU, in two stages.
+"""Train the tiny Stable Diffusion of the tiny world, on a CPU or a GPU, in two stages.
 
     python -m tinyworld.train                # both stages, then export weights/tiny.safetensors
     python -m tinyworld.train --resume       # continue an interrupted run from its last checkpoint
+    python -m tinyworld.train --device cuda --batch 256 --minutes 60   # on a GPU, for an hour
     python -m tinyworld.train --init weights/tiny.safetensors --run runs/texture \
         --vae-steps 5000 --steps 1500        # continue training a model: both stages, from it
 
@@ -22,6 +23,9 @@ starting encoder's, so that the latents the diffusion model learned stay where t
 the decoder (and the encoder's fine detail) improves; the diffusion model then continues on
 the new latents. The README's texture experiment was run this way (the shipped model's 3000
 autoencoder steps left stripes and dots too weak to survive the round trip).
+
+Every random draw is made on the CPU (batches, noise, timesteps), so a run draws the same
+batches on any device; only the arithmetic moves to `--device`.
 
 The sizes are chosen for a 2-core CPU: the U-Net has three levels (8×8, 4×4, 2×2) so that
 its bottleneck can tell left from right, and the text encoder is 64 wide, since its
