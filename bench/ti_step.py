@@ -183,7 +183,6 @@ def run_reference(name, steps, precision, device):
     weight_dtype = dtype_of(precision)  # the example's weight_dtype: U-Net and VAE only
     unet.to(device, weight_dtype)
     vae.to(device, weight_dtype)
-    text.to(device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision != "fp32")
     weights = sum(t.numel() * t.element_size() for m in (unet, vae, text) for t in m.state_dict().values()) / 2 ** 20
     scheduler = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -263,7 +262,8 @@ def main():
     print(f"| configuration | ours s/step | reference s/step | time ratio | ours {memory} | reference {memory} "
           "| RAM ratio | ours above the weights | reference above the weights | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name in ([args.only] if args.only else list(CONFIGS) if args.device == "cuda" else CPU_CONFIGS):
+    names = [args.only] if args.only else list(CONFIGS) if args.device == "cuda" else list(CPU_CONFIGS)
+    for name in names:
         o, r = (measure(side, name, args.steps, args.precision, args.device) for side in ("ours", "reference"))
         print(f"| {name} | {o['seconds_per_step']:.3f} | {r['seconds_per_step']:.3f} | "
               f"{o['seconds_per_step'] / r['seconds_per_step']:.2f} | {o['peak_rss_mb']:.0f} MB | "

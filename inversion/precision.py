@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from ldm.cli import pick_dtype
+
 
 def training_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The frozen weights' dtype for --precision: auto is bf16 on a CUDA GPU that has it, else fp32."""
     if precision == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return pick_dtype(precision, device)  # an explicit choice means the same as for sampling
 
 
 def autocast(model):

@@ -134,7 +134,7 @@ def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path, start=None,
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{rec.item():.4f}", refresh=False)
-        if step % args.checkpoint_every == 0 or step == args.vae_steps:
+        if step % args.checkpoint_every == 0:  # and after the loop, however it ends
             save_checkpoint({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
     save_checkpoint({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
     bar.close()
@@ -230,7 +230,7 @@ def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path, 
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         log.write(f"{step},{loss.item():.5f},{seconds:.1f}\n")
-        if step % args.checkpoint_every == 0 or step == args.steps:
+        if step % args.checkpoint_every == 0:  # and after the loop, however it ends
             log.flush()
             save_checkpoint({"model": trainable.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                              "step": step, "seconds": seconds}, ckpt)
