@@ -64,3 +64,23 @@ def test_evaluate_prints_the_three_tables(ckpt32, capsys):
     assert "4 prompts of held-out combinations" in out and "1 prompts naming a texture" in out
     assert "| texture (textured only) |" in out
     assert len([l for l in out.splitlines() if l.startswith("| ") and l.endswith("% |")]) == 5 + 3 + 5
+
+
+def test_ti_results_lr_reaches_every_trainer_and_a_bad_one_is_refused(ckpt32, tmp_path, monkeypatch, capsys):
+    from tinyworld import ti_results
+    seen, learn = [], ti_results.learn
+
+    def recording(*args, **kwargs):
+        trainer = learn(*args, **kwargs)
+        seen.append(trainer.cfg.lr)
+        return trainer
+
+    monkeypatch.setattr(ti_results, "learn", recording)
+    assert ti_results.main(["--ckpt", str(ckpt32), "--steps", "1", "--n", "2", "--sample-steps", "1",
+                            "--seeds", "0", "--lr", "2.5e-3", "--out", str(tmp_path / "o")]) == 0
+    assert "base lr 0.0025" in capsys.readouterr().out
+    assert len(seen) == len(ti_results.ROWS) and set(seen) == {2.5e-3}
+    with pytest.raises(SystemExit) as info:
+        ti_results.main(["--ckpt", str(ckpt32), "--lr", "0", "--out", str(tmp_path / "bad")])
+    assert info.value.code == 2 and "--lr must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

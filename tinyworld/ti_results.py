@@ -54,19 +54,23 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: invert.py's tiny default)")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate, x batch (default: invert.py's tiny default)")
     p.add_argument("--n", type=int, default=64, help="samples per score")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps when scoring")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one run per seed (its own 5 images, training noise and sampling seeds); scores are means")
     p.add_argument("--out", type=Path, default=Path("outputs") / "ti_results")
     args = p.parse_args(argv)
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
     import ldm
     from invert import TINY_DEFAULTS
     from tinyworld.concepts import best_plain_caption, evaluate_word, mean_scores
     model = ldm.load(args.ckpt)
     steps = args.steps or TINY_DEFAULTS["steps"]
     seeds = args.seeds
-    print(f"Textual Inversion on the tiny world: 5 images per concept and seed, {steps} steps, {args.n} samples "
+    print(f"Textual Inversion on the tiny world: 5 images per concept and seed, {steps} steps, "
+          f"base lr {args.lr or TINY_DEFAULTS['lr']:g}, {args.n} samples "
           f"per score, DDIM {args.sample_steps}; means over seeds {', '.join(map(str, seeds))}\n")
     print("| concept | word | reconstruction | editability | per seed: reconstruction / editability "
           "| training time a seed |\n|---|---|---|---|---|---|")
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
         for seed in seeds:
             t = time.time()
             trainer = learn(model, concept, steps, seed, args.out / f"{concept}-{label.split()[0]}-seed{seed}",
-                            **overrides)
+                            **({"lr": args.lr} if args.lr else {}), **overrides)
             seconds += time.time() - t
             runs.append(evaluate_word(model, concept, trainer.cfg.placeholder, n=args.n, steps=args.sample_steps,
                                       seed=seed, learned=trainer.learned))
