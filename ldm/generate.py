@@ -1,7 +1,9 @@
 """Text to image: encode the prompt, denoise from Gaussian noise, decode the latents.
 
 Each image i starts from noise drawn with its own seed, on the CPU, so the same
-seed gives the same picture whatever the batch size or device.
+seed gives the same picture whatever the batch size or device: bit for bit on the CPU; on a
+GPU the kernels chosen for each batch size round differently, so pixels can differ slightly
+(tests/test_sample_cli.py allows two levels of 255).
 """
 from __future__ import annotations
 
