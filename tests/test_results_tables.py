@@ -84,3 +84,27 @@ def test_ti_results_lr_reaches_every_trainer_and_a_bad_one_is_refused(ckpt32, tm
         ti_results.main(["--ckpt", str(ckpt32), "--lr", "0", "--out", str(tmp_path / "bad")])
     assert info.value.code == 2 and "--lr must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_neti_results_lr_reaches_the_mapper_only_and_a_bad_one_is_refused(ckpt32, tmp_path, monkeypatch, capsys):
+    from inversion.neti_cli import TINY_DEFAULTS
+    from tinyworld import neti_results
+    seen = {}
+    for name in ("start_ti", "start_neti"):
+        original = getattr(neti_results, name)
+
+        def recording(*args, _original=original, _name=name, **kwargs):
+            trainer = _original(*args, **kwargs)
+            seen[_name] = trainer.cfg.lr
+            return trainer
+        monkeypatch.setattr(neti_results, name, recording)
+    assert neti_results.main(["--ckpt", str(ckpt32), "--steps", "1", "--every", "1", "--n", "2",
+                              "--sample-steps", "1", "--truncations", "128", "--seeds", "0",
+                              "--neti-lr", "3e-3", "--out", str(tmp_path / "o")]) == 0
+    assert "NeTI's base lr 0.003" in capsys.readouterr().out
+    assert seen["start_neti"] == 3e-3
+    assert seen["start_ti"] != 3e-3 and TINY_DEFAULTS["lr"] != 3e-3
+    with pytest.raises(SystemExit) as info:
+        neti_results.main(["--ckpt", str(ckpt32), "--neti-lr", "-1", "--out", str(tmp_path / "bad")])
+    assert info.value.code == 2 and "--neti-lr must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

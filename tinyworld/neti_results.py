@@ -32,6 +32,7 @@ The wall time of each part is printed after its table.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -58,9 +59,9 @@ def start_ti(model, concept: str, steps: int, seed: int, out: Path):
     return learn(model, concept, steps, seed, out, learnable_property=word_property(concept))
 
 
-def start_neti(model, concept: str, steps: int, seed: int, out: Path):
-    """A NeTI trainer for `concept` with the recipe of `invert.py --method neti` on the tiny model,
-    trained to `steps`."""
+def start_neti(model, concept: str, steps: int, seed: int, out: Path, lr: Optional[float] = None):
+    """A NeTI trainer for `concept` with the recipe of `invert.py --method neti` on the tiny model
+    (its base learning rate unless `lr` is given), trained to `steps`."""
     from inversion.data import templates
     from inversion.neti import NeTI, NeTIConfig
     from inversion.neti_cli import TINY_DEFAULTS
@@ -69,7 +70,7 @@ def start_neti(model, concept: str, steps: int, seed: int, out: Path):
     from tinyworld.world import concept_images
     prop = word_property(concept)
     cfg = NeTIConfig(placeholder=f"<{concept}>", init_word=default_init_word(concept), learnable_property=prop,
-                     steps=steps, lr=TINY_DEFAULTS["lr"], batch=TINY_DEFAULTS["batch"],
+                     steps=steps, lr=lr or TINY_DEFAULTS["lr"], batch=TINY_DEFAULTS["batch"],
                      grad_accum=TINY_DEFAULTS["grad_accum"], seed=seed, save_every=10 ** 9)
     images = to_tensor(concept_images(concept, 5, seed=seed))
     trainer = NeTI(model, images, cfg, out, templates(prop), log=lambda s: None)
@@ -183,11 +184,16 @@ def main(argv=None) -> int:
     p.add_argument("--grid-truncation", type=int, default=16, help="K of the truncated row of --grid")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one run of each method per seed (its own 5 images, training noise and sampling seeds)")
+    p.add_argument("--neti-lr", type=float, default=None,
+                   help="NeTI's base learning rate, x batch (default: invert.py --method neti's tiny default)")
     p.add_argument("--out", type=Path, default=Path("outputs") / "neti_results", help="trainers' checkpoints")
     args = p.parse_args(argv)
+    if args.neti_lr is not None and not args.neti_lr > 0:
+        p.error(f"--neti-lr must be > 0, got {args.neti_lr}")
 
     import ldm
     from invert import TINY_DEFAULTS
+    from inversion.neti_cli import TINY_DEFAULTS as NETI_TINY
     from tinyworld.concepts import concept_attribute, mean_scores
     try:
         concept_attribute(args.concept)
@@ -207,7 +213,7 @@ def main(argv=None) -> int:
     seeds = args.seeds
     print(f"# NeTI vs Textual Inversion on the tiny world: <{args.concept}>\n\n5 images per seed, seeds "
           f"{', '.join(map(str, seeds))} (each seed: its own images, training noise and sampling seeds), "
-          f"{args.steps} steps each (8 images a step), DDIM {args.sample_steps}, guidance 7.5; {args.n} samples "
+          f"{args.steps} steps each (8 images a step; NeTI's base lr {args.neti_lr or NETI_TINY['lr']:g}), DDIM {args.sample_steps}, guidance 7.5; {args.n} samples "
           f"per final score, {args.n // 2} at the checkpoints every {args.every} steps; scores are means over "
           "the seeds\n", flush=True)
     timing: Dict[str, float] = {}
@@ -215,7 +221,8 @@ def main(argv=None) -> int:
     runs = {"TI": [], "NeTI": []}      # per seed: (trainer, {step: scores})
     for seed in seeds:
         runs["TI"].append(trajectory("TI", start_ti, score_ti, model, args, seed, timing))
-        runs["NeTI"].append(trajectory("NeTI", start_neti, score_neti, model, args, seed, timing))
+        start = functools.partial(start_neti, lr=args.neti_lr)
+        runs["NeTI"].append(trajectory("NeTI", start, score_neti, model, args, seed, timing))
     part12 = time.time() - t
     marks = checkpoints(args.steps, args.every)
     mean = {name: {step: mean_scores([r[step] for _, r in runs[name]]) for step in marks} for name in runs}
