@@ -11,6 +11,7 @@ diffusers (`load_textual_inversion`) and AUTOMATIC1111 / ComfyUI.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 
 from inversion.precision import training_dtype
-from ldm.cli import CLIError, Parser, nonnegative_float, pick_device, positive_int, run
+from ldm.cli import (CLIError, Parser, nonnegative_float, nonnegative_int, pick_device, positive_float,
+                     positive_int, run)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -52,8 +54,8 @@ def build_parser() -> Parser:
                       help="object: 'a photo of a <x>' templates; style: 'a painting in the style of <x>'")
     word.add_argument("--num-vectors", type=positive_int, default=1,
                       help="vectors per word: the paper's extended latent")
-    word.add_argument("--progressive-every", type=int, default=0,
-                      help="progressive extension: start with one vector and add one every K steps")
+    word.add_argument("--progressive-every", type=nonnegative_int, default=0,
+                      help="progressive extension: start with one vector and add one every K steps (0 = off)")
     word.add_argument("--reg-weight", type=nonnegative_float, default=0.0,
                       help="L2 regularization toward the init word's embedding")
     word.add_argument("--per-image-tokens", action="store_true",
@@ -62,7 +64,7 @@ def build_parser() -> Parser:
 
     opt = p.add_argument_group("optimization")
     opt.add_argument("--steps", type=positive_int, default=None, help="training steps (tiny model: 400; SD: 5000)")
-    opt.add_argument("--lr", type=float, default=None, help="base learning rate, multiplied by --batch (5e-3)")
+    opt.add_argument("--lr", type=positive_float, default=None, help="base learning rate, multiplied by --batch (5e-3)")
     opt.add_argument("--batch", type=positive_int, default=None, help="batch size (tiny: 8; SD: 4)")
     opt.add_argument("--seed", type=int, default=0)
 
@@ -71,7 +73,7 @@ def build_parser() -> Parser:
                       help=f"SD v1.x weights (default: {DEFAULT_CKPT.relative_to(ROOT)})")
     run_.add_argument("--out", type=Path, default=Path("outputs") / "inversion", help="output folder")
     run_.add_argument("--save-every", type=positive_int, default=None, help="checkpoint and embedding files every N steps")
-    run_.add_argument("--sample-every", type=int, default=0, help="validation grid every N steps (0 = at the end)")
+    run_.add_argument("--sample-every", type=nonnegative_int, default=0, help="validation grid every N steps (0 = at the end)")
     run_.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     run_.add_argument("--no-eval", action="store_true", help="tiny world: skip the reconstruction/editability scores")
     run_.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
@@ -120,11 +122,17 @@ def training_images(args, model) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1]: the --images folder at the training resolution, or rendered
     tiny-world images of --concept (saved to --out/train_images to look at)."""
     from inversion.data import DataError, load_images
+    from ldm.generate import latent_shape
     if args.images is None:
         images = tiny_world_images(args.concept, args.num_images, args.seed, args.out / "train_images")
     else:
+        resolution = args.resolution or model.config.image_size
         try:
-            images = load_images(args.images, args.resolution or model.config.image_size)
+            latent_shape(model, resolution, resolution)
+        except ValueError as e:
+            raise CLIError(f"--resolution: {e}") from None
+        try:
+            images = load_images(args.images, resolution)
         except DataError as e:
             raise CLIError(str(e)) from None
     if len(images) == 1:
@@ -151,10 +159,22 @@ def check_paths(args) -> None:
         raise CLIError(f"--ckpt {args.ckpt}: no such file or folder")
     if args.images is not None and not args.images.exists():
         raise CLIError(f"--images {args.images}: no such file or folder")
+    if args.resolution is not None and args.images is None:
+        raise CLIError("--resolution applies to --images; the tiny world's images are rendered at the model's size")
+    check_writable(args.out)
     if args.resume and not (args.out / "checkpoint.pt").exists():
         raise CLIError(f"--resume: {args.out / 'checkpoint.pt'} does not exist")
     if not args.resume and (args.out / "checkpoint.pt").exists():
         raise CLIError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
+
+
+def check_writable(out: Path) -> None:
+    """--out must be a folder, or a path where one can be made."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: is a file, not a folder")
+    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out}: cannot make a folder there ({parent} is not a writable folder)")
 
 
 def load_model(args):

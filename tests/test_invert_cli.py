@@ -74,6 +74,8 @@ def bad_cases(ckpt, images, tmp_path):
     used = tmp_path / "used"
     used.mkdir()
     (used / "checkpoint.pt").write_bytes(b"x")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
     common = ["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"]
     return [
         (["--ckpt", str(tmp_path / "nope.safetensors"), "--images", str(images), "--placeholder", "<a>",
@@ -90,6 +92,16 @@ def bad_cases(ckpt, images, tmp_path):
         (common + ["--steps", "0"], "--steps"),
         (common + ["--resume", "--out", str(tmp_path / "fresh")], "--resume"),
         (common + ["--out", str(used)], "already holds a run"),
+        (common + ["--lr", "0"], "--lr"),                       # 0 was taken as "the default"
+        (common + ["--lr", "-1"], "--lr"),                      # was a traceback from the optimizer
+        (common + ["--progressive-every", "-1"], "--progressive-every"),
+        (common + ["--sample-every", "-2"], "--sample-every"),
+        (common + ["--resolution", "33"], "--resolution"),      # not a size the U-Net can take
+        (["--ckpt", str(ckpt), "--resolution", "64"], "--resolution"),  # tiny world: it would be ignored
+        (common + ["--out", str(blocker / "run")], "--out"),    # was a traceback from mkdir
+        (common + ["--out", str(blocker)], "--out"),
+        (common + ["--method", "neti", "--lr", "0"], "--lr"),
+        (common + ["--method", "hiper", "--lr", "-1"], "--lr"),
     ]
 
 
