@@ -240,9 +240,10 @@ def measure(side, name, steps, precision, device):
 
 
 def main():
+    from ldm.cli import positive_int
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=list(CONFIGS), default=None)
-    p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
+    p.add_argument("--steps", type=positive_int, default=2, help="timed steps (after one warm-up step)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="dtype of the frozen weights on both sides (bf16: the example's --mixed_precision bf16)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -82,7 +82,7 @@ def test_ti_results_lr_reaches_every_trainer_and_a_bad_one_is_refused(ckpt32, tm
     assert len(seen) == len(ti_results.ROWS) and set(seen) == {2.5e-3}
     with pytest.raises(SystemExit) as info:
         ti_results.main(["--ckpt", str(ckpt32), "--lr", "0", "--out", str(tmp_path / "bad")])
-    assert info.value.code == 2 and "--lr must be > 0" in capsys.readouterr().err
+    assert info.value.code == 2 and "argument --lr: must be a number > 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -106,5 +106,26 @@ def test_neti_results_lr_reaches_the_mapper_only_and_a_bad_one_is_refused(ckpt32
     assert seen["start_ti"] != 3e-3 and TINY_DEFAULTS["lr"] != 3e-3
     with pytest.raises(SystemExit) as info:
         neti_results.main(["--ckpt", str(ckpt32), "--neti-lr", "-1", "--out", str(tmp_path / "bad")])
-    assert info.value.code == 2 and "--neti-lr must be > 0" in capsys.readouterr().err
+    assert info.value.code == 2 and "argument --neti-lr: must be a number > 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("tinyworld.train", ["--lr", "0"], "argument --lr: must be a number > 0"),
+    ("tinyworld.train", ["--batch", "0"], "argument --batch: must be at least 1"),
+    ("tinyworld.evaluate", ["--n", "0"], "argument --n: must be at least 1"),        # was a traceback
+    ("tinyworld.evaluate", ["--steps", "0"], "argument --steps: must be at least 1"),  # was a traceback
+    ("tinyworld.ti_results", ["--n", "0"], "argument --n: must be at least 1"),      # was a traceback
+    ("tinyworld.neti_results", ["--every", "-1"], "argument --every: must be >= 0"),
+    ("tinyworld.hiper_eval", ["--lr", "0"], "argument --lr: must be a number > 0"),  # trained with lr 0
+])
+def test_research_commands_refuse_bad_numbers(module, argv, message, capsys):
+    import importlib
+    from ldm.cli import run
+    main = importlib.import_module(module).main
+    try:                                  # argparse stops before anything is loaded or trained
+        rc = run(main, argv, prog=module)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err and message in err[-1]

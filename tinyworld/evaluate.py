@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm.cli import nonnegative_float, positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 SCORED = ("shape", "color", "size", "position", "background")
 
@@ -106,9 +108,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tinyworld.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors")
-    p.add_argument("--n", type=int, default=240, help="number of prompts (one image each)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--scale", type=float, default=7.5, help="guidance scale")
+    p.add_argument("--n", type=positive_int, default=240, help="number of prompts (one image each)")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
+    p.add_argument("--scale", type=nonnegative_float, default=7.5, help="guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=Path, default=None, help="write the first 32 samples with their prompts")
     args = p.parse_args(argv)

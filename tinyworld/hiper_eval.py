@@ -211,7 +211,7 @@ def write_grid(path: Path, rows: List[tuple]) -> None:
 # ----------------------------------------------------------------------------- command
 
 def build_parser():
-    from ldm.cli import Parser, nonnegative_float, positive_int
+    from ldm.cli import Parser, nonnegative_float, positive_float, positive_int
     from inversion.hiper_cli import TINY_DEFAULTS
     from invert import TINY_DEFAULTS as TI_DEFAULTS
     p = Parser(prog="python -m tinyworld.hiper_eval", description=__doc__.split("\n\n")[0])
@@ -219,7 +219,7 @@ def build_parser():
     p.add_argument("--n", type=positive_int, default=20, help="source images")
     p.add_argument("--steps", type=positive_int, default=TINY_DEFAULTS["steps"], help="HiPer steps per image")
     p.add_argument("--batch", type=positive_int, default=TINY_DEFAULTS["batch"], help="HiPer batch")
-    p.add_argument("--lr", type=float, default=TINY_DEFAULTS["lr"], help="HiPer learning rate")
+    p.add_argument("--lr", type=positive_float, default=TINY_DEFAULTS["lr"], help="HiPer learning rate")
     p.add_argument("--tail", type=positive_int, default=5, help="HiPer tail rows K")
     p.add_argument("--ti-steps", type=positive_int, default=TI_DEFAULTS["steps"], help="Textual Inversion steps")
     p.add_argument("--ti-batch", type=positive_int, default=TI_DEFAULTS["batch"], help="Textual Inversion batch")

@@ -40,6 +40,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ldm.cli import nonnegative_int, positive_float, positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 TRUNCATIONS = (2, 4, 8, 16, 32, 64, 128)
 Scores = Dict[str, float]
@@ -174,22 +176,21 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors")
     p.add_argument("--concept", default="ring", help="a held-out concept of the tiny world")
-    p.add_argument("--steps", type=int, default=None, help="training steps of both methods; None: invert.py's tiny default, 400")
-    p.add_argument("--every", type=int, default=100, help="score both methods every N steps (n/2 samples)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps of both methods; None: invert.py's tiny default, 400")
+    p.add_argument("--every", type=nonnegative_int, default=100,
+                   help="score both methods every N steps (n/2 samples); 0: at the end only")
     p.add_argument("--n", type=int, default=64, help="samples per final score (and per truncation)")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps when scoring")
+    p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps when scoring")
     p.add_argument("--truncations", type=int, nargs="+", default=list(TRUNCATIONS),
                    help="hidden units K kept in the truncation sweep")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG of TI / NeTI / NeTI-truncated samples")
     p.add_argument("--grid-truncation", type=int, default=16, help="K of the truncated row of --grid")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one run of each method per seed (its own 5 images, training noise and sampling seeds)")
-    p.add_argument("--neti-lr", type=float, default=None,
+    p.add_argument("--neti-lr", type=positive_float, default=None,
                    help="NeTI's base learning rate, x batch (default: invert.py --method neti's tiny default)")
     p.add_argument("--out", type=Path, default=Path("outputs") / "neti_results", help="trainers' checkpoints")
     args = p.parse_args(argv)
-    if args.neti_lr is not None and not args.neti_lr > 0:
-        p.error(f"--neti-lr must be > 0, got {args.neti_lr}")
 
     import ldm
     from invert import TINY_DEFAULTS

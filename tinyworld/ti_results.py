@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from ldm.cli import positive_float, positive_int
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,16 +55,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tinyworld.ti_results", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: invert.py's tiny default)")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate, x batch (default: invert.py's tiny default)")
-    p.add_argument("--n", type=int, default=64, help="samples per score")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps when scoring")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: invert.py's tiny default)")
+    p.add_argument("--lr", type=positive_float, default=None, help="base learning rate, x batch (default: invert.py's tiny default)")
+    p.add_argument("--n", type=positive_int, default=64, help="samples per score")
+    p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps when scoring")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one run per seed (its own 5 images, training noise and sampling seeds); scores are means")
     p.add_argument("--out", type=Path, default=Path("outputs") / "ti_results")
     args = p.parse_args(argv)
-    if args.lr is not None and not args.lr > 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
     import ldm
     from invert import TINY_DEFAULTS
     from tinyworld.concepts import best_plain_caption, evaluate_word, mean_scores

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+from ldm.cli import nonnegative_int, positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,27 +269,27 @@ def build_parser():
                    help="continue training this model (both stages) instead of starting from scratch")
     p.add_argument("--anchor", type=float, default=1.0,
                    help="with --init: weight of the loss keeping encoder means at the starting model's")
-    p.add_argument("--images", type=int, default=60000, help="training images (rendered once)")
+    p.add_argument("--images", type=positive_int, default=60000, help="training images (rendered once)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-steps", type=nonnegative_int, default=2000)
     p.add_argument("--vae-minutes", type=float, default=0, help="stop the autoencoder stage after this "
                                                                      "much time (0 = run all --vae-steps)")
-    p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, default=12000, help="diffusion steps")
+    p.add_argument("--vae-batch", type=positive_int, default=32)
+    p.add_argument("--vae-lr", type=positive_float, default=1e-3)
+    p.add_argument("--steps", type=nonnegative_int, default=12000, help="diffusion steps")
     p.add_argument("--minutes", type=float, default=120.0,
                    help="stop diffusion training after this much time (the learning rate decays over "
                         "the steps or the minutes, whichever runs out first)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=5e-4)
+    p.add_argument("--warmup", type=nonnegative_int, default=300)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--max-timestep", type=int, default=0,
                    help="train on t < this only (0 = all 1000): a fine-tune of the low-noise steps, "
                         "where fine detail such as texture is drawn")
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--eval-every", type=int, default=1000, help="quick accuracy check (0 = never)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=250)
+    p.add_argument("--eval-every", type=nonnegative_int, default=1000, help="quick accuracy check (0 = never)")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     return p
 
