@@ -43,7 +43,8 @@ def build_parser() -> Parser:
                       help="without --images: which tiny-world concept to learn (ring, hourglass, checkered)")
     data.add_argument("--num-images", type=positive_int, default=5, help="without --images: how many to render")
     data.add_argument("--resolution", type=positive_int, default=None,
-                      help="training resolution (default: the model's, 512 for SD v1)")
+                      help="training resolution of the --images (default: the model's, 512 for SD v1; a multiple of "
+                           "64 for SD v1, of 16 for the tiny model)")
     data.add_argument("--no-flip", action="store_true", help="turn off the random horizontal flip")
 
     word = p.add_argument_group("the new word")
