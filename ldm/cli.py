@@ -22,44 +22,23 @@ class Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see --help)")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def checked_number(convert, what: str, ok, requirement: str):
+    """An argparse type: `convert` the text (int or float), then require ok(value)."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):  # also refuses nan, whose comparisons are all False
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+positive_int = checked_number(int, "a whole number", lambda v: v >= 1, "at least 1")
+nonnegative_int = checked_number(int, "a whole number", lambda v: v >= 0, ">= 0")
+positive_float = checked_number(float, "a number", lambda v: 0 < v < float("inf"), "a number > 0")
+nonnegative_float = checked_number(float, "a number", lambda v: v >= 0, ">= 0")
 
 
 def pick_device(name: str = "auto") -> torch.device:
