@@ -67,7 +67,8 @@ def build_parser() -> Parser:
     opt.add_argument("--steps", type=positive_int, default=None, help="training steps (tiny model: 400; SD: 5000)")
     opt.add_argument("--lr", type=positive_float, default=None, help="base learning rate, multiplied by --batch (5e-3)")
     opt.add_argument("--batch", type=positive_int, default=None, help="batch size (tiny: 8; SD: 4)")
-    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--seed", type=int, default=0,
+                     help="seeds the training noise (and, without --images, the rendered tiny-world images)")
 
     run_ = p.add_argument_group("model and outputs")
     run_.add_argument("--ckpt", type=Path, default=None,

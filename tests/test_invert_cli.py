@@ -124,3 +124,12 @@ def test_one_image_is_allowed_with_a_warning(ckpt, tmp_path, capsys):
     rc, cap = call(["--ckpt", str(ckpt), "--images", str(folder), "--placeholder", "<r>", "--init-word", "toy",
                     "--steps", "1", "--batch", "1", "--out", str(tmp_path / "o")], capsys)
     assert rc == 0 and "one training image" in cap.err
+
+
+def test_help_shows_defaults_only_where_there_is_one(capsys):
+    with pytest.raises(SystemExit):
+        invert.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "how many to render (default: 5)" in text
+    assert "(default: weights/tiny.safetensors)" in text and text.count("tiny.safetensors") == 1

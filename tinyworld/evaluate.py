@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.cli import nonnegative_float, positive_int
+from ldm.cli import HelpFormatter, nonnegative_float, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORED = ("shape", "color", "size", "position", "background")
@@ -106,7 +106,7 @@ def autoencoder_accuracy(model, n=256, seed=0) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tinyworld.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors")
     p.add_argument("--n", type=positive_int, default=240, help="number of prompts (one image each)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")

@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ldm.cli import nonnegative_int, positive_float, positive_int
+from ldm.cli import HelpFormatter, nonnegative_int, positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUNCATIONS = (2, 4, 8, 16, 32, 64, 128)
@@ -173,7 +173,7 @@ def write_grid(model, ti, neti, concept: str, path: Path, truncation: int, sampl
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tinyworld.neti_results", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors")
     p.add_argument("--concept", default="ring", help="a held-out concept of the tiny world")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps of both methods; None: invert.py's tiny default, 400")

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.cli import positive_float, positive_int
+from ldm.cli import HelpFormatter, positive_float, positive_int
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def learn(model, concept: str, steps: int, seed: int, out: Path, **overrides):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tinyworld.ti_results", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: invert.py's tiny default)")
     p.add_argument("--lr", type=positive_float, default=None, help="base learning rate, x batch (default: invert.py's tiny default)")

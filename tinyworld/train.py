@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
-from ldm.cli import nonnegative_int, positive_float, positive_int
+from ldm.cli import HelpFormatter, nonnegative_int, positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,7 +261,7 @@ def quick_eval(model, ema, step, n: int = 48):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m tinyworld.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--run", type=Path, default=ROOT / "runs" / "tiny", help="folder for checkpoints and logs")
     p.add_argument("--out", type=Path, default=ROOT / "weights" / "tiny.safetensors", help="exported model")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run")
