@@ -129,3 +129,22 @@ def test_research_commands_refuse_bad_numbers(module, argv, message, capsys):
         rc = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err and message in err[-1]
+
+
+def test_ti_results_runs_only_the_rows_asked_for(ckpt32, tmp_path, monkeypatch, capsys):
+    from tinyworld import ti_results
+    trained, learn = [], ti_results.learn
+
+    def recording(model, concept, *args, **kwargs):
+        trained.append((concept, kwargs.get("num_vectors", 1)))
+        return learn(model, concept, *args, **kwargs)
+
+    monkeypatch.setattr(ti_results, "learn", recording)
+    assert ti_results.main(["--ckpt", str(ckpt32), "--steps", "1", "--n", "2", "--sample-steps", "1",
+                            "--seeds", "0", "--rows", "ring-multi", "hourglass", "--no-baseline",
+                            "--out", str(tmp_path / "o")]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and l.endswith(" s |")]
+    assert trained == [("ring", 3), ("hourglass", 1)]
+    assert len(rows) == 2 and "multi-vector (3)" in rows[0] and rows[1].startswith("| hourglass |")
+    with pytest.raises(SystemExit):
+        ti_results.main(["--ckpt", str(ckpt32), "--rows", "square"])

@@ -2,6 +2,7 @@
 
     python -m tinyworld.ti_results                 # about 30 minutes on 2 CPU cores (3 seeds)
     python -m tinyworld.ti_results --seeds 0       # one seed: about 10 minutes
+    python -m tinyworld.ti_results --rows ring --no-baseline --lr 2.5e-3 --steps 800   # one row of a sweep
 
 For each row, a word is learned from 5 rendered images of a held-out concept (a shape or a
 texture the base model draws but has no word for), then scored:
@@ -23,14 +24,14 @@ from ldm.cli import HelpFormatter, positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ROWS = [
-    # (label, concept, TIConfig overrides)
-    ("single vector", "ring", dict()),
-    ("multi-vector (3)", "ring", dict(num_vectors=3)),
-    ("progressive (1 -> 3, every 100 steps)", "ring", dict(num_vectors=3, progressive_every=100)),
-    ("single vector", "hourglass", dict()),
-    ("style: single vector", "checkered", dict(learnable_property="style")),
-]
+ROWS = {
+    # name (for --rows): (label, concept, TIConfig overrides)
+    "ring": ("single vector", "ring", dict()),
+    "ring-multi": ("multi-vector (3)", "ring", dict(num_vectors=3)),
+    "ring-progressive": ("progressive (1 -> 3, every 100 steps)", "ring", dict(num_vectors=3, progressive_every=100)),
+    "hourglass": ("single vector", "hourglass", dict()),
+    "checkered": ("style: single vector", "checkered", dict(learnable_property="style")),
+}
 
 
 def learn(model, concept: str, steps: int, seed: int, out: Path, **overrides):
@@ -61,6 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps when scoring")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one run per seed (its own 5 images, training noise and sampling seeds); scores are means")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS),
+                   help="which rows of the table to run (for a sweep of one of them)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the best-plain-word rows")
     p.add_argument("--out", type=Path, default=Path("outputs") / "ti_results")
     args = p.parse_args(argv)
     import ldm
@@ -82,8 +86,8 @@ def main(argv=None) -> int:
               f"{seconds} |", flush=True)
 
     done = set()
-    for label, concept, overrides in ROWS:
-        if concept not in done:  # the baseline: the best ordinary word, on the first seed's samples
+    for label, concept, overrides in (ROWS[name] for name in args.rows):
+        if concept not in done and not args.no_baseline:  # the baseline: the best ordinary word, on the first seed's samples
             word, _ = best_plain_caption(model, concept, n=args.n // 2, steps=args.sample_steps, seed=seeds[0])
             row(concept, f"baseline: best plain word \"{word}\"",
                 [evaluate_word(model, concept, word, n=args.n, steps=args.sample_steps, seed=s) for s in seeds])
