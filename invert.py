@@ -11,7 +11,6 @@ diffusers (`load_textual_inversion`) and AUTOMATIC1111 / ComfyUI.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,8 +18,8 @@ from pathlib import Path
 import torch
 
 from inversion.precision import training_dtype
-from ldm.cli import (CLIError, Parser, nonnegative_float, nonnegative_int, pick_device, positive_float,
-                     positive_int, run)
+from ldm.cli import (CLIError, Parser, check_writable, nonnegative_float, nonnegative_int, pick_device,
+                     positive_float, positive_int, run)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -168,15 +167,6 @@ def check_paths(args) -> None:
         raise CLIError(f"--resume: {args.out / 'checkpoint.pt'} does not exist")
     if not args.resume and (args.out / "checkpoint.pt").exists():
         raise CLIError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
-
-
-def check_writable(out: Path) -> None:
-    """--out must be a folder, or a path where one can be made."""
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out}: is a file, not a folder")
-    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"--out {out}: cannot make a folder there ({parent} is not a writable folder)")
 
 
 def load_model(args):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import CLIError, Parser, nonnegative_float, pick_device, pick_dtype, positive_int, run
+from ldm.cli import CLIError, Parser, check_writable, nonnegative_float, pick_device, pick_dtype, positive_int, run
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -98,6 +98,7 @@ def main(argv=None) -> int:
         raise CLIError("--truncation needs --neti (it truncates a NeTI mapper)")
     if args.neti is not None and args.hiper is not None:
         raise CLIError("use --neti or --hiper, not both")
+    check_writable(args.out)
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
     model = load_model(args.ckpt, device, dtype)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -49,6 +51,15 @@ positive_int = checked_number(int, "a whole number", lambda v: v >= 1, "at least
 nonnegative_int = checked_number(int, "a whole number", lambda v: v >= 0, ">= 0")
 positive_float = checked_number(float, "a number", lambda v: 0 < v < float("inf"), "a number > 0")
 nonnegative_float = checked_number(float, "a number", lambda v: v >= 0, ">= 0")
+
+
+def check_writable(out: Path) -> None:
+    """--out must be a folder, or a path where one can be made (checked before any work)."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: is a file, not a folder")
+    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out}: cannot make a folder there ({parent} is not a writable folder)")
 
 
 def pick_device(name: str = "auto") -> torch.device:

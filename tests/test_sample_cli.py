@@ -79,6 +79,17 @@ def test_bad_input_gives_one_line_and_nonzero_exit(ckpt, tmp_path, args, message
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
 
 
+def test_an_out_that_cannot_be_a_folder_is_one_line_before_any_work(ckpt, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for out in (blocker, blocker / "run"):   # were "[Errno 17] File exists" / a traceback from mkdir
+        proc = subprocess.run([sys.executable, "sample.py", "--prompt", "x", "--ckpt", str(ckpt), "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "--out" in lines[0], proc.stderr
+    assert blocker.read_text() == "not a folder"
+
+
 def test_unknown_format_is_one_line(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"\x00" * 10)
