@@ -1,4 +1,5 @@
-"""What the command-line tools share: argument parsing that fails in one line, device choice."""
+"""What the command-line tools share: argument parsing that fails in one line, number types,
+the output-folder check, device choice, and `run`, which turns expected failures into one line."""
 from __future__ import annotations
 
 import argparse
