@@ -15,11 +15,12 @@ class CLIError(Exception):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default, except where there is nothing to show (None, or off
-    for a switch) or where the option's own help already says what the default is."""
+    """--help shows each option's default, except where there is nothing to show (None, off for
+    a switch, an empty text or list) or where the option's own help already says what it is."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
+        nothing = action.default is None or action.default is False or action.default in ("", [])
+        if nothing or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

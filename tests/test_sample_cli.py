@@ -96,3 +96,12 @@ def test_unknown_format_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "sample.py", "--prompt", "x", "--ckpt", str(bad)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown format" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help_shows_defaults_only_where_there_is_one(capsys):
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for nothing in ("(default: None)", "(default: )", "(default: [])", "(default: False)"):
+        assert nothing not in text
+    assert "(default: 0)" in text and "(default: 7.5)" in text   # a zero is still a default
