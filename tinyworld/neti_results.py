@@ -214,16 +214,16 @@ def main(argv=None) -> int:
     seeds = args.seeds
     print(f"# NeTI vs Textual Inversion on the tiny world: <{args.concept}>\n\n5 images per seed, seeds "
           f"{', '.join(map(str, seeds))} (each seed: its own images, training noise and sampling seeds), "
-          f"{args.steps} steps each (8 images a step; NeTI's base lr {args.neti_lr or NETI_TINY['lr']:g}), DDIM {args.sample_steps}, guidance 7.5; {args.n} samples "
-          f"per final score, {args.n // 2} at the checkpoints every {args.every} steps; scores are means over "
+          f"{args.steps} steps each (8 images a step; NeTI's base lr {args.neti_lr or NETI_TINY['lr']:g}), "
+          f"DDIM {args.sample_steps}, guidance 7.5; {args.n} samples per final score, {args.n // 2} at the checkpoints every {args.every} steps; scores are means over "
           "the seeds\n", flush=True)
     timing: Dict[str, float] = {}
     t = time.time()
     runs = {"TI": [], "NeTI": []}      # per seed: (trainer, {step: scores})
+    start_neti_lr = functools.partial(start_neti, lr=args.neti_lr)
     for seed in seeds:
         runs["TI"].append(trajectory("TI", start_ti, score_ti, model, args, seed, timing))
-        start = functools.partial(start_neti, lr=args.neti_lr)
-        runs["NeTI"].append(trajectory("NeTI", start, score_neti, model, args, seed, timing))
+        runs["NeTI"].append(trajectory("NeTI", start_neti_lr, score_neti, model, args, seed, timing))
     part12 = time.time() - t
     marks = checkpoints(args.steps, args.every)
     mean = {name: {step: mean_scores([r[step] for _, r in runs[name]]) for step in marks} for name in runs}
