@@ -133,3 +133,11 @@ def test_help_shows_defaults_only_where_there_is_one(capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "how many to render (default: 5)" in text
     assert "(default: weights/tiny.safetensors)" in text and text.count("tiny.safetensors") == 1
+
+
+def test_an_os_error_mid_run_is_one_line(capsys):
+    def main(argv):   # e.g. a disk that fills up while a run writes its files
+        raise OSError(28, "No space left on device", "outputs/inversion/loss.csv")
+    assert run(main, [], prog="invert.py") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["invert.py: error: [Errno 28] No space left on device: 'outputs/inversion/loss.csv'"]
