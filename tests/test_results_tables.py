@@ -56,6 +56,31 @@ def test_neti_results_table(ckpt32, tmp_path, capsys):
     assert "| 4 |" in out and "| 128 (full, table 1) |" in out and grid.exists()
 
 
+def test_neti_results_jobs_give_the_same_tables_and_the_paired_differences_add_up(tmp_path, capsys):
+    """Seeds in worker processes (--jobs 2) score exactly as one after the other; the paired rows
+    are the per-seed differences NeTI - TI's final, averaged. The shipped model, so that the
+    scores are not all 0%."""
+    from tinyworld import neti_results
+    argv = ["--steps", "2", "--every", "1", "--n", "8", "--sample-steps", "8", "--seeds", "0", "1", "2",
+            "--truncations", "4", "128"]
+
+    def tables(jobs):
+        assert neti_results.main(argv + ["--jobs", jobs, "--out", str(tmp_path / jobs)]) == 0
+        rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
+        return [l.rsplit(" | ", 1)[0] if l.endswith(" s a seed |") else l for l in rows]   # timings differ
+
+    one, two = tables("1"), tables("2")
+    assert one == two
+    per_seed = {name: [percents(pair) for pair in
+                       next(l for l in one if l.startswith(name)).split(" | ")[5].split(",")]
+                for name in ("| Textual Inversion", "| NeTI (mapper")}
+    assert any(score > 0 for seed in per_seed["| NeTI (mapper"] for score in seed)
+    paired = next(l for l in one if l.startswith("| 2 | ") and "±" in l)
+    for k, cell in enumerate(paired.strip("| ").split(" | ")[1:]):
+        want = sum(100 * (n[k] - t[k]) for n, t in zip(per_seed["| NeTI (mapper"], per_seed["| Textual Inversion"])) / 3
+        assert float(cell.split(" ± ")[0]) == pytest.approx(want, abs=0.051)
+
+
 def test_evaluate_prints_the_three_tables(ckpt32, capsys):
     from importlib import import_module
     evaluate = import_module("tinyworld.evaluate")   # the package's `evaluate` name is the analyzer's function

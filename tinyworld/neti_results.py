@@ -2,6 +2,8 @@
 
     python -m tinyworld.neti_results                  # about 25 minutes on 2 CPU cores (3 seeds)
     python -m tinyworld.neti_results --concept hourglass --seeds 0 --grid outputs/neti_grid.png
+    python -m tinyworld.neti_results --steps 400 --every 200 --n 128 --truncations 128 \
+        --seeds $(seq 0 18) --jobs 16          # the README's 19 seeds, one process per core
 
 One held-out concept (a shape or texture the base model draws but has no word for). For each
 seed, 5 rendered images of it: both methods learn the word from the same images for the same
@@ -20,14 +22,16 @@ Tables:
      steps on the first n/2 prompts and seeds, then trained on (every step's randomness comes
      from (seed, step), so this is the same run as an uninterrupted one); printed is the first
      checkpoint at which each method's reconstruction, editability and both are at least TI's
-     final ones;
+     final ones; and, with several seeds, NeTI's score at each checkpoint less TI's final
+     one, seed by seed, as mean ± standard error (how far apart the two are, and how sure);
   3. truncation: the trained mapper sampled with only its first K hidden units (NeTI's nested
      dropout orders them), K = 2 ... 128, against reconstruction and editability; K = 128 is
      the full mapper of table 1;
   4. with --grid, a PNG of a few samples: TI, NeTI, NeTI truncated (upscaled x4, nearest).
 Scores are means over the seeds: on this tiny model one run's score depends much on its images
 and training noise (Textual Inversion's ring reconstruction ranged from 28% to 70% over seeds).
-The wall time of each part is printed after its table.
+The time of each part, summed over the seeds, is printed after its table. Seeds are
+independent: --jobs N runs N of them at once in worker processes, with the same scores.
 """
 from __future__ import annotations
 
@@ -141,6 +145,76 @@ def progress(message: str) -> None:
     print(f"  .. {message}", file=sys.stderr, flush=True)
 
 
+# ----------------------------------------------------------------------------- one seed, or many at once
+
+def truncations(asked: Sequence[int], hidden: int) -> List[int]:
+    """The sweep's K values that a mapper of `hidden` units has, in order."""
+    return [k for k in sorted(set(asked)) if 1 <= k <= hidden]
+
+
+def grid_truncation(args, hidden: int) -> int:
+    return min(max(1, args.grid_truncation), hidden)
+
+
+def run_seed(model, args, seed: int, grid: bool) -> dict:
+    """Everything the tables need from one seed: both methods' scores at every checkpoint, the
+    truncation sweep of its mapper and, with `grid`, the sample grid. A seed depends on no other
+    (its images, training noise and sampling seeds all come from it), so seeds can run in
+    separate processes and give the same scores."""
+    timing: Dict[str, float] = {}
+    ti, ti_scores = trajectory("TI", start_ti, score_ti, model, args, seed, timing)
+    neti, neti_scores = trajectory("NeTI", functools.partial(start_neti, lr=args.neti_lr), score_neti,
+                                   model, args, seed, timing)
+    hidden = neti.mapper.config.hidden
+    t = time.time()
+    truncated = {k: score_neti(model, neti, args.concept, args.n, args.sample_steps, seed, truncation=k)
+                 for k in truncations(args.truncations, hidden) if k < hidden}
+    timing["truncation"] = time.time() - t
+    if grid:
+        t = time.time()
+        write_grid(model, ti, neti, args.concept, args.grid, grid_truncation(args, hidden), args.sample_steps, seed)
+        timing["grid"] = time.time() - t
+    learned = {"TI": ti.embedding().numel(), "NeTI": sum(p.numel() for p in neti.mapper.parameters())}
+    return {"TI": ti_scores, "NeTI": neti_scores, "truncated": truncated, "hidden": hidden,
+            "learned": learned, "timing": timing}
+
+
+_worker_model = None   # each worker process loads the model once
+
+
+def _start_worker(ckpt: Path, threads: int) -> None:
+    global _worker_model
+    import ldm
+    torch.set_num_threads(threads)
+    _worker_model = ldm.load(ckpt)
+
+
+def _run_seed_in_worker(args, seed: int, grid: bool) -> dict:
+    return run_seed(_worker_model, args, seed, grid)
+
+
+def run_seeds(model, args) -> List[dict]:
+    """run_seed for every seed, in order: here one after the other, or with --jobs N in N worker
+    processes of (cores / N) threads each."""
+    wants_grid = [args.grid is not None and i == 0 for i in range(len(args.seeds))]
+    if args.jobs == 1 or len(args.seeds) == 1:
+        return [run_seed(model, args, seed, grid) for seed, grid in zip(args.seeds, wants_grid)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    with ProcessPoolExecutor(max_workers=min(args.jobs, len(args.seeds)),
+                             mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker, initargs=(args.ckpt, threads)) as pool:
+        return list(pool.map(_run_seed_in_worker, [args] * len(args.seeds), args.seeds, wants_grid))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> str:
+    """Mean and standard error of a - b over paired seeds, in percentage points: "+1.2 ± 3.4"."""
+    import statistics
+    diff = [100 * (x - y) for x, y in zip(a, b)]
+    return f"{statistics.mean(diff):+.1f} ± {statistics.stdev(diff) / len(diff) ** 0.5:.1f}"
+
+
 # ----------------------------------------------------------------------------- grid
 
 @torch.no_grad()
@@ -189,6 +263,8 @@ def main(argv=None) -> int:
                    help="one run of each method per seed (its own 5 images, training noise and sampling seeds)")
     p.add_argument("--neti-lr", type=positive_float, default=None,
                    help="NeTI's base learning rate, x batch (default: invert.py --method neti's tiny default)")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="seeds run at once, each in its own process (the scores do not change)")
     p.add_argument("--out", type=Path, default=Path("outputs") / "neti_results", help="trainers' checkpoints")
     args = p.parse_args(argv)
 
@@ -210,27 +286,21 @@ def main(argv=None) -> int:
     args.steps = args.steps or TINY_DEFAULTS["steps"]
     t_all = time.time()
 
-    # ---- parts 1 and 2: both trainers on each seed's images, scored along the way
+    # ---- every seed: both trainers scored along the way, the truncation sweep, the grid
     seeds = args.seeds
     print(f"# NeTI vs Textual Inversion on the tiny world: <{args.concept}>\n\n5 images per seed, seeds "
           f"{', '.join(map(str, seeds))} (each seed: its own images, training noise and sampling seeds), "
           f"{args.steps} steps each (8 images a step; NeTI's base lr {args.neti_lr or NETI_TINY['lr']:g}), "
-          f"DDIM {args.sample_steps}, guidance 7.5; {args.n} samples per final score, {args.n // 2} at the checkpoints every {args.every} steps; scores are means over "
-          "the seeds\n", flush=True)
-    timing: Dict[str, float] = {}
-    t = time.time()
-    runs = {"TI": [], "NeTI": []}      # per seed: (trainer, {step: scores})
-    start_neti_lr = functools.partial(start_neti, lr=args.neti_lr)
-    for seed in seeds:
-        runs["TI"].append(trajectory("TI", start_ti, score_ti, model, args, seed, timing))
-        runs["NeTI"].append(trajectory("NeTI", start_neti_lr, score_neti, model, args, seed, timing))
-    part12 = time.time() - t
+          f"DDIM {args.sample_steps}, guidance 7.5; {args.n} samples per final score, {args.n // 2} at the "
+          f"checkpoints every {args.every} steps; scores are means over the seeds\n", flush=True)
+    results = run_seeds(model, args)
+    timing = {key: sum(r["timing"].get(key, 0.0) for r in results) for key in results[0]["timing"]}
     marks = checkpoints(args.steps, args.every)
-    mean = {name: {step: mean_scores([r[step] for _, r in runs[name]]) for step in marks} for name in runs}
+    runs = {name: [r[name] for r in results] for name in ("TI", "NeTI")}   # per seed: {step: scores}
+    mean = {name: {step: mean_scores([r[step] for r in runs[name]]) for step in marks} for name in runs}
     ti, neti = mean["TI"], mean["NeTI"]
     final_ti, final_neti = ti[args.steps], neti[args.steps]
-    learned = {"TI": runs["TI"][0][0].embedding().numel(),
-               "NeTI": sum(p.numel() for p in runs["NeTI"][0][0].mapper.parameters())}
+    learned = results[0]["learned"]
 
     print(f"## 1. Final scores after {args.steps} steps (mean over {len(seeds)} seeds)\n")
     print("| method | learned numbers | reconstruction | editability | edit & concept | per seed: reconstruction "
@@ -239,7 +309,7 @@ def main(argv=None) -> int:
     for name, final in (("TI", final_ti), ("NeTI", final_neti)):
         label = "Textual Inversion (one vector)" if name == "TI" else "NeTI (mapper, full)"
         per_seed = ", ".join(f"{r[args.steps]['reconstruction']:.0%} / {r[args.steps]['editability']:.0%}"
-                             for _, r in runs[name])
+                             for r in runs[name])
         print(f"| {label} | {learned[name]:,} | {final['reconstruction']:.0%} | {final['editability']:.0%} | "
               f"{final['edit_and_concept']:.0%} | {per_seed} | {timing[name + ' training'] / len(seeds):.0f} s "
               "a seed |")
@@ -249,44 +319,44 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for step in marks:
         n = args.n if step == args.steps else args.n // 2
-        print(f"| {step} | {n} | {ti[step]['reconstruction']:.0%} | {ti[step]['editability']:.0%} | "
-              f"{neti[step]['reconstruction']:.0%} | {neti[step]['editability']:.0%} |")
-    print(f"\n| method | reconstruction >= {final_ti['reconstruction']:.0%} | "
-          f"editability >= {final_ti['editability']:.0%} | both |\n|---|---|---|---|")
+        print(f"| {step} | {n} | {ti[step]['reconstruction']:.1%} | {ti[step]['editability']:.1%} | "
+              f"{neti[step]['reconstruction']:.1%} | {neti[step]['editability']:.1%} |")
+    print(f"\n| method | reconstruction >= {final_ti['reconstruction']:.1%} | "
+          f"editability >= {final_ti['editability']:.1%} | both |\n|---|---|---|---|")
     for name, scores in (("TI", ti), ("NeTI", neti)):
         print(f"| {name} | " + " | ".join(first_reaching(scores, final_ti, keys) for keys in
                                          (("reconstruction",), ("editability",), ("reconstruction", "editability")))
               + " |")
-    print(f"\nParts 1-2: {part12:.0f} s (training: TI {timing['TI training']:.0f} s, NeTI "
-          f"{timing['NeTI training']:.0f} s; scoring: TI {timing['TI scoring']:.0f} s, "
-          f"NeTI {timing['NeTI scoring']:.0f} s)\n", flush=True)
+    if len(seeds) > 1:
+        print(f"\nPer seed, NeTI's score at each checkpoint less Textual Inversion's final one, in points "
+              f"(mean ± standard error over the {len(seeds)} seeds):\n")
+        print("| NeTI step | reconstruction | editability |\n|---|---|---|")
+        for step in marks:
+            cells = [paired_difference([r[step][key] for r in runs["NeTI"]],
+                                       [r[args.steps][key] for r in runs["TI"]])
+                     for key in ("reconstruction", "editability")]
+            print(f"| {step} | " + " | ".join(cells) + " |")
+    print(f"\nParts 1-2, summed over the seeds: training TI {timing['TI training']:.0f} s, NeTI "
+          f"{timing['NeTI training']:.0f} s; scoring TI {timing['TI scoring']:.0f} s, "
+          f"NeTI {timing['NeTI scoring']:.0f} s\n", flush=True)
 
     # ---- part 3: truncation sweep of the trained mappers
-    t = time.time()
-    hidden = runs["NeTI"][0][0].mapper.config.hidden
+    hidden = results[0]["hidden"]
     print(f"## 3. Truncation: the trained mappers with only their first K of {hidden} hidden units "
           f"(mean over {len(seeds)} seeds)\n")
     print("| K | reconstruction | editability | edit & concept |\n|---|---|---|---|")
-    for k in sorted(set(args.truncations)):
-        if not 1 <= k <= hidden:
-            continue
-        scores = final_neti if k == hidden else mean_scores(
-            [score_neti(model, trainer, args.concept, args.n, args.sample_steps, seed, truncation=k)
-             for seed, (trainer, _) in zip(seeds, runs["NeTI"])])
+    for k in truncations(args.truncations, hidden):
+        scores = final_neti if k == hidden else mean_scores([r["truncated"][k] for r in results])
         label = f"{k} (full, table 1)" if k == hidden else str(k)
         print(f"| {label} | {scores['reconstruction']:.0%} | {scores['editability']:.0%} | "
               f"{scores['edit_and_concept']:.0%} |", flush=True)
-    print(f"\nPart 3: {time.time() - t:.0f} s ({args.n} samples per score and seed)\n")
+    print(f"\nPart 3, summed over the seeds: {timing['truncation']:.0f} s ({args.n} samples per score and seed)\n")
 
     # ---- part 4: the grid (the first seed's trainers)
     if args.grid is not None:
-        t = time.time()
-        k = min(max(1, args.grid_truncation), hidden)
-        write_grid(model, runs["TI"][0][0], runs["NeTI"][0][0], args.concept, args.grid, k, args.sample_steps,
-                   seeds[0])
-        print(f"## 4. Samples\n\nwrote {args.grid} (seed {seeds[0]}; rows: TI, NeTI, NeTI K={k}): "
-              f"{time.time() - t:.0f} s\n")
-    print(f"Total: {time.time() - t_all:.0f} s")
+        print(f"## 4. Samples\n\nwrote {args.grid} (seed {seeds[0]}; rows: TI, NeTI, NeTI "
+              f"K={grid_truncation(args, hidden)}): {timing['grid']:.0f} s\n")
+    print(f"Total: {time.time() - t_all:.0f} s" + (f" ({args.jobs} seeds at a time)" if args.jobs > 1 else ""))
     return 0
 
 
