@@ -142,6 +142,7 @@ def test_neti_results_lr_reaches_the_mapper_only_and_a_bad_one_is_refused(ckpt32
     ("tinyworld.evaluate", ["--steps", "0"], "argument --steps: must be at least 1"),  # was a traceback
     ("tinyworld.ti_results", ["--n", "0"], "argument --n: must be at least 1"),      # was a traceback
     ("tinyworld.neti_results", ["--every", "-1"], "argument --every: must be >= 0"),
+    ("tinyworld.neti_results", ["--jobs", "0"], "argument --jobs: must be at least 1"),
     ("tinyworld.hiper_eval", ["--lr", "0"], "argument --lr: must be a number > 0"),  # trained with lr 0
 ])
 def test_research_commands_refuse_bad_numbers(module, argv, message, capsys):

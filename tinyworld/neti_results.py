@@ -278,7 +278,7 @@ def main(argv=None) -> int:
         p.error(str(e))
     if args.n < 2 or args.sample_steps < 1 or (args.steps is not None and args.steps < 1):
         p.error("--n must be at least 2, --steps and --sample-steps at least 1")
-    try:
+    try:  # also with --jobs, where each worker loads its own: a bad --ckpt fails here, before any start
         model = ldm.load(args.ckpt)
     except ldm.LoadError as e:
         print(f"error: {e}", file=sys.stderr)
