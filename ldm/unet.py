@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.config import UNetConfig
+from ldm.conv import Conv2d
 
 Context = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -50,12 +51,12 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+                                       Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(GroupNorm32(groups, out_channels), nn.SiLU(), nn.Dropout(0.0),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+                                        Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if channels == out_channels
-                                else nn.Conv2d(channels, out_channels, 1))
+                                else Conv2d(channels, out_channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
@@ -67,7 +68,7 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -76,7 +77,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -154,10 +155,10 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.proj_in = Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: Context, value_context: Optional[Context] = None):
         if not torch.is_tensor(context):
@@ -207,7 +208,7 @@ class UNetModel(nn.Module):
             layer_index += 1
             return block
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(cfg.in_channels, ch, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([Conv2d(cfg.in_channels, ch, 3, padding=1)])])
         skip_channels = [ch]
         downsample_rate = 1
         for level, mult in enumerate(cfg.channel_mult):
@@ -238,7 +239,7 @@ class UNetModel(nn.Module):
                     downsample_rate //= 2
                 self.output_blocks.append(TimestepEmbedSequential(layers))
 
-        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), Conv2d(ch, cfg.out_channels, 3, padding=1))
         self.num_cross_attention_layers = layer_index
 
     def forward(self, x: torch.Tensor, t: Union[torch.Tensor, int], context: Context,

@@ -104,6 +104,36 @@ def test_unet_matches_diffusers(pair):
     assert maxdiff(ours.unet(x, t, context), expected) <= TOL
 
 
+
+def test_unet_with_every_convolution_as_a_matrix_product_matches_diffusers(pair, monkeypatch):
+    """ldm.conv's CPU path (unfold + one matrix product), forced onto every convolution: strided,
+    1×1 and 3×3, forward and the gradient that Textual Inversion takes through the text."""
+    from ldm import conv
+    cfg, sizes, ours, ref_unet, _, _ = pair
+    g = torch.Generator().manual_seed(2)
+    B = sizes["batch"]
+    x = torch.randn(B, 4, sizes["latent"], sizes["latent"], generator=g)
+    t = torch.tensor([999, 17][:B])
+    context = torch.randn(B, 77, cfg.unet.context_dim, generator=g)
+
+    def output_and_text_gradient(unet):
+        c = context.clone().requires_grad_(True)
+        out = unet(x, t, c)
+        out = getattr(out, "sample", out)
+        out.square().mean().backward()
+        return out.detach(), c.grad
+
+    expected, expected_grad = output_and_text_gradient(ref_unet)
+    calls, as_matmul = [], conv.conv2d_as_matmul
+    monkeypatch.setattr(conv, "MATMUL_MIN_WEIGHT", 0)
+    monkeypatch.setattr(conv, "MATMUL_MAX_POSITIONS", 10 ** 9)
+    monkeypatch.setattr(conv, "conv2d_as_matmul", lambda *a: calls.append(1) or as_matmul(*a))
+    out, grad = output_and_text_gradient(ours.unet)
+    n_convs = sum(isinstance(m, conv.Conv2d) for m in ours.unet.modules())
+    assert len(calls) == n_convs > 0
+    assert maxdiff(out, expected) <= TOL
+    assert maxdiff(grad, expected_grad) <= TOL * expected_grad.abs().max().item()
+
 @torch.no_grad()
 def test_ddim_10_steps_with_guidance_matches_diffusers(pair):
     cfg, sizes, ours, ref_unet, _, ref_text = pair

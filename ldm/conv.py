@@ -1,0 +1,57 @@
+"""A 2-D convolution that, on the CPU, computes large-weight layers on small images as one
+matrix product.
+
+A convolution is a matrix product: unfold the image into columns of k×k patches,
+
+    cols = unfold(x)            # (B, C_in·k·k, H_out·W_out)
+    y    = W.flatten(1) @ cols  # (B, C_out, H_out·W_out)
+
+PyTorch's CPU convolution (oneDNN) first re-lays out the weight into its own blocked format,
+on every call. That costs time in proportion to the weight, not to the image, so it dominates
+where the weight is large and the image small: the 1280-channel layers of SD's U-Net at 8×8
+and 4×4 latents (256 px and 512 px images), forward and backward. There one matrix product
+is 2 to 5 times faster (`bench/conv_cpu.py` measures it layer by layer). Everywhere else,
+and on the GPU, the layer is an ordinary `nn.Conv2d`; the weights and their names are the same.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A layer takes the matrix-product path when its weight has at least this many numbers
+# (a 3×3 convolution from 1280 to 1280 channels has 14.7 M, from 1920 to 640 11.1 M) ...
+MATMUL_MIN_WEIGHT = 10_000_000
+# ... and its output has at most this many positions, batch included (B · H_out · W_out).
+MATMUL_MAX_POSITIONS = 256
+
+
+def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, stride, padding) as unfold + one matrix product."""
+    B, _, H, W = x.shape
+    c_out, _, kh, kw = weight.shape
+    h_out = (H + 2 * padding[0] - kh) // stride[0] + 1
+    w_out = (W + 2 * padding[1] - kw) // stride[1] + 1
+    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (B, C_in·kh·kw, h_out·w_out)
+    y = weight.flatten(1) @ cols                                   # (B, C_out, h_out·w_out)
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.view(B, c_out, h_out, w_out)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d, computed as one matrix product where that is the faster way on the CPU."""
+
+    def use_matmul(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or self.groups != 1:
+            return False
+        if self.padding_mode != "zeros" or self.dilation != (1, 1) or isinstance(self.padding, str):
+            return False
+        h_out = (x.shape[-2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
+        w_out = (x.shape[-1] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+        return self.weight.numel() >= MATMUL_MIN_WEIGHT and x.shape[0] * h_out * w_out <= MATMUL_MAX_POSITIONS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_matmul(x):
+            return conv2d_as_matmul(x, self.weight, self.bias, self.stride, self.padding)
+        return super().forward(x)
