@@ -7,10 +7,11 @@ A convolution is a matrix product: unfold the image into columns of k×k patches
     y    = W.flatten(1) @ cols  # (B, C_out, H_out·W_out)
 
 PyTorch's CPU convolution (oneDNN) first re-lays out the weight into its own blocked format,
-on every call. That costs time in proportion to the weight, not to the image, so it dominates
-where the weight is large and the image small: the 1280-channel layers of SD's U-Net at 8×8
-and 4×4 latents (256 px and 512 px images), forward and backward. There one matrix product
-is 2 to 5 times faster (`bench/conv_cpu.py` measures it layer by layer). Everywhere else,
+on every call (`ONEDNN_VERBOSE=1` shows it: here 21 ms to reorder a 1280×1280×3×3 weight, for
+a convolution that then takes about 5 ms on a 4×4 latent). That costs time in proportion to the weight, not to the image, so it dominates
+where the weight is large and the image small: the layers of SD's U-Net with 1280 or more input
+channels on its smallest latents (16×16 and below), forward and backward. There one matrix
+product is up to 4 times faster (`bench/conv_cpu.py` measures it layer by layer). Everywhere else,
 and on the GPU, the layer is an ordinary `nn.Conv2d`; the weights and their names are the same.
 """
 from __future__ import annotations
