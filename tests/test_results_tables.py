@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import write_random_checkpoint
+from conftest import ROOT, write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,28 @@ def test_neti_results_jobs_give_the_same_tables_and_the_paired_differences_add_u
         want = sum(100 * (n[k] - t[k]) for n, t in zip(per_seed["| NeTI (mapper"], per_seed["| Textual Inversion"])) / 3
         assert float(cell.split(" ± ")[0]) == pytest.approx(want, abs=0.051)
 
+
+
+def test_ctrl_c_during_neti_results_jobs_is_one_line_and_stops_the_workers(tmp_path):
+    """Ctrl-C reaches the whole process group, as from a terminal: the main process ends with one
+    "interrupted" line and status 130, the workers stop at once and print nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    cmd = [sys.executable, "-m", "tinyworld.neti_results", "--jobs", "2", "--seeds", "0", "1", "--steps", "400",
+           "--n", "8", "--sample-steps", "8", "--truncations", "128", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout.readline().startswith("# NeTI vs Textual Inversion")  # the pool starts next
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGINT)
+    start = time.time()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert time.time() - start < 30  # 400 steps of two seeds would take minutes
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "tinyworld.neti_results: interrupted"
 
 def test_evaluate_prints_the_three_tables(ckpt32, capsys):
     from importlib import import_module

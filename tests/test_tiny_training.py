@@ -48,6 +48,36 @@ def test_training_smoke_run_exports_a_loadable_model_and_resumes(tmp_path):
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
 
 
+def interrupt_on_call(n, real):
+    """`real`, except that its n-th call raises KeyboardInterrupt, as Ctrl-C would."""
+    calls = []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    return wrapped
+
+
+@pytest.mark.parametrize("stage, function, checkpoint", [("autoencoder", "object_weight", "vae.pt"),
+                                                        ("diffusion", "ema_update", "diffusion.pt")])
+def test_ctrl_c_saves_the_stage_it_stops_and_resume_continues(tmp_path, capsys, monkeypatch, stage, function,
+                                                              checkpoint):
+    run = tmp_path / "run"
+    argv = ["--run", str(run), "--out", str(tmp_path / "tiny.safetensors"), "--images", "32", "--vae-steps", "4",
+            "--vae-batch", "4", "--steps", "4", "--batch", "4", "--eval-every", "0", "--checkpoint-every", "100",
+            "--threads", "1"]
+    monkeypatch.setattr(train, function, interrupt_on_call(3, getattr(train, function)))
+    assert train.main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "interrupted" in err[-1] and "--resume" in err[-1] and str(run) in err[-1]
+    assert torch.load(run / checkpoint, weights_only=True)["step"] == 2  # saved where it stopped, not at 100
+    assert not (tmp_path / "tiny.safetensors").exists()
+    monkeypatch.undo()
+    assert train.main([*argv, "--resume"]) == 0
+    assert torch.load(run / checkpoint, weights_only=True)["step"] == 4
+
 def test_anchor_holds_the_encoder_means_near_the_starting_ones(tmp_path):
     from conftest import randomize, tiny_config
     from ldm.vae import AutoencoderKL

@@ -200,12 +200,19 @@ def run_seeds(model, args) -> List[dict]:
     if args.jobs == 1 or len(args.seeds) == 1:
         return [run_seed(model, args, seed, grid) for seed, grid in zip(args.seeds, wants_grid)]
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    import signal
     threads = max(1, torch.get_num_threads() // args.jobs)
-    with ProcessPoolExecutor(max_workers=min(args.jobs, len(args.seeds)),
-                             mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker, initargs=(args.ckpt, threads)) as pool:
-        return list(pool.map(_run_seed_in_worker, [args] * len(args.seeds), args.seeds, wants_grid))
+    # The workers start with Ctrl-C ignored (they inherit it), so that it reaches only this process,
+    # whose leaving the `with` block terminates them: one "interrupted" line, no worker tracebacks.
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(min(args.jobs, len(args.seeds)), initializer=_start_worker,
+                                                         initargs=(args.ckpt, threads))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    with pool:
+        return pool.starmap(_run_seed_in_worker, [(args, seed, grid) for seed, grid in zip(args.seeds, wants_grid)],
+                            chunksize=1)
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> str:
@@ -361,4 +368,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ldm.cli import run
+    sys.exit(run(main, prog="tinyworld.neti_results"))

@@ -105,4 +105,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ldm.cli import run
+    sys.exit(run(main, prog="tinyworld.ti_results"))

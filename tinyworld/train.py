@@ -116,29 +116,31 @@ def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path, start=None,
         return vae.eval()
     bar = progress_bar(args.vae_steps, step, "autoencoder")
     start, first = time.time(), step
-    while step < args.vae_steps and (not args.vae_minutes or time.time() - start < args.vae_minutes * 60):
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # on the CPU: same draws on any device
-        idx = torch.randint(0, len(images), (args.vae_batch,), generator=g)
-        x = to_tensor(images[idx.numpy()]).to(device)
-        posterior = vae.encode(x)
-        recon = vae.decode(posterior.sample(g))
-        rec = ((recon - x).abs() * object_weight(x)).mean()
-        kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
-        loss = rec + 1e-6 * kl
-        if anchor is not None:  # keep the latents where the diffusion model expects them
-            with torch.no_grad():
-                target = anchor.encode(x).mean  # (B, 4, 8, 8)
-            loss = loss + args.anchor * F.mse_loss(posterior.mean, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec.item():.4f}", refresh=False)
-        if step % args.checkpoint_every == 0:  # and after the loop, however it ends
-            save_checkpoint({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
-    save_checkpoint({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
-    bar.close()
+    try:
+        while step < args.vae_steps and (not args.vae_minutes or time.time() - start < args.vae_minutes * 60):
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # on the CPU: same draws on any device
+            idx = torch.randint(0, len(images), (args.vae_batch,), generator=g)
+            x = to_tensor(images[idx.numpy()]).to(device)
+            posterior = vae.encode(x)
+            recon = vae.decode(posterior.sample(g))
+            rec = ((recon - x).abs() * object_weight(x)).mean()
+            kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
+            loss = rec + 1e-6 * kl
+            if anchor is not None:  # keep the latents where the diffusion model expects them
+                with torch.no_grad():
+                    target = anchor.encode(x).mean  # (B, 4, 8, 8)
+                loss = loss + args.anchor * F.mse_loss(posterior.mean, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec.item():.4f}", refresh=False)
+            if step % args.checkpoint_every == 0:  # and after the loop, however it ends
+                save_checkpoint({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+    finally:  # at the end, and on Ctrl-C or an error: keep what was learned (--resume)
+        save_checkpoint({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+        bar.close()
     seconds = time.time() - start
     print(f"autoencoder: {step} steps, {seconds / 60:.1f} min ({1000 * seconds / max(1, step - first):.1f} ms/step)")
     return vae.eval()
@@ -203,44 +205,46 @@ def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path, 
     log = open(run / "diffusion_log.csv", "a")
     bar = progress_bar(args.steps, step, "diffusion")
     t_last = time.time()
-    while step < args.steps and seconds < args.minutes * 60:
-        rng = np.random.default_rng([args.seed, 7, step])
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + 7 + step)
-        idx = rng.integers(0, len(latents), args.batch)
-        ids = tokenize([caption(attrs[i], rng) for i in idx]).to(device)
-        x0 = latents[torch.from_numpy(idx).to(device)]
-        noise = torch.randn(x0.shape, generator=g).to(device)  # drawn on the CPU: same on any device
-        t = torch.randint(0, args.max_timestep or schedule.num_timesteps, (args.batch,), generator=g).to(device)
-        eps = model.unet(schedule.add_noise(x0, noise, t), t, model.text_encoder(ids))
-        loss = F.mse_loss(eps, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
-        # linear warm-up, then cosine decay to 10 % over the steps or the minutes, whichever runs out first
-        progress = min(1.0, max(step / args.steps, seconds / (args.minutes * 60)))
-        for group in opt.param_groups:
-            warm = min(1.0, (step + 1) / args.warmup)
-            cos = 0.55 + 0.45 * math.cos(math.pi * progress)
-            group["lr"] = args.lr * warm * cos
-        opt.step()
-        ema_update(ema, trainable, min(args.ema, (1 + step) / (10 + step)))
-        step += 1
-        now = time.time()
-        seconds += now - t_last
-        t_last = now
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        log.write(f"{step},{loss.item():.5f},{seconds:.1f}\n")
-        if step % args.checkpoint_every == 0:  # and after the loop, however it ends
-            log.flush()
-            save_checkpoint({"model": trainable.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                             "step": step, "seconds": seconds}, ckpt)
-        if args.eval_every and step % args.eval_every == 0:
-            quick_eval(model, ema, step)
-    save_checkpoint({"model": trainable.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "step": step, "seconds": seconds}, ckpt)
-    bar.close()
-    log.close()
+    try:
+        while step < args.steps and seconds < args.minutes * 60:
+            rng = np.random.default_rng([args.seed, 7, step])
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + 7 + step)
+            idx = rng.integers(0, len(latents), args.batch)
+            ids = tokenize([caption(attrs[i], rng) for i in idx]).to(device)
+            x0 = latents[torch.from_numpy(idx).to(device)]
+            noise = torch.randn(x0.shape, generator=g).to(device)  # drawn on the CPU: same on any device
+            t = torch.randint(0, args.max_timestep or schedule.num_timesteps, (args.batch,), generator=g).to(device)
+            eps = model.unet(schedule.add_noise(x0, noise, t), t, model.text_encoder(ids))
+            loss = F.mse_loss(eps, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
+            # linear warm-up, then cosine decay to 10 % over the steps or the minutes, whichever runs out first
+            progress = min(1.0, max(step / args.steps, seconds / (args.minutes * 60)))
+            for group in opt.param_groups:
+                warm = min(1.0, (step + 1) / args.warmup)
+                cos = 0.55 + 0.45 * math.cos(math.pi * progress)
+                group["lr"] = args.lr * warm * cos
+            opt.step()
+            ema_update(ema, trainable, min(args.ema, (1 + step) / (10 + step)))
+            step += 1
+            now = time.time()
+            seconds += now - t_last
+            t_last = now
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            log.write(f"{step},{loss.item():.5f},{seconds:.1f}\n")
+            if step % args.checkpoint_every == 0:  # and after the loop, however it ends
+                log.flush()
+                save_checkpoint({"model": trainable.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                 "step": step, "seconds": seconds}, ckpt)
+            if args.eval_every and step % args.eval_every == 0:
+                quick_eval(model, ema, step)
+    finally:  # at the end, and on Ctrl-C or an error: keep what was learned (--resume)
+        save_checkpoint({"model": trainable.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "step": step, "seconds": seconds}, ckpt)
+        log.close()
+        bar.close()
     print(f"diffusion: {step} steps, {seconds / 60:.1f} min of training")
     trainable.load_state_dict(ema.state_dict())  # ship the moving average
     return model.requires_grad_(False).eval(), step, seconds
@@ -349,15 +353,20 @@ def main(argv=None) -> int:
     images, _, attrs = make_dataset(args.images, seed=args.seed, split="train")
     print(f"rendered {len(images)} training images in {time.time() - t0:.0f} s")
 
-    vae = train_vae(args, cfg, images, run, start=None if start is None else start.vae, device=device)
-    latents, scale_factor = cache_latents(vae, images, run)
-    cfg.vae.scale_factor = scale_factor
-    print(f"latents {tuple(latents.shape)}, scale factor {scale_factor:.4f}")
+    try:  # each stage saves its checkpoint when it ends, however it ends
+        vae = train_vae(args, cfg, images, run, start=None if start is None else start.vae, device=device)
+        latents, scale_factor = cache_latents(vae, images, run)
+        cfg.vae.scale_factor = scale_factor
+        print(f"latents {tuple(latents.shape)}, scale factor {scale_factor:.4f}")
 
-    torch.manual_seed(args.seed)
-    model = StableDiffusion(cfg) if start is None else start
-    model.vae.load_state_dict(vae.state_dict())
-    model, steps, seconds = train_diffusion(args, model, latents * scale_factor, attrs, run, device=device)
+        torch.manual_seed(args.seed)
+        model = StableDiffusion(cfg) if start is None else start
+        model.vae.load_state_dict(vae.state_dict())
+        model, steps, seconds = train_diffusion(args, model, latents * scale_factor, attrs, run, device=device)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: what was learned is saved in {run}; continue with the same arguments and --resume",
+              file=sys.stderr)
+        return 130
 
     training = {"diffusion_steps": steps, "diffusion_minutes": round(seconds / 60, 1),
                 "vae_steps": args.vae_steps, "images": args.images, "seed": args.seed}
@@ -372,4 +381,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ldm.cli import run
+    sys.exit(run(main, prog="tinyworld.train"))
