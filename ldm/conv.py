@@ -44,13 +44,13 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d, computed as one matrix product where that is the faster way on the CPU."""
 
     def use_matmul(self, x: torch.Tensor) -> bool:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or self.groups != 1:
+        if self.weight.numel() < MATMUL_MIN_WEIGHT or x.device.type != "cpu" or x.dtype != torch.float32:
             return False
-        if self.padding_mode != "zeros" or self.dilation != (1, 1) or isinstance(self.padding, str):
-            return False
+        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return False  # what conv2d_as_matmul does not compute
         h_out = (x.shape[-2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
         w_out = (x.shape[-1] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
-        return self.weight.numel() >= MATMUL_MIN_WEIGHT and x.shape[0] * h_out * w_out <= MATMUL_MAX_POSITIONS
+        return x.shape[0] * h_out * w_out <= MATMUL_MAX_POSITIONS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_matmul(x):
