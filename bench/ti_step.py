@@ -2,6 +2,7 @@
 
     python bench/ti_step.py                 # both configurations below, 6 timed steps each (about 5 min on 2 cores)
     python bench/ti_step.py --only tiny --steps 20
+    python bench/ti_step.py --repeats 3     # each side run 3 times, alternately: medians, and each run's ratio
 
 The reference is the loop of diffusers' `examples/textual_inversion/textual_inversion.py`,
 rebuilt here from diffusers and transformers components: the VAE encodes the batch every
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -215,7 +217,6 @@ def run_reference(name, steps, precision, device):
 
 
 def child(side, name, steps, precision, device):
-    import statistics
     import torch
     # Each side imports what it runs on (ours never imports diffusers or transformers, about
     # 100 MB of the reference's resident memory); "above the weights" subtracts this baseline.
@@ -245,6 +246,9 @@ def main():
     p.add_argument("--only", choices=list(CONFIGS), default=None)
     p.add_argument("--steps", type=positive_int, default=6,
                    help="timed steps after one warm-up step; the median is printed (fewer: noisier ratios)")
+    p.add_argument("--repeats", type=positive_int, default=1,
+                   help="run each side this many times, alternately, so that a slow spell of the machine falls on "
+                        "both; prints the medians and each run's time ratio")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="dtype of the frozen weights on both sides (bf16: the example's --mixed_precision bf16)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -262,17 +266,20 @@ def main():
         where, memory = f"{torch.get_num_threads()} threads, CPU", "peak RSS"
     print(f"torch {torch.__version__}, {where}, frozen weights in {args.precision}")
     print(f"| configuration | ours s/step | reference s/step | time ratio | ours {memory} | reference {memory} "
-          "| RAM ratio | ours above the weights | reference above the weights | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| RAM ratio | ours above the weights | reference above the weights | ratio | time ratio of each run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     names = [args.only] if args.only else list(CONFIGS) if args.device == "cuda" else list(CPU_CONFIGS)
     for name in names:
-        o, r = (measure(side, name, args.steps, args.precision, args.device) for side in ("ours", "reference"))
+        runs = [[measure(side, name, args.steps, args.precision, args.device) for side in ("ours", "reference")]
+                for _ in range(args.repeats)]
+        ratios = [o["seconds_per_step"] / r["seconds_per_step"] for o, r in runs]
+        o, r = ({key: statistics.median(run[side][key] for run in runs) for key in runs[0][side]} for side in (0, 1))
         print(f"| {name} | {o['seconds_per_step']:.3f} | {r['seconds_per_step']:.3f} | "
-              f"{o['seconds_per_step'] / r['seconds_per_step']:.2f} | {o['peak_rss_mb']:.0f} MB | "
+              f"{statistics.median(ratios):.2f} | {o['peak_rss_mb']:.0f} MB | "
               f"{r['peak_rss_mb']:.0f} MB | {o['peak_rss_mb'] / r['peak_rss_mb']:.2f} | "
               f"{o['above_weights_mb']:.0f} MB | {r['above_weights_mb']:.0f} MB | "
-              f"{o['above_weights_mb'] / r['above_weights_mb']:.2f} |", flush=True)
-
+              f"{o['above_weights_mb'] / r['above_weights_mb']:.2f} | {', '.join(f'{x:.2f}' for x in ratios)} |",
+              flush=True)
 
 if __name__ == "__main__":
     main()
