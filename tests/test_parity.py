@@ -92,17 +92,20 @@ def test_vae_encode_and_decode_match_diffusers(pair):
     assert maxdiff(ours.vae.decode(z), ref_vae.decode(z).sample) <= TOL
 
 
+def unet_inputs(cfg, sizes, seed):
+    """A noisy latent, timesteps and a text encoding for the U-Net: (x, t, context)."""
+    g = torch.Generator().manual_seed(seed)
+    B = sizes["batch"]
+    x = torch.randn(B, 4, sizes["latent"], sizes["latent"], generator=g)
+    return x, torch.tensor([999, 17][:B]), torch.randn(B, 77, cfg.unet.context_dim, generator=g)
+
+
 @torch.no_grad()
 def test_unet_matches_diffusers(pair):
     cfg, sizes, ours, ref_unet, _, _ = pair
-    g = torch.Generator().manual_seed(1)
-    B = sizes["batch"]
-    x = torch.randn(B, 4, sizes["latent"], sizes["latent"], generator=g)
-    t = torch.tensor([999, 17][:B])
-    context = torch.randn(B, 77, cfg.unet.context_dim, generator=g)
+    x, t, context = unet_inputs(cfg, sizes, seed=1)
     expected = ref_unet(x, t, encoder_hidden_states=context).sample
     assert maxdiff(ours.unet(x, t, context), expected) <= TOL
-
 
 
 def test_unet_with_every_convolution_as_a_matrix_product_matches_diffusers(pair, monkeypatch):
@@ -110,11 +113,7 @@ def test_unet_with_every_convolution_as_a_matrix_product_matches_diffusers(pair,
     1×1 and 3×3, forward and the gradient that Textual Inversion takes through the text."""
     from ldm import conv
     cfg, sizes, ours, ref_unet, _, _ = pair
-    g = torch.Generator().manual_seed(2)
-    B = sizes["batch"]
-    x = torch.randn(B, 4, sizes["latent"], sizes["latent"], generator=g)
-    t = torch.tensor([999, 17][:B])
-    context = torch.randn(B, 77, cfg.unet.context_dim, generator=g)
+    x, t, context = unet_inputs(cfg, sizes, seed=2)
 
     def output_and_text_gradient(unet):
         c = context.clone().requires_grad_(True)

@@ -95,7 +95,7 @@ def test_ctrl_c_during_neti_results_jobs_is_one_line_and_stops_the_workers(tmp_p
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     assert proc.stdout.readline().startswith("# NeTI vs Textual Inversion")  # the pool starts next
-    time.sleep(3)
+    time.sleep(8)  # the workers are training
     os.killpg(proc.pid, signal.SIGINT)
     start = time.time()
     out, err = proc.communicate(timeout=60)

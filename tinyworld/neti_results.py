@@ -184,7 +184,12 @@ _worker_model = None   # each worker process loads the model once
 
 def _start_worker(ckpt: Path, threads: int) -> None:
     global _worker_model
+    import threading
     import ldm
+    from tqdm import tqdm
+    # tqdm's default lock is a multiprocessing semaphore, which a worker stopped by Ctrl-C would
+    # leave behind (a warning at exit); the workers show no bars, a thread lock is enough.
+    tqdm.set_lock(threading.RLock())
     torch.set_num_threads(threads)
     _worker_model = ldm.load(ckpt)
 
@@ -201,18 +206,25 @@ def run_seeds(model, args) -> List[dict]:
         return [run_seed(model, args, seed, grid) for seed, grid in zip(args.seeds, wants_grid)]
     import multiprocessing
     import signal
+    from concurrent.futures import ProcessPoolExecutor
     threads = max(1, torch.get_num_threads() // args.jobs)
-    # The workers start with Ctrl-C ignored (they inherit it), so that it reaches only this process,
-    # whose leaving the `with` block terminates them: one "interrupted" line, no worker tracebacks.
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        pool = multiprocessing.get_context("spawn").Pool(min(args.jobs, len(args.seeds)), initializer=_start_worker,
-                                                         initargs=(args.ckpt, threads))
-    finally:
-        signal.signal(signal.SIGINT, handler)
-    with pool:
-        return pool.starmap(_run_seed_in_worker, [(args, seed, grid) for seed, grid in zip(args.seeds, wants_grid)],
-                            chunksize=1)
+    with ProcessPoolExecutor(max_workers=min(args.jobs, len(args.seeds)),
+                             mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker, initargs=(args.ckpt, threads)) as pool:
+        # The workers start while the seeds are handed out, with Ctrl-C ignored (they inherit it):
+        # it reaches only this process, which stops them. One "interrupted" line, no worker tracebacks.
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            results = pool.map(_run_seed_in_worker, [args] * len(args.seeds), args.seeds, wants_grid)
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        try:
+            return list(results)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in multiprocessing.active_children():
+                worker.terminate()
+            raise
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> str:
