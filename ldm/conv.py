@@ -46,7 +46,8 @@ class Conv2d(nn.Conv2d):
     def use_matmul(self, x: torch.Tensor) -> bool:
         if self.weight.numel() < MATMUL_MIN_WEIGHT or x.device.type != "cpu" or x.dtype != torch.float32:
             return False
-        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
+        if x.dim() != 4 or self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" \
+                or isinstance(self.padding, str):
             return False  # what conv2d_as_matmul does not compute
         h_out = (x.shape[-2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
         w_out = (x.shape[-1] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1

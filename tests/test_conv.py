@@ -38,3 +38,5 @@ def test_small_weights_large_images_other_dtypes_and_1x1_layers_stay_ordinary_co
     assert not big.use_matmul(torch.randn(1, 1280, 8, 8, dtype=torch.bfloat16))
     assert not layer(320, 320).use_matmul(torch.randn(1, 320, 4, 4))  # 0.9 M weights
     assert not layer(1280, 1280, k=1).use_matmul(torch.randn(1, 1280, 4, 4))
+    x = torch.randn(1280, 4, 4)                                       # unbatched, as nn.Conv2d allows
+    assert not big.use_matmul(x) and big(x).shape == (1280, 4, 4)
