@@ -26,3 +26,33 @@ def test_tiny_bench_row(precision, repeats):
     assert ratio == pytest.approx(sum(each_run) / repeats, abs=0.011)  # the median of 1 or 2 runs
     if repeats == 1:
         assert ratio == pytest.approx(seconds_ours / seconds_ref, abs=0.01)
+
+
+def test_conv_bench_lists_every_convolution_of_sd_and_the_way_ldm_conv_takes(tmp_path):
+    """bench/conv_cpu.py at 64 px (the SD v1.5 U-Net on an 8×8 latent): a row per kind of
+    convolution, the matrix product marked exactly where ldm.conv's rule says, and the whole step."""
+    import re
+    from ldm import conv
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "conv_cpu.py"), "--resolution", "64", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [l for l in out.stdout.splitlines() if re.match(r"\| \d+→\d+ ", l)]
+    layers = 0
+    for row in rows:
+        kind, shape, count, *_, way = [c.strip() for c in row.strip("|").split("|")]
+        c_in, c_out, k = map(int, re.match(r"(\d+)→(\d+) (\d)×", kind).groups())
+        stride = 2 if kind.endswith("/2") else 1
+        batch, h, w = map(int, shape.split("×"))
+        positions = batch * ((h + 2 * (k // 2) - k) // stride + 1) * ((w + 2 * (k // 2) - k) // stride + 1)
+        takes = c_in * c_out * k * k >= conv.MATMUL_MIN_WEIGHT and positions <= conv.MATMUL_MAX_POSITIONS
+        assert way == ("matrix product" if takes else "PyTorch"), row
+        layers += int(count)
+    from ldm.config import ModelConfig
+    from ldm.unet import UNetModel
+    import torch
+    with torch.device("meta"):  # the architecture without its 3.4 GB of weights
+        unet = UNetModel(ModelConfig().unet)
+    assert layers == sum(isinstance(m, conv.Conv2d) for m in unet.modules())  # each convolution, once
+    assert any("matrix product" in r for r in rows) and any(r.endswith("PyTorch |") for r in rows)
+    a, b, ratio = map(float, re.search(r"ldm.conv ([\d.]+) s, .* ([\d.]+) s, ratio ([\d.]+)", out.stdout).groups())
+    assert ratio == pytest.approx(a / b, abs=0.02)
