@@ -159,7 +159,11 @@ def test_ddim_10_steps_with_guidance_matches_diffusers(pair):
         eps = ref_unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([ref_uncond, ref_cond])).sample
         eps_u, eps_c = eps.chunk(2)
         x = sched.step(eps_u + scale * (eps_c - eps_u), t, x).prev_sample
-    assert maxdiff(got, x) <= TOL
+    # At full size, 10 guided steps leave any fp32 run about 2e-4 from a float64 one (values up to
+    # 46; measured for ours, with and without ldm.conv's matrix products, and for diffusers' alike),
+    # so two fp32 implementations agree to a few millionths of the largest value, not to 1e-4.
+    tol = 5e-6 * x.abs().max().item() if FULL else TOL
+    assert maxdiff(got, x) <= tol
 
 
 @torch.no_grad()
