@@ -106,10 +106,14 @@ def test_ctrl_c_during_neti_results_jobs_is_one_line_and_stops_the_workers(tmp_p
 def test_evaluate_prints_the_three_tables(ckpt32, capsys):
     from importlib import import_module
     evaluate = import_module("tinyworld.evaluate")   # the package's `evaluate` name is the analyzer's function
-    assert evaluate.main(["--ckpt", str(ckpt32), "--n", "4", "--steps", "2"]) == 0
+    assert evaluate.main(["--ckpt", str(ckpt32), "--n", "4", "--steps", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "4 prompts of held-out combinations" in out and "1 prompts naming a texture" in out
     assert "| texture (textured only) |" in out
+    from ldm.cli import run
+    assert run(evaluate.main, ["--ckpt", str(ckpt32), "--device", "tpu9"], prog="tinyworld.evaluate") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tinyworld.evaluate: error: unknown device 'tpu9'; use auto, cpu, cuda, cuda:N or mps"]
     assert len([l for l in out.splitlines() if l.startswith("| ") and l.endswith("% |")]) == 5 + 3 + 5
 
 

@@ -113,10 +113,13 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=nonnegative_float, default=7.5, help="guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=Path, default=None, help="write the first 32 samples with their prompts")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto: a GPU if there is one")
     args = p.parse_args(argv)
     import ldm
+    from ldm.cli import pick_device
+    device = pick_device(args.device)  # a bad name: one line, from ldm.cli.run
     try:
-        model = ldm.load(args.ckpt)
+        model = ldm.load(args.ckpt, device=device)
     except ldm.LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
