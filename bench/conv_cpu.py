@@ -1,6 +1,6 @@
 """CPU convolutions of SD's U-Net: PyTorch's own (oneDNN) against one matrix product (ldm.conv).
 
-    python bench/conv_cpu.py                      # 256 px, about 3 minutes on 2 cores
+    python bench/conv_cpu.py                      # 256 px, about 4 minutes on 2 cores
     python bench/conv_cpu.py --resolution 512 --batch 2
 
 Runs the SD v1.5 U-Net (random weights) once to record the input shape of every convolution,
@@ -84,14 +84,14 @@ def main():
         unet(x, t, c).square().mean().backward()
 
     chosen, never = [], []
-    for _ in range(3):  # alternate, so a slow spell of the machine falls on both
-        chosen.append(best_ms(step, 1))
+    for _ in range(5):  # alternate, so a slow spell of the machine falls on both
+        chosen.append(best_ms(step, 1) / 1000)
         with patched(conv, "MATMUL_MIN_WEIGHT", float("inf")):
-            never.append(best_ms(step, 1))
-    a, b = statistics.median(chosen), statistics.median(never)
-    print(f"\nU-Net forward + backward to the text (median of 3): ldm.conv {a / 1000:.2f} s, "
-          f"PyTorch's convolution everywhere {b / 1000:.2f} s, ratio {a / b:.2f}")
-
+            never.append(best_ms(step, 1) / 1000)
+    ratios = [a / b for a, b in zip(chosen, never)]
+    print(f"\nU-Net forward + backward to the text (medians of 5, alternately): ldm.conv "
+          f"{statistics.median(chosen):.2f} s, PyTorch's convolution everywhere {statistics.median(never):.2f} s, "
+          f"ratio {statistics.median(ratios):.2f} (each pair: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 class patched:
     """Set a module attribute for the duration of a `with` block."""

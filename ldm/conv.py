@@ -1,4 +1,4 @@
-"""A 2-D convolution that, on the CPU, computes large-weight layers on small images as one
+"""A 2-D convolution that, on the CPU, computes large-weight layers on small images as a
 matrix product.
 
 A convolution is a matrix product: unfold the image into columns of k×k patches,
@@ -8,11 +8,12 @@ A convolution is a matrix product: unfold the image into columns of k×k patches
 
 PyTorch's CPU convolution (oneDNN) first re-lays out the weight into its own blocked format,
 on every call (`ONEDNN_VERBOSE=1` shows it: here 21 ms to reorder a 1280×1280×3×3 weight, for
-a convolution that then takes about 5 ms on a 4×4 latent). That costs time in proportion to the weight, not to the image, so it dominates
-where the weight is large and the image small: the layers of SD's U-Net with 1280 or more input
-channels on its smallest latents (16×16 and below), forward and backward. There one matrix
-product is up to 4 times faster (`bench/conv_cpu.py` measures it layer by layer). Everywhere else,
-and on the GPU, the layer is an ordinary `nn.Conv2d`; the weights and their names are the same.
+a convolution that then takes about 5 ms on a 4×4 latent). That costs time in proportion to the
+weight, not to the image, so it dominates where the weight is large and the image small: the
+layers of SD's U-Net with 1280 or more input channels on its smallest latents (16×16 and below),
+forward and backward. There the matrix product is up to 4 times faster (`bench/conv_cpu.py`
+measures it layer by layer). Everywhere else, and on the GPU, the layer is an ordinary
+`nn.Conv2d`; the weights and their names are the same.
 """
 from __future__ import annotations
 
@@ -23,25 +24,29 @@ from torch import nn
 # A layer takes the matrix-product path when its weight has at least this many numbers
 # (a 3×3 convolution from 1280 to 1280 channels has 14.7 M, from 1920 to 640 11.1 M) ...
 MATMUL_MIN_WEIGHT = 10_000_000
-# ... and its output has at most this many positions, batch included (B · H_out · W_out).
+# ... and its output has at most this many positions per image (H_out · W_out). The rule does
+# not look at the batch, so an image takes the same path, and gets the same numbers, in any batch.
 MATMUL_MAX_POSITIONS = 256
 
 
 def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, stride, padding) as unfold + one matrix product."""
+    """F.conv2d(x, weight, bias, stride, padding) as unfold + one matrix product per image."""
     B, _, H, W = x.shape
     c_out, _, kh, kw = weight.shape
     h_out = (H + 2 * padding[0] - kh) // stride[0] + 1
     w_out = (W + 2 * padding[1] - kw) // stride[1] + 1
+    w = weight.flatten(1)                                          # (C_out, C_in·kh·kw)
     cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (B, C_in·kh·kw, h_out·w_out)
-    y = weight.flatten(1) @ cols                                   # (B, C_out, h_out·w_out)
+    # One product per image: a product over the whole batch can round an image differently
+    # depending on the batch around it, and a seed must give the same image in any batch.
+    y = torch.stack([w @ c for c in cols])                         # (B, C_out, h_out·w_out)
     if bias is not None:
         y = y + bias[:, None]
     return y.view(B, c_out, h_out, w_out)
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d, computed as one matrix product where that is the faster way on the CPU."""
+    """nn.Conv2d, computed as a matrix product where that is the faster way on the CPU."""
 
     def use_matmul(self, x: torch.Tensor) -> bool:
         if self.weight.numel() < MATMUL_MIN_WEIGHT or x.device.type != "cpu" or x.dtype != torch.float32:
@@ -51,7 +56,7 @@ class Conv2d(nn.Conv2d):
             return False  # what conv2d_as_matmul does not compute
         h_out = (x.shape[-2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
         w_out = (x.shape[-1] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
-        return x.shape[0] * h_out * w_out <= MATMUL_MAX_POSITIONS
+        return h_out * w_out <= MATMUL_MAX_POSITIONS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_matmul(x):

@@ -34,9 +34,21 @@ def test_large_weights_on_small_images_are_a_matrix_product_equal_to_the_convolu
 def test_small_weights_large_images_other_dtypes_and_1x1_layers_stay_ordinary_convolutions():
     big = layer(1280, 1280)
     assert not big.use_matmul(torch.randn(1, 1280, 32, 32))           # 1,024 positions
-    assert not big.use_matmul(torch.randn(8, 1280, 8, 8))             # 512 positions
+    assert not big.use_matmul(torch.randn(1, 1280, 24, 24))           # 576 positions
     assert not big.use_matmul(torch.randn(1, 1280, 8, 8, dtype=torch.bfloat16))
     assert not layer(320, 320).use_matmul(torch.randn(1, 320, 4, 4))  # 0.9 M weights
     assert not layer(1280, 1280, k=1).use_matmul(torch.randn(1, 1280, 4, 4))
     x = torch.randn(1280, 4, 4)                                       # unbatched, as nn.Conv2d allows
     assert not big.use_matmul(x) and big(x).shape == (1280, 4, 4)
+
+
+def test_an_image_gets_the_same_numbers_in_any_batch():
+    """The rule looks at one image's size, not the batch's, and the product is taken image by image:
+    a seed's image is bit for bit the same alone or among others (sample.py's promise on the CPU)."""
+    conv = layer(2560, 1280)
+    x = torch.randn(8, 2560, 8, 8)
+    alone = [conv(x[i:i + 1]) for i in range(8)]
+    for batch in (2, 3, 8):
+        assert conv.use_matmul(x[:batch])
+        together = conv(x[:batch])
+        assert all(torch.equal(together[i:i + 1], alone[i]) for i in range(batch)), batch
