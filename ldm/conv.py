@@ -13,7 +13,9 @@ weight, not to the image, so it dominates where the weight is large and the imag
 layers of SD's U-Net with 1280 or more input channels on its smallest latents (16×16 and below),
 forward and backward. There the matrix product is up to 4 times faster (`bench/conv_cpu.py`
 measures it layer by layer). Everywhere else, and on the GPU, the layer is an ordinary
-`nn.Conv2d`; the weights and their names are the same.
+`nn.Conv2d`; the weights and their names are the same. The thresholds below were measured on
+one machine; to see yours, run the bench, and to turn the path off, set
+`ldm.conv.MATMUL_MIN_WEIGHT = float("inf")`.
 """
 from __future__ import annotations
 
