@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -86,25 +87,12 @@ def main():
     chosen, never = [], []
     for _ in range(5):  # alternate, so a slow spell of the machine falls on both
         chosen.append(best_ms(step, 1) / 1000)
-        with patched(conv, "MATMUL_MIN_WEIGHT", float("inf")):
+        with mock.patch.object(conv, "MATMUL_MIN_WEIGHT", float("inf")):
             never.append(best_ms(step, 1) / 1000)
     ratios = [a / b for a, b in zip(chosen, never)]
     print(f"\nU-Net forward + backward to the text (medians of 5, alternately): ldm.conv "
           f"{statistics.median(chosen):.2f} s, PyTorch's convolution everywhere {statistics.median(never):.2f} s, "
           f"ratio {statistics.median(ratios):.2f} (each pair: {', '.join(f'{r:.2f}' for r in ratios)})")
-
-class patched:
-    """Set a module attribute for the duration of a `with` block."""
-
-    def __init__(self, obj, name, value):
-        self.obj, self.name, self.value = obj, name, value
-
-    def __enter__(self):
-        self.old = getattr(self.obj, self.name)
-        setattr(self.obj, self.name, self.value)
-
-    def __exit__(self, *exc):
-        setattr(self.obj, self.name, self.old)
 
 
 if __name__ == "__main__":

@@ -281,5 +281,6 @@ def main():
               f"{o['above_weights_mb'] / r['above_weights_mb']:.2f} | {', '.join(f'{x:.2f}' for x in ratios)} |",
               flush=True)
 
+
 if __name__ == "__main__":
     main()

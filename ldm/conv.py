@@ -31,12 +31,16 @@ MATMUL_MIN_WEIGHT = 10_000_000
 MATMUL_MAX_POSITIONS = 256
 
 
+def output_size(x: torch.Tensor, kernel, stride, padding):
+    """(H_out, W_out) of a convolution of x (..., H, W) with zero padding."""
+    return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(x.shape[-2:], kernel, stride, padding))
+
+
 def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding) -> torch.Tensor:
     """F.conv2d(x, weight, bias, stride, padding) as unfold + one matrix product per image."""
-    B, _, H, W = x.shape
-    c_out, _, kh, kw = weight.shape
-    h_out = (H + 2 * padding[0] - kh) // stride[0] + 1
-    w_out = (W + 2 * padding[1] - kw) // stride[1] + 1
+    B, c_out = x.shape[0], weight.shape[0]
+    kh, kw = weight.shape[-2:]
+    h_out, w_out = output_size(x, (kh, kw), stride, padding)
     w = weight.flatten(1)                                          # (C_out, C_in·kh·kw)
     cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (B, C_in·kh·kw, h_out·w_out)
     # One product per image: a product over the whole batch can round an image differently
@@ -56,8 +60,7 @@ class Conv2d(nn.Conv2d):
         if x.dim() != 4 or self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" \
                 or isinstance(self.padding, str):
             return False  # what conv2d_as_matmul does not compute
-        h_out = (x.shape[-2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
-        w_out = (x.shape[-1] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+        h_out, w_out = output_size(x, self.kernel_size, self.stride, self.padding)
         return h_out * w_out <= MATMUL_MAX_POSITIONS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
