@@ -39,6 +39,9 @@ def main():
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--repeats", type=positive_int, default=5, help="timings per layer and way; the best is kept")
     args = p.parse_args()
+    if args.resolution % 64:
+        p.error(f"--resolution must be a multiple of 64 (the U-Net halves the 1/8-size latent three times), "
+                f"got {args.resolution}")
     import torch
     import torch.nn.functional as F
     from ldm import conv

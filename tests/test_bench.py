@@ -57,3 +57,11 @@ def test_conv_bench_lists_every_convolution_of_sd_and_the_way_ldm_conv_takes(tmp
     found = re.search(r"ldm.conv ([\d.]+) s, .* ([\d.]+) s, ratio ([\d.]+) \(each pair: ([\d., ]+)\)", out.stdout)
     ratio, pairs = float(found.group(3)), sorted(float(r) for r in found.group(4).split(", "))
     assert len(pairs) == 5 and ratio == pairs[2]  # the median pair
+
+
+def test_conv_bench_refuses_a_resolution_the_unet_cannot_take():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "conv_cpu.py"), "--resolution", "100"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith("--resolution must be a multiple of 64 (the U-Net halves "
+                                                          "the 1/8-size latent three times), got 100")
