@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inversion.files import BASE_MODEL_HASH, EmbeddingError
-from inversion.textual_inversion import TextualInversion, encode_images
+from inversion.textual_inversion import TextualInversion, encode_images, noisy_latents
 from inversion.precision import autocast
 from ldm.load import _atomic
 
@@ -218,11 +218,7 @@ class HiPer:
         cfg, model = self.cfg, self.model
         rng = np.random.default_rng([cfg.seed, step])
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        shape = (cfg.batch, *self.mean.shape[1:])
-        z0 = (self.mean + self.std * torch.randn(shape, generator=g).to(model.device)) * model.scale_factor
-        noise = torch.randn(shape, generator=g).to(model.device)
-        t = torch.randint(0, model.schedule.num_timesteps, (cfg.batch,), generator=g).to(model.device)
-        z_t = model.schedule.add_noise(z0, noise, t)
+        z_t, noise, t = noisy_latents(model, self.mean, self.std, torch.zeros(cfg.batch, dtype=torch.long), g)
         context = self.context().expand(cfg.batch, -1, -1)   # (B, 77, D)
         with autocast(model):
             eps = model.unet(z_t.to(model.dtype), t, context.to(model.dtype))

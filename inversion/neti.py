@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images
+from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images, noisy_latents
 from inversion.precision import autocast
 from ldm.load import LoadError, _atomic
 
@@ -415,11 +415,7 @@ class NeTI:
         idx = rng.integers(0, self.n_images, cfg.batch)
         flipped = (rng.random(cfg.batch) < 0.5) if cfg.flip else np.zeros(cfg.batch, bool)
         rows = torch.from_numpy(idx + self.n_images * flipped)
-        noise_z = torch.randn(self.means[rows].shape, generator=g).to(model.device)
-        z0 = (self.means[rows] + self.stds[rows] * noise_z) * model.scale_factor  # z ~ E(x), scaled
-        noise = torch.randn(z0.shape, generator=g).to(model.device)
-        t = torch.randint(0, model.schedule.num_timesteps, (cfg.batch,), generator=g).to(model.device)
-        z_t = model.schedule.add_noise(z0, noise, t)
+        z_t, noise, t = noisy_latents(model, self.means, self.stds, rows, g)
         prompts = [self.templates[int(rng.integers(len(self.templates)))].format(cfg.placeholder)
                    for _ in range(cfg.batch)]
         keep = nested_dropout_keep(cfg.batch, self.mapper.config.num_layers, cfg.hidden, cfg.nested_dropout, g)

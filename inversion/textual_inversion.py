@@ -80,6 +80,16 @@ def image_token(cfg: TIConfig, i: int) -> str:
 
 
 @torch.no_grad()
+def noisy_latents(model, means: torch.Tensor, stds: torch.Tensor, rows: torch.Tensor, g: torch.Generator):
+    """One training batch from the cached posteriors `rows`: z0 ~ E(x) (scaled), ε ~ N(0, I),
+    t ~ U[0, T) and z_t = √ᾱ_t z0 + √(1-ᾱ_t) ε. Returns (z_t, ε, t); every draw comes from g."""
+    noise_z = torch.randn(means[rows].shape, generator=g).to(model.device)
+    z0 = (means[rows] + stds[rows] * noise_z) * model.scale_factor        # (B, C, h, w)
+    noise = torch.randn(z0.shape, generator=g).to(model.device)
+    t = torch.randint(0, model.schedule.num_timesteps, (len(rows),), generator=g).to(model.device)
+    return model.schedule.add_noise(z0, noise, t), noise, t
+
+
 def encode_images(model, images: torch.Tensor, batch: int = 8):
     """Posterior mean and std (2N, C, h, w) of each image and of its mirror image, computed once."""
     both = torch.cat([images, images.flip(-1)])
@@ -135,11 +145,7 @@ class TextualInversion:
         idx = rng.integers(0, self.n_images, cfg.batch)
         flipped = (rng.random(cfg.batch) < 0.5) if cfg.flip else np.zeros(cfg.batch, bool)
         rows = torch.from_numpy(idx + self.n_images * flipped)
-        noise_z = torch.randn(self.means[rows].shape, generator=g).to(model.device)
-        z0 = (self.means[rows] + self.stds[rows] * noise_z) * model.scale_factor  # z ~ E(x), scaled
-        noise = torch.randn(z0.shape, generator=g).to(model.device)
-        t = torch.randint(0, model.schedule.num_timesteps, (cfg.batch,), generator=g).to(model.device)
-        z_t = model.schedule.add_noise(z0, noise, t)
+        z_t, noise, t = noisy_latents(model, self.means, self.stds, rows, g)
 
         ids = self.model.tokenizer(self.prompts(rng, idx)).to(model.device)
         with autocast(model):
