@@ -36,8 +36,34 @@ def test_ti_results_table(ckpt32, tmp_path, capsys):
     assert sum(l.startswith("baseline") for l in labels) == 3          # ring, hourglass, checkered
     for label in ("single vector", "multi-vector (3)", "style: single vector"):
         assert label in labels
-    for line in rows:
+    context = [l for l in rows if "whole context" in l]
+    assert len(context) == 1 and rows[-1] == context[0]
+    for line in rows[:-1]:
         check_means(line)
+    # the context row: a reconstruction per seed and their mean, no editability (no word to edit with)
+    cells = [c.strip() for c in context[0].strip("|").split("|")]
+    per_seed = [pair.split(" / ") for pair in cells[4].split(",")]
+    assert cells[3] == "-" and [e.strip() for _, e in per_seed] == ["-", "-"]
+    assert percents(cells[2])[0] == pytest.approx(sum(percents(r)[0] for r, _ in per_seed) / 2, abs=0.006)
+
+
+def test_learn_context_trains_only_the_context(ckpt32):
+    """The whole-context comparison row: a (77, D) context that starts at the text encoder's output
+    for "a photo of a object", moves with training, is the same for the same seed, and leaves the
+    model's weights as they were."""
+    import ldm
+    import torch
+    from tinyworld.ti_results import learn_context
+    model = ldm.load(ckpt32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    start = model.encode_prompts(["a photo of a object"]).float()[0]
+    assert torch.equal(learn_context(model, "ring", 0, seed=0), start)
+    a, b = learn_context(model, "ring", 3, seed=0), learn_context(model, "ring", 3, seed=0)
+    assert a.shape == (77, model.config.text.hidden_size) and torch.equal(a, b)
+    assert not torch.allclose(a, start)
+    assert not torch.equal(learn_context(model, "ring", 3, seed=1), a)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_neti_results_table(ckpt32, tmp_path, capsys):

@@ -89,6 +89,16 @@ def evaluate_word(model, concept: str, word: str, n: int = 64, steps: int = 50, 
             "edit_and_concept": edit["edit_and_concept"]}
 
 
+def evaluate_context(model, concept: str, context, n: int = 64, steps: int = 50, scale: float = 7.5,
+                     seed: int = 0) -> Dict[str, float]:
+    """Reconstruction of samples drawn from a fixed U-Net context (77, D) in place of a prompt's
+    text-encoder output (the unconditional half stays the empty prompt's)."""
+    from tinyworld.evaluate import sample_prompts
+    cond = context.to(model.device, model.dtype)[None]                   # (1, 77, D): every sample's
+    images = sample_prompts(model, [""] * n, [seed + i for i in range(n)], steps, scale, cond=cond)
+    return {"reconstruction": score(images, concept)["concept"]}
+
+
 BASELINE_WORDS = {"shape": ("object", "circle", "square", "triangle", "cross", "shape"),
                   "texture": ("striped", "dotted", "plain", "pattern")}
 

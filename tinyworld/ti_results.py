@@ -9,8 +9,10 @@ texture the base model draws but has no word for), then scored:
   reconstruction: share of "a photo of a <x>"-style samples the analyzer reads as the concept;
   editability: share of "a small red <x> on the left on a black background"-style prompts whose
       other attributes (size, color, position, background) are all honored.
-The baseline row is the best ordinary word for the concept. Each score is a mean over seeds:
-one run's score depends much on its images and training noise on this tiny model.
+The baseline row is the best ordinary word for the concept. The last row is not a word: it
+learns the U-Net's whole context (77 x D) on the same images with the same loss, to show how
+much of the concept any conditioning learned this way gets across. Each score is a mean over
+seeds: one run's score depends much on its images and training noise on this tiny model.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ ROWS = {
     "hourglass": ("single vector", "hourglass", dict()),
     "checkered": ("style: single vector", "checkered", dict(learnable_property="style")),
 }
+# A comparison row, not a word: the U-Net's whole context learned directly (learn_context).
+CONTEXT_ROWS = {"ring-context": ("no word: the whole context (77 x D) learned directly", "ring")}
+CONTEXT_LR = 5e-3  # Adam, not scaled by the batch: HiPer's rate, for vectors of the same kind (text-encoder outputs)
 
 
 def learn(model, concept: str, steps: int, seed: int, out: Path, **overrides):
@@ -52,6 +57,43 @@ def learn(model, concept: str, steps: int, seed: int, out: Path, **overrides):
     return trainer
 
 
+def learn_context(model, concept: str, steps: int, seed: int, lr: float = CONTEXT_LR):
+    """The U-Net's whole context c (77, D) learned directly on the word's 5 images (and their
+    mirror images), with the word's loss, batch and timesteps:
+
+        c* = argmin_c  E_{z ~ E(x), ε, t} || ε - ε_θ(z_t, t, c) ||²
+
+    c starts as the text encoder's output for "a photo of a <init word>". A word reaches the
+    U-Net only through the text encoder, as one such context per prompt, so c has all of a
+    word's freedom and more (77 x D numbers instead of D). How often samples from c show the
+    concept says how far this loss, on these images and this model, can take any word."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from inversion.textual_inversion import encode_images, noisy_latents
+    from tinyworld.concepts import default_init_word
+    from tinyworld.train import to_tensor
+    from tinyworld.world import concept_images
+    from invert import TINY_DEFAULTS
+    batch = TINY_DEFAULTS["batch"]
+    model.requires_grad_(False).eval()
+    means, stds = encode_images(model, to_tensor(concept_images(concept, 5, seed=seed)))  # (10, C, h, w)
+    start = model.encode_prompts([f"a photo of a {default_init_word(concept)}"]).float()[0]  # (77, D)
+    context = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.Adam([context], lr=lr)
+    for step in range(steps):
+        rng = np.random.default_rng([seed, step])
+        g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        rows = torch.from_numpy(rng.integers(0, len(means), batch))   # an image or its mirror image
+        z_t, noise, t = noisy_latents(model, means, stds, rows, g)
+        eps = model.unet(z_t.to(model.dtype), t, context.expand(batch, -1, -1).to(model.dtype))
+        loss = F.mse_loss(eps.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return context.detach()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tinyworld.ti_results", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
@@ -62,31 +104,48 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps when scoring")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one run per seed (its own 5 images, training noise and sampling seeds); scores are means")
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS),
-                   help="which rows of the table to run (for a sweep of one of them)")
+    p.add_argument("--rows", nargs="+", choices=[*ROWS, *CONTEXT_ROWS], default=[*ROWS, *CONTEXT_ROWS],
+                   help="which rows of the table to run (for a sweep of one of them); ring-context learns "
+                        "the U-Net's whole context instead of a word, with --context-lr")
+    p.add_argument("--context-lr", type=positive_float, default=CONTEXT_LR,
+                   help="Adam learning rate of the ring-context row (not scaled by the batch)")
     p.add_argument("--no-baseline", action="store_true", help="skip the best-plain-word rows")
     p.add_argument("--out", type=Path, default=Path("outputs") / "ti_results")
     args = p.parse_args(argv)
     import ldm
     from invert import TINY_DEFAULTS
-    from tinyworld.concepts import best_plain_caption, evaluate_word, mean_scores
+    from tinyworld.concepts import best_plain_caption, evaluate_context, evaluate_word, mean_scores
     model = ldm.load(args.ckpt)
     steps = args.steps or TINY_DEFAULTS["steps"]
     seeds = args.seeds
     print(f"Textual Inversion on the tiny world: 5 images per concept and seed, {steps} steps, "
           f"base lr {args.lr or TINY_DEFAULTS['lr']:g}, {args.n} samples "
-          f"per score, DDIM {args.sample_steps}; means over seeds {', '.join(map(str, seeds))}\n")
+          f"per score, DDIM {args.sample_steps}; means over seeds {', '.join(map(str, seeds))}"
+          + (f"; the whole context: Adam, lr {args.context_lr:g}" if set(args.rows) & set(CONTEXT_ROWS) else "")
+          + "\n")
     print("| concept | word | reconstruction | editability | per seed: reconstruction / editability "
           "| training time a seed |\n|---|---|---|---|---|---|")
 
     def row(concept, label, runs, seconds="-"):
         mean = mean_scores(runs)
-        per_seed = ", ".join(f"{r['reconstruction']:.0%} / {r['editability']:.0%}" for r in runs)
-        print(f"| {concept} | {label} | {mean['reconstruction']:.0%} | {mean['editability']:.0%} | {per_seed} | "
-              f"{seconds} |", flush=True)
+        percent = lambda r, key: f"{r[key]:.0%}" if key in r else "-"   # a context has no editability
+        per_seed = ", ".join(f"{percent(r, 'reconstruction')} / {percent(r, 'editability')}" for r in runs)
+        print(f"| {concept} | {label} | {percent(mean, 'reconstruction')} | {percent(mean, 'editability')} | "
+              f"{per_seed} | {seconds} |", flush=True)
 
     done = set()
-    for label, concept, overrides in (ROWS[name] for name in args.rows):
+    for name in args.rows:
+        if name in CONTEXT_ROWS:
+            label, concept = CONTEXT_ROWS[name]
+            runs, seconds = [], 0.0
+            for seed in seeds:
+                t = time.time()
+                context = learn_context(model, concept, steps, seed, args.context_lr)
+                seconds += time.time() - t
+                runs.append(evaluate_context(model, concept, context, n=args.n, steps=args.sample_steps, seed=seed))
+            row(concept, label, runs, f"{seconds / len(seeds):.0f} s")
+            continue
+        label, concept, overrides = ROWS[name]
         if concept not in done and not args.no_baseline:  # the baseline: the best ordinary word, on the first seed's samples
             word, _ = best_plain_caption(model, concept, n=args.n // 2, steps=args.sample_steps, seed=seeds[0])
             row(concept, f"baseline: best plain word \"{word}\"",
