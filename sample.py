@@ -47,7 +47,8 @@ def build_parser() -> Parser:
     p.add_argument("--hiper", type=Path, default=None, metavar="FILE",
                    help="a HiPer tail (invert.py --method hiper): --prompt is the target text, the tail keeps "
                         "the source image's subject")
-    p.add_argument("--alpha", type=nonnegative_float, default=0.8, help="with --hiper: the weight α of the tail")
+    p.add_argument("--alpha", type=nonnegative_float, default=None,
+                   help="with --hiper: the weight α of the tail (default: 0.8, the paper's)")
     p.add_argument("--neti", type=Path, default=None, metavar="FILE",
                    help="a NeTI mapper (invert.py --method neti); write its placeholder in --prompt")
     p.add_argument("--truncation", type=positive_int, default=None, metavar="K",
@@ -96,6 +97,10 @@ def main(argv=None) -> int:
         raise CLIError(f"--ckpt {args.ckpt}: no such file or folder")
     if args.truncation is not None and args.neti is None:
         raise CLIError("--truncation needs --neti (it truncates a NeTI mapper)")
+    if args.alpha is not None and args.hiper is None:
+        raise CLIError("--alpha needs --hiper (it weights a HiPer tail)")
+    if args.alpha is None:
+        args.alpha = 0.8
     if args.neti is not None and args.hiper is not None:
         raise CLIError("use --neti or --hiper, not both")
     check_writable(args.out)

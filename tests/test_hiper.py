@@ -194,6 +194,7 @@ def test_bad_input_gives_one_line_exit_2_and_no_files(ckpt, image_file, tmp_path
         (sample.main, ["--ckpt", str(ckpt), "--hiper", str(broken), "--prompt", TARGET], "unknown format"),
         (sample.main, ["--ckpt", str(ckpt), "--hiper", str(good), "--prompt", long_prompt], "target prompt"),
         (sample.main, ["--ckpt", str(ckpt), "--embedding", str(good), "--prompt", TARGET], "sample.py --hiper"),
+        (sample.main, ["--ckpt", str(ckpt), "--prompt", TARGET, "--alpha", "0.5"], "--alpha needs --hiper"),
     ]
     for main, argv, message in cases:
         out = tmp_path / "out_bad"
