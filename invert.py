@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from inversion.precision import training_dtype
-from ldm.cli import (CLIError, Parser, check_writable, nonnegative_float, nonnegative_int, pick_device,
-                     positive_float, positive_int, run)
+from ldm.cli import (CLIError, Parser, check_writable, flags, nonnegative_float, nonnegative_int,
+                     pick_device, positive_float, positive_int, run)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -81,9 +81,22 @@ def build_parser() -> Parser:
     run_.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                       help="frozen weights' dtype. auto: bf16 under autocast on a CUDA GPU, fp32 elsewhere; "
                            "fp32 turns autocast off; the learned vectors are fp32 always")
-    for module in METHOD_MODULES.values():
-        importlib.import_module(module).add_arguments(p)
+    # Which options each method takes: a method's own group and its SHARED_OPTIONS; Textual
+    # Inversion takes every option but the other methods' own.
+    own = {name: importlib.import_module(module).add_arguments(p) for name, module in METHOD_MODULES.items()}
+    every = {a.dest for a in p._actions} - {"help"}
+    p.method_options = {"ti": every - set().union(*own.values())}
+    for name, module in METHOD_MODULES.items():
+        p.method_options[name] = own[name] | set(importlib.import_module(module).SHARED_OPTIONS) | {"method"}
     return p
+
+
+def check_method_options(parser: Parser, args, argv) -> None:
+    """An option the chosen --method does not take would be ignored without a word: refuse it."""
+    for dest in sorted(parser.given_options(argv) - parser.method_options[args.method]):
+        owners = [m for m, options in parser.method_options.items() if dest in options]
+        raise CLIError(f"{flags([dest])} is not an option of --method {args.method}; it belongs to "
+                       f"--method {' and '.join(owners)} (see --help)")
 
 
 def tiny_world_images(concept: str, n: int, seed: int, out: Path) -> torch.Tensor:
@@ -179,7 +192,9 @@ def load_model(args):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_method_options(parser, args, argv)
     if args.method != "ti":
         return importlib.import_module(METHOD_MODULES[args.method]).main(args)
     from inversion.data import templates

@@ -2,6 +2,9 @@
 
     python sample.py --prompt "a large blue circle on the left"          # the shipped tiny model
     python sample.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a photo of a cat" --n 4
+    python sample.py --embedding outputs/inversion/learned_embeds.safetensors --prompt "a <ring> on the left"
+    python sample.py --neti outputs/inversion/neti_mapper.safetensors --prompt "a <ring>" --truncation 32
+    python sample.py --hiper outputs/inversion/hiper_tail.safetensors --prompt "a red circle on the right" --alpha 0.8
 
 Writes one PNG per image (prompt, seed and settings in its text metadata) and a grid.
 """
@@ -20,7 +23,7 @@ DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="sample.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--prompt", required=True, help="what to draw; learned words (e.g. <cat-toy>) need --embedding")
     p.add_argument("--negative", default="", help="negative prompt: the unconditional half of guidance")
     p.add_argument("--ckpt", type=Path, default=None,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import CLIError, positive_int
+from ldm.cli import CLIError, flags, positive_int
 
 # SD: the paper's recipe (HiPer0/HiPer script.sh: Adam, lr 5e-3, batch 1; tails used at step 1000).
 SD_DEFAULTS = dict(steps=1000, batch=1, lr=5e-3, save_every=100)
@@ -28,18 +28,24 @@ TINY_DEFAULTS = dict(steps=300, batch=4, lr=5e-3, save_every=50)
 TAIL_FILE = "hiper_tail.safetensors"
 
 
-def add_arguments(parser) -> None:
+# The options beside its own that --method hiper takes (invert.py refuses the others).
+SHARED_OPTIONS = ("steps", "lr", "batch", "seed", "ckpt", "out", "resume", "save_every", "no_eval", "device",
+                  "precision")
+
+
+def add_arguments(parser) -> set:
+    """Add HiPer's argument group; returns the names (dests) of its own options."""
     g = parser.add_argument_group(
         "HiPer (--method hiper)",
-        "one image and a prompt describing it; also uses --steps, --lr, --batch, --seed, --ckpt, --out, --resume, "
-        "--save-every, --no-eval, --device, --precision (SD defaults: 1000 steps, lr 5e-3, batch 1; "
-        "tiny model: 300 steps, lr 5e-3, batch 4)")
-    g.add_argument("--image", type=Path, default=None, metavar="IMG",
-                   help="the source image (default on the tiny model: a rendered tiny-world object)")
-    g.add_argument("--source", default=None, metavar="TEXT",
-                   help="the source prompt describing --image, e.g. 'a standing dog'")
-    g.add_argument("--tail", type=positive_int, default=5, metavar="K",
-                   help="the last K of the 77 text-encoder rows are learned")
+        f"one image and a prompt describing it; also uses {flags(SHARED_OPTIONS)} (SD defaults: 1000 steps, "
+        "lr 5e-3, batch 1; tiny model: 300 steps, lr 5e-3, batch 4)")
+    own = [g.add_argument("--image", type=Path, default=None, metavar="IMG",
+                          help="the source image (default on the tiny model: a rendered tiny-world object)"),
+           g.add_argument("--source", default=None, metavar="TEXT",
+                          help="the source prompt describing --image, e.g. 'a standing dog'"),
+           g.add_argument("--tail", type=positive_int, default=5, metavar="K",
+                          help="the last K of the 77 text-encoder rows are learned")]
+    return {a.dest for a in own}
 
 
 def check_arguments(args) -> None:
@@ -47,8 +53,6 @@ def check_arguments(args) -> None:
     from inversion.data import DataError, load_image
     from inversion.hiper import HiPerError, check_prompt, check_tail_size
     from invert import check_paths
-    if args.images is not None:
-        raise CLIError("--method hiper learns from one --image, not --images")
     if (args.image is None) != (args.source is None):
         raise CLIError("give --image and --source together (--source describes the image), or neither for the "
                        "tiny-world demo")

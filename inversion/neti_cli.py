@@ -17,31 +17,33 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import CLIError, positive_int
+from ldm.cli import CLIError, flags, positive_int
 
 # SD: NeTI's recipe (training/config.py of the authors' code): lr 1e-3 scaled by the images
 # per step, batch 2 with 4 accumulated micro-batches, 1000 steps, a checkpoint every 250.
 SD_DEFAULTS = dict(steps=1000, batch=2, grad_accum=4, lr=1e-3, save_every=250)
 # The tiny model (config.image_size <= 64): the same 8 images and lr per step as NeTI for SD.
 TINY_DEFAULTS = dict(steps=400, batch=8, grad_accum=1, lr=1e-3, save_every=100)
-# Options of Textual Inversion that NeTI does not have: (name, its "off" value).
-TI_ONLY = (("num_vectors", 1), ("progressive_every", 0), ("reg_weight", 0.0), ("per_image_tokens", False))
+# The options beside its own that --method neti takes (invert.py refuses the others).
+SHARED_OPTIONS = ("images", "concept", "num_images", "resolution", "no_flip", "placeholder", "init_word",
+                  "property", "steps", "lr", "batch", "seed", "ckpt", "out", "resume", "save_every",
+                  "sample_every", "no_eval", "device", "precision")
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser) -> set:
+    """Add NeTI's argument group; returns the names (dests) of its own options."""
     g = parser.add_argument_group(
         "NeTI (--method neti)",
-        "a mapper gives the word's vector for every timestep and cross-attention layer; also uses --images, "
-        "--concept, --num-images, --resolution, --no-flip, --placeholder, --init-word (the super-category "
-        "word), --property, --steps, --lr, --batch, --seed, --ckpt, --out, --resume, --save-every, "
-        "--sample-every, --no-eval, --device, --precision (SD defaults: 1000 steps, lr 1e-3 x 8 images)")
-    g.add_argument("--grad-accum", type=positive_int, default=None,
-                   help="micro-batches per step; the lr is scaled by batch x grad-accum (SD: 4, tiny: 1)")
-    g.add_argument("--sigma-t", type=float, default=0.03, help="scale of the time frequencies of the encoding")
-    g.add_argument("--sigma-l", type=float, default=2.0, help="scale of the layer frequencies of the encoding")
-    g.add_argument("--nested-dropout", type=float, default=0.5,
-                   help="probability of truncating the mapper's hidden units at a random index in training")
-    g.add_argument("--no-bypass", action="store_true", help="no textual bypass: the mapper gives only the word")
+        "a mapper gives the word's vector for every timestep and cross-attention layer; --init-word is the "
+        f"super-category word; also uses {flags(SHARED_OPTIONS)} (SD defaults: 1000 steps, lr 1e-3 x 8 images)")
+    own = [g.add_argument("--grad-accum", type=positive_int, default=None,
+                          help="micro-batches per step; the lr is scaled by batch x grad-accum (SD: 4, tiny: 1)"),
+           g.add_argument("--sigma-t", type=float, default=0.03, help="scale of the time frequencies of the encoding"),
+           g.add_argument("--sigma-l", type=float, default=2.0, help="scale of the layer frequencies of the encoding"),
+           g.add_argument("--nested-dropout", type=float, default=0.5,
+                          help="probability of truncating the mapper's hidden units at a random index in training"),
+           g.add_argument("--no-bypass", action="store_true", help="no textual bypass: the mapper gives only the word")]
+    return {a.dest for a in own}
 
 
 def check_arguments(args) -> None:
@@ -49,11 +51,6 @@ def check_arguments(args) -> None:
     from inversion.neti import NeTIConfig, check_config
     from inversion.textual_inversion import TrainingError
     from invert import check_paths
-    for name, off in TI_ONLY:
-        if getattr(args, name, off) != off:
-            raise CLIError(f"--{name.replace('_', '-')} is an option of Textual Inversion (--method ti), not of NeTI")
-    if getattr(args, "image", None) is not None:
-        raise CLIError("--method neti learns from --images (a folder), not --image")
     try:  # the numbers the user chose, before anything is loaded
         check_config(NeTIConfig(sigma_t=args.sigma_t, sigma_l=args.sigma_l, nested_dropout=args.nested_dropout,
                                 lr=args.lr or 1e-3))

@@ -24,6 +24,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return action.help
         return super()._get_help_string(action)
 
+    def _fill_text(self, text, width, indent):
+        """Text with line breaks of its own (examples in an epilog) is shown as written; a
+        one-line text (a description) is wrapped to the terminal."""
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.strip("\n").splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with defaults shown in --help and a single-line error instead of usage + error."""
@@ -34,6 +41,24 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise CLIError(f"{message} (see --help)")
+
+    def given_options(self, argv=None) -> set:
+        """The names (dests) of the options written on the command line, in whatever spelling
+        argparse accepted: parse again with every default suppressed, so only those are set."""
+        actions = self._actions  # argparse keeps its options here; there is no public accessor
+        defaults = [a.default for a in actions]
+        try:
+            for a in actions:
+                a.default = argparse.SUPPRESS
+            return set(vars(self.parse_args(argv)))
+        finally:
+            for a, default in zip(actions, defaults):
+                a.default = default
+
+
+def flags(dests) -> str:
+    """"--steps, --no-eval" from option names (dests) ("steps", "no_eval")."""
+    return ", ".join("--" + d.replace("_", "-") for d in dests)
 
 
 def checked_number(convert, what: str, ok, requirement: str):

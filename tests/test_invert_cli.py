@@ -102,6 +102,12 @@ def bad_cases(ckpt, images, tmp_path):
         (common + ["--out", str(blocker)], "--out"),
         (common + ["--method", "neti", "--lr", "0"], "--lr"),
         (common + ["--method", "hiper", "--lr", "-1"], "--lr"),
+        # an option of another method would be ignored without a word
+        (common + ["--tail", "3"], "--tail is not an option of --method ti; it belongs to --method hiper"),
+        (common + ["--grad-accum", "2"], "--grad-accum is not an option of --method ti"),
+        (["--ckpt", str(ckpt), "--method", "hiper", "--num-vectors", "2"], "--num-vectors is not an option"),
+        (["--ckpt", str(ckpt), "--method", "hiper", "--images", str(images)], "belongs to --method ti and neti"),
+        (["--ckpt", str(ckpt), "--method", "hiper", "--tai=3", "--sample-every", "5"], "--sample-every"),
     ]
 
 
@@ -126,6 +132,24 @@ def test_one_image_is_allowed_with_a_warning(ckpt, tmp_path, capsys):
     assert rc == 0 and "one training image" in cap.err
 
 
+def test_each_method_takes_its_options_and_only_those():
+    """Every option belongs to some method; a method's help lists the shared options it takes;
+    the options given are found in any spelling argparse accepts, defaults are left as they were."""
+    parser = invert.build_parser()
+    every = {a.dest for a in parser._actions} - {"help"}
+    assert set().union(*parser.method_options.values()) == every
+    assert {"tail", "image", "source"} <= parser.method_options["hiper"] - parser.method_options["ti"]
+    assert {"grad_accum", "no_bypass"} <= parser.method_options["neti"] - parser.method_options["ti"]
+    assert "num_vectors" in parser.method_options["ti"] - parser.method_options["neti"]
+    assert parser.given_options(["--method", "hiper", "--tai=3", "--no-ev", "--steps", "2"]) == \
+        {"method", "tail", "no_eval", "steps"}
+    assert parser.given_options([]) == set()
+    assert parser.parse_args([]).tail == 5 and parser.parse_args([]).method == "ti"
+    helps = {g.title: g.description or "" for g in parser._action_groups}
+    assert "also uses --steps, --lr" in helps["HiPer (--method hiper)"]
+    assert "--init-word" in helps["NeTI (--method neti)"]
+
+
 def test_help_shows_defaults_only_where_there_is_one(capsys):
     with pytest.raises(SystemExit):
         invert.main(["--help"])
@@ -133,6 +157,15 @@ def test_help_shows_defaults_only_where_there_is_one(capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "how many to render (default: 5)" in text
     assert "(default: weights/tiny.safetensors)" in text and text.count("tiny.safetensors") == 1
+
+
+def test_help_shows_the_examples_as_written(capsys):
+    for main in (invert.main, sample.main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        lines = capsys.readouterr().out.splitlines()
+        examples = [l for l in lines if l.startswith("    python ")]
+        assert len(examples) >= 2 and all(l in main.__globals__["__doc__"] for l in examples)
 
 
 def test_an_os_error_mid_run_is_one_line(capsys):

@@ -374,7 +374,8 @@ def test_default_run_learns_a_tiny_world_concept(ckpt, tmp_path, capsys):
 def test_bad_input_gives_one_line_exit_2_and_no_files(ckpt, image_dir, tmp_path, capsys):
     common = ["--ckpt", str(ckpt), "--images", str(image_dir), "--placeholder", "<toy>", "--init-word", "toy"]
     for argv, message in [
-        (common + ["--num-vectors", "2"], "option of Textual Inversion"),
+        (common + ["--num-vectors", "2"], "--num-vectors is not an option of --method neti"),
+        (common + ["--image", str(image_dir)], "--image is not an option of --method neti"),
         (common + ["--nested-dropout", "1.5"], "--nested-dropout"),
         (common + ["--sigma-t", "0"], "--sigma-t"),
         (common + ["--grad-accum", "0"], "--grad-accum"),
