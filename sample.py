@@ -68,10 +68,10 @@ def resolve_checkpoint(ckpt) -> Path:
     return DEFAULT_CKPT
 
 
-def load_model(ckpt, device: torch.device, dtype: torch.dtype):
+def load_model(ckpt, device: torch.device, dtype: torch.dtype, ema: bool = False):
     """The model named by --ckpt (or the default), with a one-line error for anything wrong."""
     import ldm
-    return ldm.load(resolve_checkpoint(ckpt), device=device, dtype=dtype)
+    return ldm.load(resolve_checkpoint(ckpt), device=device, dtype=dtype, ema=ema)
 
 
 def png_info(settings: dict):
@@ -106,10 +106,12 @@ def main(argv=None) -> int:
         args.alpha = 0.8
     if args.neti is not None and args.hiper is not None:
         raise CLIError("use --neti or --hiper, not both")
+    if args.eta and args.sampler != "ddim":
+        raise CLIError(f"--eta is DDIM's noise; --sampler {args.sampler} does not take it")
     check_writable(args.out)
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
-    model = load_model(args.ckpt, device, dtype)
+    model = load_model(args.ckpt, device, dtype, ema=args.ema)
     new_embeddings, prompt, negative = None, args.prompt, args.negative
     from inversion.files import base_model_hash
 
@@ -153,6 +155,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_name = str(args.ckpt) if args.ckpt else str(DEFAULT_CKPT.relative_to(ROOT))
     extra = {"embeddings": ", ".join(p.name for p in args.embedding)} if args.embedding else {}
+    if args.ema:
+        extra.update(ema="true")
     if args.hiper is not None:
         extra.update(hiper=args.hiper.name, alpha=args.alpha)
     if args.neti is not None:

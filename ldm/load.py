@@ -163,7 +163,8 @@ def _take_ema(sd: Dict[str, torch.Tensor]) -> None:
     for key in [k for k in sd if k.startswith(convert.PREFIX_UNET)]:
         ema_key = "model_ema." + key[len("model."):].replace(".", "")
         if ema_key not in sd:
-            raise LoadError(f"asked for EMA weights but the file has no '{ema_key}'")
+            raise LoadError(f"asked for EMA weights but the file has no '{ema_key}': it is an emaonly or pruned "
+                            "file, whose U-Net weights already are the EMA ones (leave out --ema)")
         sd[key] = sd[ema_key]
 
 
@@ -252,6 +253,9 @@ def load(path, device="cpu", dtype=torch.float32, ema: bool = False) -> StableDi
         raise LoadError(f"{path}: no such file or folder")
     device = torch.device(device)
     if path.is_dir():
+        if ema:
+            raise LoadError(f"{path}: a diffusers folder holds one U-Net and no separate EMA copy; EMA weights "
+                            "come from a full CompVis file (leave out --ema)")
         return _load_diffusers_folder(path, device, dtype)
     return _load_single_file(path, device, dtype, ema)
 

@@ -93,6 +93,11 @@ def test_ema_weights_are_taken_when_asked(model, tmp_path):
     w = "input_blocks.0.0.weight"
     assert torch.equal(plain.unet.state_dict()[w], model.unet.state_dict()[w])
     assert torch.equal(ema.unet.state_dict()[w], model.unet.state_dict()[w] + 1)
+    # no EMA copy to take: a file without one, and a diffusers folder
+    with pytest.raises(ldm.LoadError, match="emaonly or pruned"):
+        ldm.load(compvis_file_with(model, tmp_path, lambda sd: None, "plain.safetensors"), ema=True)
+    with pytest.raises(ldm.LoadError, match="no separate EMA copy"):
+        ldm.load(ldm.save(model, tmp_path / "folder"), ema=True)
 
 
 def test_diffusers_folder_variants_load(model, tmp_path):

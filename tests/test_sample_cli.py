@@ -67,6 +67,8 @@ def test_ddpm_sampler_runs(ckpt, tmp_path):
     (["--steps", "-3"], "--steps"),
     (["--sampler", "euler"], "invalid choice"),
     (["--height", "30"], "multiple of"),
+    (["--sampler", "ddpm", "--eta", "0.5"], "--eta"),              # was ignored
+    (["--ema"], "leave out --ema"),                                 # a file without EMA weights
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(ckpt, tmp_path, args, message):
     argv = ["--prompt", "x", "--out", str(tmp_path / "o")]
@@ -77,6 +79,35 @@ def test_bad_input_gives_one_line_and_nonzero_exit(ckpt, tmp_path, args, message
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_ema_samples_with_the_files_ema_unet(tmp_path):
+    """A full file whose EMA copy is another model's U-Net: --ema draws that model's images."""
+    import ldm
+    import torch
+    from safetensors.torch import load_file, save_file
+    from ldm.load import read_metadata
+    first = write_random_checkpoint(tmp_path / "a", image_size=16, seed=3)
+    second = write_random_checkpoint(tmp_path / "b", image_size=16, seed=4)
+    sd, other = load_file(first), load_file(second)
+    unet_keys = [k for k in sd if k.startswith("model.diffusion_model.")]
+    mixed = {**sd, **{k: other[k] for k in unet_keys}}       # first's VAE and text encoder, second's U-Net
+    for k in unet_keys:
+        sd["model_ema." + k[len("model."):].replace(".", "")] = other[k]
+    full, mixed_file = tmp_path / "full.safetensors", tmp_path / "mixed.safetensors"
+    save_file(sd, full, metadata=read_metadata(first))
+    save_file(mixed, mixed_file, metadata=read_metadata(first))
+    assert torch.equal(ldm.load(full).unet.input_blocks[0][0].weight, ldm.load(first).unet.input_blocks[0][0].weight)
+
+    def draw(ckpt, *flags):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        assert sample.main(["--prompt", "a", "--ckpt", str(ckpt), "--steps", "2", "--n", "1", "--out", str(out),
+                            *flags]) == 0
+        return np.asarray(Image.open(out / "000000.png"))
+
+    ema, plain = draw(full, "--ema"), draw(full)
+    assert np.array_equal(ema, draw(mixed_file)) and not np.array_equal(ema, plain)
+    assert np.array_equal(plain, draw(first))
 
 
 def test_an_out_that_cannot_be_a_folder_is_one_line_before_any_work(ckpt, tmp_path):
