@@ -117,15 +117,18 @@ def test_max_timestep_trains_on_the_low_noise_steps_only(tmp_path):
     assert int(seen["0"].max()) >= 5  # all 1000 timesteps otherwise
 
 
-@pytest.mark.parametrize("case", ["not a model", "wrong size", "max timestep", "anchor", "minutes", "device"])
+@pytest.mark.parametrize("case", ["not a model", "wrong size", "max timestep", "anchor", "anchor without init",
+                                  "minutes", "device"])
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     from conftest import write_random_checkpoint
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a model")
+    (tmp_path / "m32").mkdir()
     argv = {"not a model": ["--init", str(bad)],
             "wrong size": ["--init", str(write_random_checkpoint(tmp_path, image_size=16))],
             "max timestep": ["--max-timestep", "1001"],
-            "anchor": ["--anchor", "-1"],
+            "anchor": ["--anchor", "-1", "--init", str(write_random_checkpoint(tmp_path / "m32", image_size=32))],
+            "anchor without init": ["--anchor", "2"],   # was ignored
             "minutes": ["--minutes", "0"],
             "device": ["--device", "tpu"]}[case]
     small = ["--images", "16", "--vae-steps", "1", "--vae-batch", "2", "--steps", "1", "--batch", "2",
@@ -133,6 +136,8 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, cas
     assert train.main([*argv, *small, "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
+    if case.startswith("anchor"):
+        assert "--anchor" in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "out.safetensors").exists()
 
 

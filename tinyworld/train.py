@@ -271,8 +271,8 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run")
     p.add_argument("--init", type=Path, default=None,
                    help="continue training this model (both stages) instead of starting from scratch")
-    p.add_argument("--anchor", type=float, default=1.0,
-                   help="with --init: weight of the loss keeping encoder means at the starting model's")
+    p.add_argument("--anchor", type=float, default=None,
+                   help="with --init: weight of the loss keeping encoder means at the starting model's (default: 1.0)")
     p.add_argument("--images", type=positive_int, default=60000, help="training images (rendered once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=nonnegative_int, default=2000)
@@ -303,6 +303,10 @@ def check_args(args, cfg: ModelConfig) -> str:
     if not 0 <= args.max_timestep <= cfg.schedule.num_timesteps:
         return (f"--max-timestep must be between 0 (all timesteps) and {cfg.schedule.num_timesteps}, "
                 f"got {args.max_timestep}")
+    if args.anchor is not None and args.init is None:
+        return "--anchor weighs a loss toward the --init model's latents; it needs --init"
+    if args.anchor is None:
+        args.anchor = 1.0
     if not (math.isfinite(args.anchor) and args.anchor >= 0):
         return f"--anchor must be a number >= 0, got {args.anchor}"
     if not (args.minutes > 0 and args.vae_minutes >= 0):
