@@ -196,10 +196,18 @@ def test_neti_results_lr_reaches_the_mapper_only_and_a_bad_one_is_refused(ckpt32
     ("tinyworld.neti_results", ["--every", "-1"], "argument --every: must be >= 0"),
     ("tinyworld.neti_results", ["--jobs", "0"], "argument --jobs: must be at least 1"),
     ("tinyworld.hiper_eval", ["--lr", "0"], "argument --lr: must be a number > 0"),  # trained with lr 0
+    ("tinyworld.neti_results", ["--truncations", "4", "999"], "between 1 and 128"),  # failed after training
+    ("tinyworld.neti_results", ["--grid-truncation", "0", "--grid", "g.png"], "between 1 and 128"),
+    # an option that the other options make useless was ignored without a word
+    ("tinyworld.neti_results", ["--grid-truncation", "8"], "give --grid too"),
+    ("tinyworld.ti_results", ["--rows", "ring", "--context-lr", "1e-3"], "--context-lr"),
+    ("tinyworld.hiper_eval", ["--no-ti", "--ti-steps", "3"], "--no-ti"),
 ])
-def test_research_commands_refuse_bad_numbers(module, argv, message, capsys):
+def test_research_commands_refuse_bad_numbers_and_useless_options(module, argv, message, capsys, tmp_path,
+                                                                   monkeypatch):
     import importlib
     from ldm.cli import run
+    monkeypatch.chdir(tmp_path)           # were the input let through, its outputs land here
     main = importlib.import_module(module).main
     try:                                  # argparse stops before anything is loaded or trained
         rc = run(main, argv, prog=module)

@@ -221,8 +221,10 @@ def build_parser():
     p.add_argument("--batch", type=positive_int, default=TINY_DEFAULTS["batch"], help="HiPer batch")
     p.add_argument("--lr", type=positive_float, default=TINY_DEFAULTS["lr"], help="HiPer learning rate")
     p.add_argument("--tail", type=positive_int, default=5, help="HiPer tail rows K")
-    p.add_argument("--ti-steps", type=positive_int, default=TI_DEFAULTS["steps"], help="Textual Inversion steps")
-    p.add_argument("--ti-batch", type=positive_int, default=TI_DEFAULTS["batch"], help="Textual Inversion batch")
+    p.add_argument("--ti-steps", type=positive_int, default=None,
+                   help=f"Textual Inversion steps (default: {TI_DEFAULTS['steps']})")
+    p.add_argument("--ti-batch", type=positive_int, default=None,
+                   help=f"Textual Inversion batch (default: {TI_DEFAULTS['batch']})")
     p.add_argument("--no-ti", action="store_true", help="skip the Textual Inversion baseline")
     p.add_argument("--alphas", default=",".join(f"{a:g}" for a in ALPHAS), help="α values of the sweep")
     p.add_argument("--samples", type=positive_int, default=2, help="images per (source, edit, method)")
@@ -242,6 +244,10 @@ def main(argv=None) -> int:
         alphas = sorted({float(a) for a in args.alphas.split(",") if a.strip()} | {ALPHA})
     except ValueError:
         raise CLIError(f"--alphas {args.alphas!r}: expected numbers separated by commas") from None
+    if args.no_ti and (args.ti_steps or args.ti_batch):
+        raise CLIError("--ti-steps and --ti-batch set the Textual Inversion baseline, which --no-ti skips")
+    from invert import TINY_DEFAULTS as TI_DEFAULTS
+    args.ti_steps, args.ti_batch = args.ti_steps or TI_DEFAULTS["steps"], args.ti_batch or TI_DEFAULTS["batch"]
     if not args.ckpt.exists():
         raise CLIError(f"--ckpt {args.ckpt}: no such file (train the tiny model first, or pass --ckpt)")
     import ldm

@@ -147,15 +147,6 @@ def progress(message: str) -> None:
 
 # ----------------------------------------------------------------------------- one seed, or many at once
 
-def truncations(asked: Sequence[int], hidden: int) -> List[int]:
-    """The sweep's K values that a mapper of `hidden` units has, in order."""
-    return [k for k in sorted(set(asked)) if 1 <= k <= hidden]
-
-
-def grid_truncation(args, hidden: int) -> int:
-    return min(max(1, args.grid_truncation), hidden)
-
-
 def run_seed(model, args, seed: int, grid: bool) -> dict:
     """Everything the tables need from one seed: both methods' scores at every checkpoint, the
     truncation sweep of its mapper and, with `grid`, the sample grid. A seed depends on no other
@@ -168,11 +159,11 @@ def run_seed(model, args, seed: int, grid: bool) -> dict:
     hidden = neti.mapper.config.hidden
     t = time.time()
     truncated = {k: score_neti(model, neti, args.concept, args.n, args.sample_steps, seed, truncation=k)
-                 for k in truncations(args.truncations, hidden) if k < hidden}
+                 for k in sorted(set(args.truncations)) if k < hidden}
     timing["truncation"] = time.time() - t
     if grid:
         t = time.time()
-        write_grid(model, ti, neti, args.concept, args.grid, grid_truncation(args, hidden), args.sample_steps, seed)
+        write_grid(model, ti, neti, args.concept, args.grid, args.grid_truncation, args.sample_steps, seed)
         timing["grid"] = time.time() - t
     learned = {"TI": ti.embedding().numel(), "NeTI": sum(p.numel() for p in neti.mapper.parameters())}
     return {"TI": ti_scores, "NeTI": neti_scores, "truncated": truncated, "hidden": hidden,
@@ -277,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--truncations", type=int, nargs="+", default=list(TRUNCATIONS),
                    help="hidden units K kept in the truncation sweep")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG of TI / NeTI / NeTI-truncated samples")
-    p.add_argument("--grid-truncation", type=int, default=16, help="K of the truncated row of --grid")
+    p.add_argument("--grid-truncation", type=int, default=None, help="with --grid: K of its truncated row (default: 16)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one run of each method per seed (its own 5 images, training noise and sampling seeds)")
     p.add_argument("--neti-lr", type=positive_float, default=None,
@@ -297,6 +288,16 @@ def main(argv=None) -> int:
         p.error(str(e))
     if args.n < 2 or args.sample_steps < 1 or (args.steps is not None and args.steps < 1):
         p.error("--n must be at least 2, --steps and --sample-steps at least 1")
+    if args.grid_truncation is not None and args.grid is None:
+        p.error("--grid-truncation sets a row of --grid; give --grid too")
+    if args.grid_truncation is None:
+        args.grid_truncation = 16
+    from inversion.neti import NeTIConfig
+    hidden = NeTIConfig.hidden  # the mapper's hidden units: a truncation keeps 1 to all of them
+    for k in [*args.truncations, args.grid_truncation]:
+        if not 1 <= k <= hidden:
+            p.error(f"--truncations and --grid-truncation must be between 1 and {hidden} (the mapper's hidden "
+                    f"units), got {k}")
     try:  # also with --jobs, where each worker loads its own: a bad --ckpt fails here, before any start
         model = ldm.load(args.ckpt)
     except ldm.LoadError as e:
@@ -364,7 +365,7 @@ def main(argv=None) -> int:
     print(f"## 3. Truncation: the trained mappers with only their first K of {hidden} hidden units "
           f"(mean over {len(seeds)} seeds)\n")
     print("| K | reconstruction | editability | edit & concept |\n|---|---|---|---|")
-    for k in truncations(args.truncations, hidden):
+    for k in sorted(set(args.truncations)):
         scores = final_neti if k == hidden else mean_scores([r["truncated"][k] for r in results])
         label = f"{k} (full, table 1)" if k == hidden else str(k)
         print(f"| {label} | {scores['reconstruction']:.0%} | {scores['editability']:.0%} | "
@@ -374,7 +375,7 @@ def main(argv=None) -> int:
     # ---- part 4: the grid (the first seed's trainers)
     if args.grid is not None:
         print(f"## 4. Samples\n\nwrote {args.grid} (seed {seeds[0]}; rows: TI, NeTI, NeTI "
-              f"K={grid_truncation(args, hidden)}): {timing['grid']:.0f} s\n")
+              f"K={args.grid_truncation}): {timing['grid']:.0f} s\n")
     print(f"Total: {time.time() - t_all:.0f} s" + (f" ({args.jobs} seeds at a time)" if args.jobs > 1 else ""))
     return 0
 
