@@ -9,9 +9,9 @@ texture the base model draws but has no word for), then scored:
   reconstruction: share of "a photo of a <x>"-style samples the analyzer reads as the concept;
   editability: share of "a small red <x> on the left on a black background"-style prompts whose
       other attributes (size, color, position, background) are all honored.
-The baseline row is the best ordinary word for the concept. The last row is not a word: it
-learns the U-Net's whole context (77 x D) on the same images with the same loss, to show how
-much of the concept any conditioning learned this way gets across. Each score is a mean over
+The baseline row is the best ordinary word for the concept. The last two rows are not words:
+they learn the U-Net's whole context (77 x D) on the same images with the same loss, to show
+how much of the concept any conditioning learned this way gets across. Each score is a mean over
 seeds: one run's score depends much on its images and training noise on this tiny model.
 """
 from __future__ import annotations
@@ -34,8 +34,9 @@ ROWS = {
     "hourglass": ("single vector", "hourglass", dict()),
     "checkered": ("style: single vector", "checkered", dict(learnable_property="style")),
 }
-# A comparison row, not a word: the U-Net's whole context learned directly (learn_context).
-CONTEXT_ROWS = {"ring-context": ("no word: the whole context (77 x D) learned directly", "ring")}
+# Comparison rows, not words: the U-Net's whole context learned directly (learn_context).
+CONTEXT_ROWS = {"ring-context": ("no word: the whole context (77 x D) learned directly", "ring"),
+                "checkered-context": ("no word: the whole context (77 x D) learned directly", "checkered")}
 CONTEXT_LR = 5e-3  # Adam, not scaled by the batch: HiPer's rate, for vectors of the same kind (text-encoder outputs)
 
 
@@ -105,15 +106,15 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one run per seed (its own 5 images, training noise and sampling seeds); scores are means")
     p.add_argument("--rows", nargs="+", choices=[*ROWS, *CONTEXT_ROWS], default=[*ROWS, *CONTEXT_ROWS],
-                   help="which rows of the table to run (for a sweep of one of them); ring-context learns "
+                   help="which rows of the table to run (for a sweep of one of them); the -context rows learn "
                         "the U-Net's whole context instead of a word, with --context-lr")
     p.add_argument("--context-lr", type=positive_float, default=None,
-                   help=f"Adam learning rate of the ring-context row, not scaled by the batch (default: {CONTEXT_LR:g})")
+                   help=f"Adam learning rate of the -context rows, not scaled by the batch (default: {CONTEXT_LR:g})")
     p.add_argument("--no-baseline", action="store_true", help="skip the best-plain-word rows")
     p.add_argument("--out", type=Path, default=Path("outputs") / "ti_results")
     args = p.parse_args(argv)
     if args.context_lr is not None and not set(args.rows) & set(CONTEXT_ROWS):
-        p.error(f"--context-lr sets the {', '.join(CONTEXT_ROWS)} row, which --rows leaves out")
+        p.error(f"--context-lr sets the {' and '.join(CONTEXT_ROWS)} rows, which --rows leaves out")
     args.context_lr = args.context_lr or CONTEXT_LR
     import ldm
     from invert import TINY_DEFAULTS
