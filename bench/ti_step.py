@@ -102,6 +102,30 @@ def clock(device):
     return time.perf_counter()
 
 
+def unet_alone(call, shapes, precision, device, steps):
+    """Median seconds of the U-Net's forward and backward (to its text input) alone, at the step's
+    shapes: the part of a step that both sides must do. shapes = (batch, latent (C, h, w), text (77, D))."""
+    import torch
+    batch, latent, text = shapes
+    g = torch.Generator().manual_seed(0)
+    dtype = dtype_of(precision)
+    z = torch.randn(batch, *latent, generator=g).to(device, dtype)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    context = torch.randn(batch, *text, generator=g).to(device, dtype).requires_grad_(True)
+    times = []
+    for i in range(steps + 1):
+        t0 = clock(device)
+        call(z, t, context).float().pow(2).mean().backward()
+        times.append(clock(device) - t0)
+    return statistics.median(times[1:])
+
+
+def step_shapes(name, model):
+    from ldm.generate import latent_shape
+    c = CONFIGS[name]
+    return c["batch"], latent_shape(model, c["resolution"], c["resolution"]), (77, model.config.text.hidden_size)
+
+
 class RSSSampler:
     """Highest resident memory seen while training (sampled every 5 ms): the setup, which differs
     between the two sides (the reference is built from our weights), is not counted."""
@@ -140,7 +164,8 @@ def run_ours(name, steps, precision, device):
             t = clock(device)
             trainer.train_step()
             times.append(clock(device) - t)
-    return times[1:], memory.peak, weights
+    unet = unet_alone(model.unet, step_shapes(name, model), precision, device, steps)
+    return times[1:], memory.peak, weights, unet
 
 
 def run_reference(name, steps, precision, device):
@@ -166,6 +191,7 @@ def run_reference(name, steps, precision, device):
         text_sd = {k[len("text_model."):]: v for k, v in text_sd.items()}
     text.load_state_dict({k: v for k, v in text_sd.items() if not k.endswith("position_ids")}, strict=False)
     tokenizer = ours.tokenizer
+    shapes = step_shapes(name, ours)
     del ours, sd, text_sd
     import gc
     gc.collect()
@@ -213,7 +239,7 @@ def run_reference(name, steps, precision, device):
             embeddings.weight[keep] = original[keep]
         times.append(clock(device) - t0)
     sampler.__exit__()
-    return times[1:], sampler.peak, weights
+    return times[1:], sampler.peak, weights, unet_alone(lambda *a: unet(*a).sample, shapes, precision, device, steps)
 
 
 def child(side, name, steps, precision, device):
@@ -226,9 +252,9 @@ def child(side, name, steps, precision, device):
         import diffusers, transformers  # noqa: F401
     torch.manual_seed(0)
     baseline = current_rss_mb() if device == "cpu" else 0.0  # the interpreter and the libraries
-    times, peak, weights = (run_ours if side == "ours" else run_reference)(name, steps, precision, device)
+    times, peak, weights, unet = (run_ours if side == "ours" else run_reference)(name, steps, precision, device)
     print(json.dumps({"seconds_per_step": statistics.median(times), "peak_rss_mb": peak,
-                      "above_weights_mb": peak - baseline - weights}))
+                      "above_weights_mb": peak - baseline - weights, "unet_seconds": unet}))
 
 
 def measure(side, name, steps, precision, device):
@@ -269,17 +295,28 @@ def main():
           "| RAM ratio | ours above the weights | reference above the weights | ratio | time ratio of each run |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     names = [args.only] if args.only else list(CONFIGS) if args.device == "cuda" else list(CPU_CONFIGS)
+    medians = {}
     for name in names:
         runs = [[measure(side, name, args.steps, args.precision, args.device) for side in ("ours", "reference")]
                 for _ in range(args.repeats)]
         ratios = [o["seconds_per_step"] / r["seconds_per_step"] for o, r in runs]
         o, r = ({key: statistics.median(run[side][key] for run in runs) for key in runs[0][side]} for side in (0, 1))
+        medians[name] = o, r
         print(f"| {name} | {o['seconds_per_step']:.3f} | {r['seconds_per_step']:.3f} | "
               f"{statistics.median(ratios):.2f} | {o['peak_rss_mb']:.0f} MB | "
               f"{r['peak_rss_mb']:.0f} MB | {o['peak_rss_mb'] / r['peak_rss_mb']:.2f} | "
               f"{o['above_weights_mb']:.0f} MB | {r['above_weights_mb']:.0f} MB | "
               f"{o['above_weights_mb'] / r['above_weights_mb']:.2f} | {', '.join(f'{x:.2f}' for x in ratios)} |",
               flush=True)
+    # What bounds the time ratio: the U-Net's forward and backward, which both sides must do.
+    # With a U-Net as fast as the reference's, ours could not go under the reference's share.
+    print("\nThe U-Net's forward and backward alone, at the same shapes (medians):\n")
+    print("| configuration | ours s | reference s | U-Net ratio | share of our step | share of the reference's step |")
+    print("|---|---|---|---|---|---|")
+    for name, (o, r) in medians.items():
+        print(f"| {name} | {o['unet_seconds']:.3f} | {r['unet_seconds']:.3f} | "
+              f"{o['unet_seconds'] / r['unet_seconds']:.2f} | {o['unet_seconds'] / o['seconds_per_step']:.2f} | "
+              f"{r['unet_seconds'] / r['seconds_per_step']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """bench/ti_step.py runs both sides at both precisions and prints one table row each, with each
-run's time ratio (the numbers themselves are measurements, not asserted)."""
+run's time ratio, and the U-Net's share of each step (the numbers themselves are measurements,
+not asserted)."""
 import subprocess
 import sys
 
@@ -16,9 +17,8 @@ def test_tiny_bench_row(precision, repeats):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"frozen weights in {precision}" in out.stdout
-    row = [l for l in out.stdout.splitlines() if l.startswith("| tiny |")]
-    assert len(row) == 1
-    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    row, unet = [l for l in out.stdout.splitlines() if l.startswith("| tiny |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 11
     seconds_ours, seconds_ref, ratio = (float(c) for c in cells[1:4])
     each_run = [float(x) for x in cells[10].split(",")]
@@ -26,6 +26,13 @@ def test_tiny_bench_row(precision, repeats):
     assert ratio == pytest.approx(sum(each_run) / repeats, abs=0.011)  # the median of 1 or 2 runs
     if repeats == 1:
         assert ratio == pytest.approx(seconds_ours / seconds_ref, abs=0.01)
+    # the U-Net alone: its seconds on both sides, their ratio, and its share of each side's step
+    alone_ours, alone_ref, unet_ratio, share_ours, share_ref = (float(c) for c in unet.strip("|").split("|")[1:])
+    assert alone_ours > 0 and alone_ref > 0
+    assert unet_ratio == pytest.approx(alone_ours / alone_ref, abs=0.03)
+    if repeats == 1:
+        assert share_ours == pytest.approx(alone_ours / seconds_ours, abs=0.03)
+        assert share_ref == pytest.approx(alone_ref / seconds_ref, abs=0.03)
 
 
 def test_conv_bench_lists_every_convolution_of_sd_and_the_way_ldm_conv_takes(tmp_path):
