@@ -91,12 +91,21 @@ def build_parser() -> Parser:
     return p
 
 
-def check_method_options(parser: Parser, args, argv) -> None:
-    """An option the chosen --method does not take would be ignored without a word: refuse it."""
-    for dest in sorted(parser.given_options(argv) - parser.method_options[args.method]):
+def check_options_used(parser: Parser, args, argv) -> None:
+    """An option that would be ignored without a word is refused: one the chosen --method does
+    not take, or one that the other options leave nothing to do."""
+    given = parser.given_options(argv)
+    for dest in sorted(given - parser.method_options[args.method]):
         owners = [m for m, options in parser.method_options.items() if dest in options]
         raise CLIError(f"{flags([dest])} is not an option of --method {args.method}; it belongs to "
                        f"--method {' and '.join(owners)} (see --help)")
+    if args.images is not None and given & {"concept", "num_images"}:
+        raise CLIError("--concept and --num-images choose tiny-world images to render; with --images they have "
+                       "nothing to do")
+    if "per_image_prob" in given and not args.per_image_tokens:
+        raise CLIError("--per-image-prob is the share of prompts with per-image tokens; it needs --per-image-tokens")
+    if args.progressive_every and args.num_vectors < 2:
+        raise CLIError("--progressive-every adds vectors up to --num-vectors; give --num-vectors 2 or more")
 
 
 def tiny_world_images(concept: str, n: int, seed: int, out: Path) -> torch.Tensor:
@@ -194,7 +203,7 @@ def load_model(args):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_method_options(parser, args, argv)
+    check_options_used(parser, args, argv)
     if args.method != "ti":
         return importlib.import_module(METHOD_MODULES[args.method]).main(args)
     from inversion.data import templates

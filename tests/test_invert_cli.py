@@ -108,6 +108,11 @@ def bad_cases(ckpt, images, tmp_path):
         (["--ckpt", str(ckpt), "--method", "hiper", "--num-vectors", "2"], "--num-vectors is not an option"),
         (["--ckpt", str(ckpt), "--method", "hiper", "--images", str(images)], "belongs to --method ti and neti"),
         (["--ckpt", str(ckpt), "--method", "hiper", "--tai=3", "--sample-every", "5"], "--sample-every"),
+        # an option that the other options leave nothing to do
+        (common + ["--concept", "hourglass"], "with --images they have nothing to do"),
+        (common + ["--method", "neti", "--num-images", "3"], "with --images they have nothing to do"),
+        (common + ["--per-image-prob", "0.3"], "needs --per-image-tokens"),
+        (common + ["--progressive-every", "10"], "--num-vectors 2 or more"),
     ]
 
 
