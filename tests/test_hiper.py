@@ -215,3 +215,24 @@ def test_results_table_command_runs_on_a_random_checkpoint(ckpt, tmp_path, capsy
     assert "| target prompt |" in out and "| TI |" in out and "| HiPer α=0.8 |" in out
     assert "| 0 |" in out and "| 0.8 |" in out and "| 1 |" in out     # the sweep, with the paper's α added
     assert Image.open(grid).size[0] > 10 * 128                          # source + 3 edits x 3 methods
+
+
+def test_texture_ceiling_learns_a_context_per_texture_and_seed(ckpt, monkeypatch, capsys):
+    """--texture-ceiling: the images show the texture (the analyzer reads it on every one), and the
+    table gives one share per seed and their mean, for each named texture."""
+    from tinyworld import hiper_eval
+    from tinyworld.analyze import analyze_batch
+    for texture in hiper_eval.CEILING_TEXTURES:
+        images = hiper_eval.texture_images(texture, 4, seed=0)
+        assert [r["texture"] for r in analyze_batch(images)] == [texture] * 4
+        assert not np.array_equal(images, hiper_eval.texture_images(texture, 4, seed=1))
+    monkeypatch.setattr(hiper_eval, "CEILING_SEEDS", (0, 1))
+    monkeypatch.setattr(hiper_eval, "CEILING_STEPS", 2)
+    monkeypatch.setattr(hiper_eval, "CEILING_SAMPLES", 2)
+    assert run(hiper_eval.main, ["--ckpt", str(ckpt), "--texture-ceiling", "--sample-steps", "2"], prog="x") == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and "%" in l]
+    assert [r.split("|")[1].strip() for r in rows] == list(hiper_eval.CEILING_TEXTURES)
+    for row in rows:
+        mean, per_seed = row.split("|")[2:4]
+        shares = [float(x.strip().rstrip("%")) for x in per_seed.split(",")]
+        assert len(shares) == 2 and float(mean.strip().rstrip("%")) == pytest.approx(sum(shares) / 2, abs=0.6)

@@ -93,9 +93,8 @@ def evaluate_context(model, concept: str, context, n: int = 64, steps: int = 50,
                      seed: int = 0) -> Dict[str, float]:
     """Reconstruction of samples drawn from a fixed U-Net context (77, D) in place of a prompt's
     text-encoder output (the unconditional half stays the empty prompt's)."""
-    from tinyworld.evaluate import sample_prompts
-    cond = context.to(model.device, model.dtype)[None]                   # (1, 77, D): every sample's
-    images = sample_prompts(model, [""] * n, [seed + i for i in range(n)], steps, scale, cond=cond)
+    from tinyworld import whole_context
+    images = whole_context.sample(model, context, n, steps, scale, seed)
     return {"reconstruction": score(images, concept)["concept"]}
 
 

@@ -210,6 +210,44 @@ def write_grid(path: Path, rows: List[tuple]) -> None:
 
 # ----------------------------------------------------------------------------- command
 
+# ----------------------------------------------------------------------------- texture ceiling
+
+CEILING_TEXTURES = ("striped", "dotted")
+CEILING_SEEDS, CEILING_STEPS, CEILING_SAMPLES = (0, 1, 2), 400, 64
+
+
+def texture_images(texture: str, n: int, seed: int) -> np.ndarray:
+    """n rendered objects (uint8 (n, 32, 32, 3)) of random named shape, color, size, position and
+    background, all with the texture."""
+    images = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i, 7])
+        images.append(W.render(W.sample_attributes(rng, "any", shapes=W.SHAPES, textures=(texture,)), rng))
+    return np.stack(images)
+
+
+def texture_ceiling(model, texture: str, seed: int, steps: int = CEILING_STEPS, n: int = CEILING_SAMPLES,
+                    sample_steps: int = 50, scale: float = 7.5) -> float:
+    """Share of samples read with `texture`, drawn from the U-Net's whole context learned on 5 images
+    of it (`tinyworld.whole_context`, starting from "a photo of a <texture> object"). No conditioning
+    learned with this loss gets the texture drawn more often, so no texture edit can succeed more."""
+    from tinyworld import whole_context
+    from tinyworld.analyze import analyze_batch
+    images = torch.stack([to_model_image(im, model.config.image_size) for im in texture_images(texture, 5, seed)])
+    context = whole_context.learn(model, images, f"a photo of a {texture} object", steps, seed)
+    reads = analyze_batch(whole_context.sample(model, context, n, sample_steps, scale, seed))
+    return float(np.mean([r["texture"] == texture for r in reads]))
+
+
+def print_texture_ceiling(model, steps: int, n: int, sample_steps: int, scale: float) -> None:
+    print(f"Texture ceiling: the whole context (77 x D) learned on 5 images of each texture, {steps} steps; "
+          f"{n} samples per seed, DDIM {sample_steps}\n")
+    print("| texture | samples drawn with it | per seed |\n|---|---|---|")
+    for texture in CEILING_TEXTURES:
+        shares = [texture_ceiling(model, texture, seed, steps, n, sample_steps, scale) for seed in CEILING_SEEDS]
+        print(f"| {texture} | {np.mean(shares):.0%} | {', '.join(f'{x:.0%}' for x in shares)} |", flush=True)
+
+
 def build_parser():
     from ldm.cli import Parser, nonnegative_float, positive_float, positive_int
     from inversion.hiper_cli import TINY_DEFAULTS
@@ -234,6 +272,10 @@ def build_parser():
     p.add_argument("--grid", type=Path, default=Path("outputs") / "hiper_eval.png",
                    help="before/after grid of the first 8 sources")
     p.add_argument("--device", default="auto")
+    p.add_argument("--texture-ceiling", action="store_true",
+                   help="instead of the tables: how often any conditioning learned with the same loss gets each "
+                        f"texture drawn (the whole context learned on 5 images of it, seeds "
+                        f"{', '.join(map(str, CEILING_SEEDS))}, {CEILING_STEPS} steps, {CEILING_SAMPLES} samples)")
     return p
 
 
@@ -254,6 +296,9 @@ def main(argv=None) -> int:
     model = ldm.load(args.ckpt, device=pick_device(args.device))
     if model.config.image_size > 64:
         raise CLIError(f"{args.ckpt} is a {model.config.image_size}-px model; the tiny world needs the tiny model")
+    if args.texture_ceiling:
+        print_texture_ceiling(model, CEILING_STEPS, CEILING_SAMPLES, args.sample_steps, args.scale)
+        return 0
     print(f"{args.n} sources x {len(EDITS)} edits x {args.samples} seeds; HiPer {args.steps} steps (batch "
           f"{args.batch}, lr {args.lr:g}, K={args.tail})" + ("" if args.no_ti else
           f", TI {args.ti_steps} steps (batch {args.ti_batch})") + f"; DDIM {args.sample_steps}, guidance {args.scale:g}")

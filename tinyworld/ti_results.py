@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ldm.cli import HelpFormatter, positive_float, positive_int
+from tinyworld.whole_context import CONTEXT_LR
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,6 @@ ROWS = {
 # Comparison rows, not words: the U-Net's whole context learned directly (learn_context).
 CONTEXT_ROWS = {"ring-context": ("no word: the whole context (77 x D) learned directly", "ring"),
                 "checkered-context": ("no word: the whole context (77 x D) learned directly", "checkered")}
-CONTEXT_LR = 5e-3  # Adam, not scaled by the batch: HiPer's rate, for vectors of the same kind (text-encoder outputs)
 
 
 def learn(model, concept: str, steps: int, seed: int, out: Path, **overrides):
@@ -59,40 +59,17 @@ def learn(model, concept: str, steps: int, seed: int, out: Path, **overrides):
 
 
 def learn_context(model, concept: str, steps: int, seed: int, lr: float = CONTEXT_LR):
-    """The U-Net's whole context c (77, D) learned directly on the word's 5 images (and their
-    mirror images), with the word's loss, batch and timesteps:
-
-        c* = argmin_c  E_{z ~ E(x), ε, t} || ε - ε_θ(z_t, t, c) ||²
-
-    c starts as the text encoder's output for "a photo of a <init word>". A word reaches the
-    U-Net only through the text encoder, as one such context per prompt, so c has all of a
-    word's freedom and more (77 x D numbers instead of D). How often samples from c show the
-    concept says how far this loss, on these images and this model, can take any word."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from inversion.textual_inversion import encode_images, noisy_latents
+    """The U-Net's whole context (77, D) learned directly on the word's 5 images, with the word's
+    loss, batch and steps, starting from the text encoder's output for "a photo of a <init word>"
+    (`tinyworld.whole_context`): how far any conditioning learned this way gets the concept."""
+    from tinyworld import whole_context
     from tinyworld.concepts import default_init_word
     from tinyworld.train import to_tensor
     from tinyworld.world import concept_images
     from invert import TINY_DEFAULTS
-    batch = TINY_DEFAULTS["batch"]
-    model.requires_grad_(False).eval()
-    means, stds = encode_images(model, to_tensor(concept_images(concept, 5, seed=seed)))  # (10, C, h, w)
-    start = model.encode_prompts([f"a photo of a {default_init_word(concept)}"]).float()[0]  # (77, D)
-    context = torch.nn.Parameter(start.clone())
-    optimizer = torch.optim.Adam([context], lr=lr)
-    for step in range(steps):
-        rng = np.random.default_rng([seed, step])
-        g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        rows = torch.from_numpy(rng.integers(0, len(means), batch))   # an image or its mirror image
-        z_t, noise, t = noisy_latents(model, means, stds, rows, g)
-        eps = model.unet(z_t.to(model.dtype), t, context.expand(batch, -1, -1).to(model.dtype))
-        loss = F.mse_loss(eps.float(), noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return context.detach()
+    images = to_tensor(concept_images(concept, 5, seed=seed))
+    return whole_context.learn(model, images, f"a photo of a {default_init_word(concept)}", steps, seed, lr,
+                               batch=TINY_DEFAULTS["batch"])
 
 
 def main(argv=None) -> int:
