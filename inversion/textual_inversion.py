@@ -79,7 +79,6 @@ def image_token(cfg: TIConfig, i: int) -> str:
     return f"{cfg.placeholder}-img{i}"
 
 
-@torch.no_grad()
 def noisy_latents(model, means: torch.Tensor, stds: torch.Tensor, rows: torch.Tensor, g: torch.Generator):
     """One training batch from the cached posteriors `rows`: z0 ~ E(x) (scaled), ε ~ N(0, I),
     t ~ U[0, T) and z_t = √ᾱ_t z0 + √(1-ᾱ_t) ε. Returns (z_t, ε, t); every draw comes from g."""
@@ -90,6 +89,7 @@ def noisy_latents(model, means: torch.Tensor, stds: torch.Tensor, rows: torch.Te
     return model.schedule.add_noise(z0, noise, t), noise, t
 
 
+@torch.no_grad()
 def encode_images(model, images: torch.Tensor, batch: int = 8):
     """Posterior mean and std (2N, C, h, w) of each image and of its mirror image, computed once."""
     both = torch.cat([images, images.flip(-1)])

@@ -148,3 +148,17 @@ def test_ctrl_c_saves_what_was_learned(model, images, tmp_path, monkeypatch):
     assert saved == [4] and (tmp_path / "checkpoint.pt").exists()
     resumed = make(model, images, tmp_path, steps=100, save_every=1000)
     assert resumed.resume() and resumed.step == 4
+
+
+def test_the_cached_posteriors_and_a_training_batch_carry_no_graph(model, images):
+    """encode_images runs once, without gradients even on a model that would take them; a batch
+    drawn from it is the same for the same generator seed."""
+    from inversion.textual_inversion import encode_images, noisy_latents
+    assert any(p.requires_grad for p in model.parameters())
+    means, stds = encode_images(model, images)
+    assert means.shape[0] == 2 * len(images) and not means.requires_grad and not stds.requires_grad
+    rows = torch.tensor([0, 3, 1])
+    z_t, noise, t = noisy_latents(model, means, stds, rows, torch.Generator().manual_seed(5))
+    again = noisy_latents(model, means, stds, rows, torch.Generator().manual_seed(5))
+    assert z_t.shape == noise.shape == (3, *means.shape[1:]) and t.shape == (3,)
+    assert all(torch.equal(a, b) for a, b in zip((z_t, noise, t), again))
