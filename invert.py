@@ -83,11 +83,12 @@ def build_parser() -> Parser:
                            "fp32 turns autocast off; the learned vectors are fp32 always")
     # Which options each method takes: a method's own group and its SHARED_OPTIONS; Textual
     # Inversion takes every option but the other methods' own.
-    own = {name: importlib.import_module(module).add_arguments(p) for name, module in METHOD_MODULES.items()}
+    modules = {name: importlib.import_module(module) for name, module in METHOD_MODULES.items()}
+    own = {name: module.add_arguments(p) for name, module in modules.items()}
     every = {a.dest for a in p._actions} - {"help"}
     p.method_options = {"ti": every - set().union(*own.values())}
-    for name, module in METHOD_MODULES.items():
-        p.method_options[name] = own[name] | set(importlib.import_module(module).SHARED_OPTIONS) | {"method"}
+    for name, module in modules.items():
+        p.method_options[name] = own[name] | set(module.SHARED_OPTIONS) | {"method"}
     return p
 
 

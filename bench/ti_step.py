@@ -113,7 +113,7 @@ def unet_alone(call, shapes, precision, device, steps):
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     context = torch.randn(batch, *text, generator=g).to(device, dtype).requires_grad_(True)
     times = []
-    for i in range(steps + 1):
+    for _ in range(steps + 1):
         t0 = clock(device)
         call(z, t, context).float().pow(2).mean().backward()
         times.append(clock(device) - t0)

@@ -202,6 +202,7 @@ def test_neti_results_lr_reaches_the_mapper_only_and_a_bad_one_is_refused(ckpt32
     ("tinyworld.neti_results", ["--grid-truncation", "8"], "give --grid too"),
     ("tinyworld.ti_results", ["--rows", "ring", "--context-lr", "1e-3"], "--context-lr"),
     ("tinyworld.hiper_eval", ["--no-ti", "--ti-steps", "3"], "--no-ti"),
+    ("tinyworld.hiper_eval", ["--texture-ceiling", "--steps", "3"], "--texture-ceiling does not use it"),
 ])
 def test_research_commands_refuse_bad_numbers_and_useless_options(module, argv, message, capsys, tmp_path,
                                                                    monkeypatch):

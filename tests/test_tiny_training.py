@@ -78,6 +78,7 @@ def test_ctrl_c_saves_the_stage_it_stops_and_resume_continues(tmp_path, capsys, 
     assert train.main([*argv, "--resume"]) == 0
     assert torch.load(run / checkpoint, weights_only=True)["step"] == 4
 
+
 def test_anchor_holds_the_encoder_means_near_the_starting_ones(tmp_path):
     from conftest import randomize, tiny_config
     from ldm.vae import AutoencoderKL

@@ -208,8 +208,6 @@ def write_grid(path: Path, rows: List[tuple]) -> None:
     W.save_grid(str(path), np.stack(images), captions, cols=len(images) // len(rows))
 
 
-# ----------------------------------------------------------------------------- command
-
 # ----------------------------------------------------------------------------- texture ceiling
 
 CEILING_TEXTURES = ("striped", "dotted")
@@ -248,6 +246,12 @@ def print_texture_ceiling(model, steps: int, n: int, sample_steps: int, scale: f
         print(f"| {texture} | {np.mean(shares):.0%} | {', '.join(f'{x:.0%}' for x in shares)} |", flush=True)
 
 
+# ----------------------------------------------------------------------------- command
+
+# What --texture-ceiling uses; the other options set the HiPer tables, which it does not run.
+CEILING_OPTIONS = {"ckpt", "device", "sample_steps", "scale", "texture_ceiling"}
+
+
 def build_parser():
     from ldm.cli import Parser, nonnegative_float, positive_float, positive_int
     from inversion.hiper_cli import TINY_DEFAULTS
@@ -280,8 +284,13 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from ldm.cli import CLIError, pick_device
-    args = build_parser().parse_args(argv)
+    from ldm.cli import CLIError, flags, pick_device
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unused = sorted(parser.given_options(argv) - CEILING_OPTIONS) if args.texture_ceiling else []
+    if unused:
+        raise CLIError(f"{flags(unused)}: --texture-ceiling does not use {'them' if len(unused) > 1 else 'it'} "
+                       f"(it takes only {flags(sorted(CEILING_OPTIONS - {'texture_ceiling'}))})")
     try:
         alphas = sorted({float(a) for a in args.alphas.split(",") if a.strip()} | {ALPHA})
     except ValueError:
