@@ -1,4 +1,6 @@
 """HiPer: the tail replaces the last K rows, only it learns, resume is exact, files are checked."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +8,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from conftest import tiny_config, randomize
+import ldm
 import invert
 import sample
 from inversion.files import base_model_hash
@@ -233,6 +236,36 @@ def test_texture_ceiling_learns_a_context_per_texture_and_seed(ckpt, monkeypatch
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and "%" in l]
     assert [r.split("|")[1].strip() for r in rows] == list(hiper_eval.CEILING_TEXTURES)
     for row in rows:
-        mean, per_seed = row.split("|")[2:4]
+        mean, per_seed, kept = row.split("|")[2:5]
+        assert 0 <= float(kept.strip().rstrip("%")) <= 100
         shares = [float(x.strip().rstrip("%")) for x in per_seed.split(",")]
         assert len(shares) == 2 and float(mean.strip().rstrip("%")) == pytest.approx(sum(shares) / 2, abs=0.6)
+
+
+class _RoundTrip(torch.nn.Module):
+    """A stand-in autoencoder: `paint` maps the images (as latents) back to pixels."""
+    def __init__(self, paint):
+        super().__init__()
+        self.paint = paint
+
+    def encode(self, x):
+        return SimpleNamespace(mean=x)
+
+    def decode(self, z):
+        return self.paint(z)
+
+
+def test_the_autoencoder_column_reads_the_round_trip(ckpt):
+    """An autoencoder that gives the image back keeps every texture; one that paints each object
+    in its mean color keeps none."""
+    from tinyworld import hiper_eval
+    model = ldm.load(ckpt)
+    model.first_stage_model = _RoundTrip(lambda z: z)
+    assert [hiper_eval.autoencoder_keeps(model, t, n=8) for t in hiper_eval.CEILING_TEXTURES] == [1.0, 1.0]
+
+    def flat(z):  # the object's pixels (those unlike the corner) get their mean color
+        mask = ((z - z[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.1).float()
+        mean = (z * mask).sum((2, 3), keepdim=True) / mask.sum((2, 3), keepdim=True)
+        return z * (1 - mask) + mean * mask
+    model.first_stage_model = _RoundTrip(flat)
+    assert [hiper_eval.autoencoder_keeps(model, t, n=8) for t in hiper_eval.CEILING_TEXTURES] == [0.0, 0.0]

@@ -140,7 +140,8 @@ def test_evaluate_prints_the_three_tables(ckpt32, capsys):
     assert run(evaluate.main, ["--ckpt", str(ckpt32), "--device", "tpu9"], prog="tinyworld.evaluate") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["tinyworld.evaluate: error: unknown device 'tpu9'; use auto, cpu, cuda, cuda:N or mps"]
-    assert len([l for l in out.splitlines() if l.startswith("| ") and l.endswith("% |")]) == 5 + 3 + 5
+    assert len([l for l in out.splitlines() if l.startswith("| ") and l.endswith("% |")]) == 5 + 3 + 5 + 3
+    assert "| texture: striped |" in out and "| texture: dotted |" in out and "| texture: checkered |" in out
 
 
 def test_ti_results_lr_reaches_every_trainer_and_a_bad_one_is_refused(ckpt32, tmp_path, monkeypatch, capsys):

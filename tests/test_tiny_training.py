@@ -46,6 +46,17 @@ def test_training_smoke_run_exports_a_loadable_model_and_resumes(tmp_path):
     after = ldm.load(moved).state_dict()
     for prefix in ("first_stage_model.decoder.", "model.diffusion_model."):
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+    # --decoder-steps alone moves the decoder and nothing else: the latents the U-Net learned stay
+    decoded = tmp_path / "decoder.safetensors"
+    assert train.main(["--init", str(out), "--run", str(tmp_path / "run4"), "--out", str(decoded),
+                       "--vae-steps", "0", "--decoder-steps", "2", "--steps", "0", *small]) == 0
+    after = ldm.load(decoded).state_dict()
+    decoder = ("first_stage_model.decoder.", "first_stage_model.post_quant_conv.")
+    moved_keys = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved_keys and all(k.startswith(decoder) for k in moved_keys)
+    assert any(k.startswith("first_stage_model.decoder.up") for k in moved_keys)
+    assert json.loads(read_metadata(decoded)["training"])["decoder_steps"] == 2
+    assert torch.load(tmp_path / "run4" / "decoder.pt", weights_only=True)["step"] == 2
 
 
 def interrupt_on_call(n, real):

@@ -87,20 +87,29 @@ def texture_word_accuracy(model, n=64, steps=50, scale=7.5, seed=0) -> dict:
 
 
 @torch.no_grad()
-def autoencoder_accuracy(model, n=256, seed=0) -> dict:
-    """The VAE alone: n rendered images (every shape and texture) encoded, decoded and read back;
-    'textured' is the texture accuracy on the striped, dotted and checkered ones."""
+def autoencoder_reads(model, images: np.ndarray) -> list:
+    """What the analyzer reads on uint8 (N, H, W, 3) images after the autoencoder's round trip
+    (encoder mean, decoder): what the latents, and so the diffusion model, can carry at best."""
     from tinyworld.analyze import analyze_batch
     from tinyworld.train import to_tensor
-    from tinyworld.world import render, sample_attributes
+    x = to_tensor(images).to(model.device, model.dtype)
+    recon = model.vae.decode(model.vae.encode(x).mean).float().clamp(-1, 1)
+    return analyze_batch(to_uint8((recon + 1) / 2))
+
+
+def autoencoder_accuracy(model, n=256, seed=0) -> dict:
+    """The VAE alone: n rendered images (every shape and texture) encoded, decoded and read back;
+    'textured' is the texture accuracy on the striped, dotted and checkered ones, then each alone."""
+    from tinyworld.world import HELDOUT_TEXTURES, TEXTURES, render, sample_attributes
     rng = np.random.default_rng([seed, 97])
     attrs = [sample_attributes(rng, "any") for _ in range(n)]
-    x = to_tensor(np.stack([render(a, rng) for a in attrs])).to(model.device, model.dtype)
-    recon = model.vae.decode(model.vae.encode(x).mean).float().clamp(-1, 1)
-    reads = analyze_batch(to_uint8((recon + 1) / 2))
+    reads = autoencoder_reads(model, np.stack([render(a, rng) for a in attrs]))
     acc = read_accuracy(reads, attrs, ("shape", "color", "size", "texture"))
     textured = [r["texture"] == t.texture for r, t in zip(reads, attrs) if t.texture != "plain"]
     acc["texture (textured only)"] = float(np.mean(textured))
+    for texture in (*TEXTURES[1:], *HELDOUT_TEXTURES):
+        kept = [r["texture"] == t.texture for r, t in zip(reads, attrs) if t.texture == texture]
+        acc[f"texture: {texture}"] = float(np.mean(kept)) if kept else float("nan")
     return acc
 
 

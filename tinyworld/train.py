@@ -5,11 +5,16 @@
     python -m tinyworld.train --device cuda --batch 256 --minutes 60   # on a GPU, for an hour
     python -m tinyworld.train --init weights/tiny.safetensors --run runs/texture \
         --vae-steps 5000 --steps 1500        # continue training a model: both stages, from it
+    python -m tinyworld.train --init runs/texture/tiny.safetensors --run runs/decoder \
+        --vae-steps 0 --decoder-steps 3000 --steps 0     # fine-tune its decoder alone
 
 Stage 1, the autoencoder: AutoencoderKL (f = 4: 32×32×3 images -> 8×8×4 latents), an L1
 reconstruction loss weighted ×5 on the object's pixels (the object is what must survive)
 and the usual tiny KL term. Its latents are then computed once and cached, with the
 scale factor that gives them unit variance (SD v1's 0.18215 plays the same role).
+
+Stage 1b (optional, `--decoder-steps`): the decoder alone, the encoder frozen, so that the
+latents stay what they were and only how they are painted into pixels improves.
 
 Stage 2, the diffusion model: the U-Net and the CLIP text transformer trained jointly from
 scratch on the cached latents with the ε-prediction loss of DDPM (as the original LDM
@@ -94,42 +99,33 @@ def progress_bar(total, initial, desc):
 
 # ----------------------------------------------------------------------------- stage 1: VAE
 
-def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path, start=None, device="cpu"):
-    """L1 reconstruction (object pixels ×5) + a tiny KL; from `start`, also the anchor loss."""
-    from ldm.vae import AutoencoderKL
-    ckpt = run / "vae.pt"
-    torch.manual_seed(args.seed)
-    vae = AutoencoderKL(cfg.vae)
-    anchor = None
-    if start is not None:
-        vae.load_state_dict(start.state_dict())
-        anchor = copy.deepcopy(vae).requires_grad_(False).eval().to(device)
-    vae.to(device)
-    opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1, weighted ×5 on the object's pixels: the object is what must survive the round trip."""
+    return ((recon - x).abs() * object_weight(x)).mean()
+
+
+def fit_autoencoder(vae, params, loss_of_batch, images: np.ndarray, args, steps: int, lr: float,
+                    ckpt: Path, desc: str, device="cpu", minutes: float = 0):
+    """Adam on `params` for `steps` steps of `loss_of_batch(x, g) -> (loss, reconstruction loss)` on
+    batches of `images`; resumes from and saves to `ckpt`. The loop of stages 1 and 1b."""
+    opt = torch.optim.Adam(params, lr=lr)
     step = 0
     if ckpt.exists():
         state = load_checkpoint(ckpt)
         vae.load_state_dict(state["vae"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
-    if step >= args.vae_steps:
+    if step >= steps:
         return vae.eval()
-    bar = progress_bar(args.vae_steps, step, "autoencoder")
+    vae.train()
+    bar = progress_bar(steps, step, desc)
     start, first = time.time(), step
     try:
-        while step < args.vae_steps and (not args.vae_minutes or time.time() - start < args.vae_minutes * 60):
+        while step < steps and (not minutes or time.time() - start < minutes * 60):
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # on the CPU: same draws on any device
             idx = torch.randint(0, len(images), (args.vae_batch,), generator=g)
             x = to_tensor(images[idx.numpy()]).to(device)
-            posterior = vae.encode(x)
-            recon = vae.decode(posterior.sample(g))
-            rec = ((recon - x).abs() * object_weight(x)).mean()
-            kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
-            loss = rec + 1e-6 * kl
-            if anchor is not None:  # keep the latents where the diffusion model expects them
-                with torch.no_grad():
-                    target = anchor.encode(x).mean  # (B, 4, 8, 8)
-                loss = loss + args.anchor * F.mse_loss(posterior.mean, target)
+            loss, rec = loss_of_batch(x, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -142,8 +138,53 @@ def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path, start=None,
         save_checkpoint({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
         bar.close()
     seconds = time.time() - start
-    print(f"autoencoder: {step} steps, {seconds / 60:.1f} min ({1000 * seconds / max(1, step - first):.1f} ms/step)")
+    print(f"{desc}: {step} steps, {seconds / 60:.1f} min ({1000 * seconds / max(1, step - first):.1f} ms/step)")
     return vae.eval()
+
+
+def train_vae(args, cfg: ModelConfig, images: np.ndarray, run: Path, start=None, device="cpu"):
+    """L1 reconstruction (object pixels ×5) + a tiny KL; from `start`, also the anchor loss."""
+    from ldm.vae import AutoencoderKL
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(cfg.vae)
+    anchor = None
+    if start is not None:
+        vae.load_state_dict(start.state_dict())
+        anchor = copy.deepcopy(vae).requires_grad_(False).eval().to(device)
+    vae.to(device).requires_grad_(True)
+
+    def loss_of_batch(x, g):
+        posterior = vae.encode(x)
+        rec = reconstruction_loss(vae.decode(posterior.sample(g)), x)
+        kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
+        loss = rec + 1e-6 * kl
+        if anchor is not None:  # keep the latents where the diffusion model expects them
+            with torch.no_grad():
+                target = anchor.encode(x).mean  # (B, 4, 8, 8)
+            loss = loss + args.anchor * F.mse_loss(posterior.mean, target)
+        return loss, rec
+
+    return fit_autoencoder(vae, list(vae.parameters()), loss_of_batch, images, args, args.vae_steps,
+                           args.vae_lr, run / "vae.pt", "autoencoder", device, args.vae_minutes)
+
+
+def train_decoder(args, vae, images: np.ndarray, run: Path, device="cpu"):
+    """Stage 1b: the decoder alone, the encoder frozen. The latents (and so the diffusion model
+    trained on them) do not move; only how a latent is painted into pixels improves: fine
+    detail that the encoder does carry, such as the 2-px dots, which the decoder of stage 1
+    had learned to paint as a flat color. (SD's fine-tuned VAE decoders were made the same way.)"""
+    vae.to(device).requires_grad_(False)
+    decoder = torch.nn.ModuleList([vae.post_quant_conv, vae.decoder]).requires_grad_(True)
+
+    def loss_of_batch(x, g):
+        with torch.no_grad():
+            z = vae.encode(x).sample(g)  # (B, 4, 8, 8)
+        rec = reconstruction_loss(vae.decode(z), x)
+        return rec, rec
+
+    vae = fit_autoencoder(vae, list(decoder.parameters()), loss_of_batch, images, args, args.decoder_steps,
+                          args.decoder_lr, run / "decoder.pt", "decoder", device)
+    return vae.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -280,6 +321,9 @@ def build_parser():
                                                                      "much time (0 = run all --vae-steps)")
     p.add_argument("--vae-batch", type=positive_int, default=32)
     p.add_argument("--vae-lr", type=positive_float, default=1e-3)
+    p.add_argument("--decoder-steps", type=nonnegative_int, default=0,
+                   help="stage 1b: fine-tune the decoder alone, the encoder (so the latents) frozen")
+    p.add_argument("--decoder-lr", type=positive_float, default=3e-4)
     p.add_argument("--steps", type=nonnegative_int, default=12000, help="diffusion steps")
     p.add_argument("--minutes", type=float, default=120.0,
                    help="stop diffusion training after this much time (the learning rate decays over "
@@ -360,6 +404,7 @@ def main(argv=None) -> int:
     try:  # each stage saves its checkpoint when it ends, however it ends
         vae = train_vae(args, cfg, images, run, start=None if start is None else start.vae, device=device)
         latents, scale_factor = cache_latents(vae, images, run)
+        vae = train_decoder(args, vae, images, run, device=device)  # the latents are already cached
         cfg.vae.scale_factor = scale_factor
         print(f"latents {tuple(latents.shape)}, scale factor {scale_factor:.4f}")
 
@@ -374,6 +419,8 @@ def main(argv=None) -> int:
 
     training = {"diffusion_steps": steps, "diffusion_minutes": round(seconds / 60, 1),
                 "vae_steps": args.vae_steps, "images": args.images, "seed": args.seed}
+    if args.decoder_steps:
+        training["decoder_steps"] = args.decoder_steps
     if args.max_timestep:
         training["max_timestep"] = args.max_timestep
     if start is not None:
