@@ -323,7 +323,7 @@ def build_parser():
     p.add_argument("--vae-lr", type=positive_float, default=1e-3)
     p.add_argument("--decoder-steps", type=nonnegative_int, default=0,
                    help="stage 1b: fine-tune the decoder alone, the encoder (so the latents) frozen")
-    p.add_argument("--decoder-lr", type=positive_float, default=3e-4)
+    p.add_argument("--decoder-lr", type=positive_float, default=3e-4, help="Adam learning rate of stage 1b")
     p.add_argument("--steps", type=nonnegative_int, default=12000, help="diffusion steps")
     p.add_argument("--minutes", type=float, default=120.0,
                    help="stop diffusion training after this much time (the learning rate decays over "
