@@ -50,8 +50,8 @@ def build_parser() -> Parser:
     p.add_argument("--hiper", type=Path, default=None, metavar="FILE",
                    help="a HiPer tail (invert.py --method hiper): --prompt is the target text, the tail keeps "
                         "the source image's subject")
-    p.add_argument("--alpha", type=nonnegative_float, default=None,
-                   help="with --hiper: the weight α of the tail (default: 0.8, the paper's)")
+    p.add_argument("--alpha", type=nonnegative_float, default=0.8,
+                   help="with --hiper: the weight α of the tail (the paper's value)")
     p.add_argument("--neti", type=Path, default=None, metavar="FILE",
                    help="a NeTI mapper (invert.py --method neti); write its placeholder in --prompt")
     p.add_argument("--truncation", type=positive_int, default=None, metavar="K",
@@ -95,15 +95,14 @@ def save_png(image, path: Path, info=None) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.ckpt is not None and not args.ckpt.exists():
         raise CLIError(f"--ckpt {args.ckpt}: no such file or folder")
     if args.truncation is not None and args.neti is None:
         raise CLIError("--truncation needs --neti (it truncates a NeTI mapper)")
-    if args.alpha is not None and args.hiper is None:
+    if args.hiper is None and "alpha" in parser.given_options(argv):
         raise CLIError("--alpha needs --hiper (it weights a HiPer tail)")
-    if args.alpha is None:
-        args.alpha = 0.8
     if args.neti is not None and args.hiper is not None:
         raise CLIError("use --neti or --hiper, not both")
     if args.eta and args.sampler != "ddim":

@@ -43,17 +43,23 @@ class Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see --help)")
 
     def given_options(self, argv=None) -> set:
-        """The names (dests) of the options written on the command line, in whatever spelling
-        argparse accepted: parse again with every default suppressed, so only those are set."""
-        actions = self._actions  # argparse keeps its options here; there is no public accessor
-        defaults = [a.default for a in actions]
-        try:
-            for a in actions:
-                a.default = argparse.SUPPRESS
-            return set(vars(self.parse_args(argv)))
-        finally:
-            for a, default in zip(actions, defaults):
-                a.default = default
+        return given_options(self, argv)
+
+
+def given_options(parser: argparse.ArgumentParser, argv=None) -> set:
+    """The names (dests) of the options written on the command line, in whatever spelling
+    argparse accepted: parse again with every default suppressed, so only those are set. An
+    option can then keep its real default (shown in --help) and still be refused when it is
+    given where it has nothing to do."""
+    actions = parser._actions  # argparse keeps its options here; there is no public accessor
+    defaults = [a.default for a in actions]
+    try:
+        for a in actions:
+            a.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, default in zip(actions, defaults):
+            a.default = default
 
 
 def flags(dests) -> str:

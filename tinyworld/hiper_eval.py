@@ -274,10 +274,8 @@ def build_parser():
     p.add_argument("--batch", type=positive_int, default=TINY_DEFAULTS["batch"], help="HiPer batch")
     p.add_argument("--lr", type=positive_float, default=TINY_DEFAULTS["lr"], help="HiPer learning rate")
     p.add_argument("--tail", type=positive_int, default=5, help="HiPer tail rows K")
-    p.add_argument("--ti-steps", type=positive_int, default=None,
-                   help=f"Textual Inversion steps (default: {TI_DEFAULTS['steps']})")
-    p.add_argument("--ti-batch", type=positive_int, default=None,
-                   help=f"Textual Inversion batch (default: {TI_DEFAULTS['batch']})")
+    p.add_argument("--ti-steps", type=positive_int, default=TI_DEFAULTS["steps"], help="Textual Inversion steps")
+    p.add_argument("--ti-batch", type=positive_int, default=TI_DEFAULTS["batch"], help="Textual Inversion batch")
     p.add_argument("--no-ti", action="store_true", help="skip the Textual Inversion baseline")
     p.add_argument("--alphas", default=",".join(f"{a:g}" for a in ALPHAS), help="α values of the sweep")
     p.add_argument("--samples", type=positive_int, default=2, help="images per (source, edit, method)")
@@ -298,7 +296,8 @@ def main(argv=None) -> int:
     from ldm.cli import CLIError, flags, pick_device
     parser = build_parser()
     args = parser.parse_args(argv)
-    unused = sorted(parser.given_options(argv) - CEILING_OPTIONS) if args.texture_ceiling else []
+    given = parser.given_options(argv)
+    unused = sorted(given - CEILING_OPTIONS) if args.texture_ceiling else []
     if unused:
         raise CLIError(f"{flags(unused)}: --texture-ceiling does not use {'them' if len(unused) > 1 else 'it'} "
                        f"(it takes only {flags(sorted(CEILING_OPTIONS - {'texture_ceiling'}))})")
@@ -306,10 +305,8 @@ def main(argv=None) -> int:
         alphas = sorted({float(a) for a in args.alphas.split(",") if a.strip()} | {ALPHA})
     except ValueError:
         raise CLIError(f"--alphas {args.alphas!r}: expected numbers separated by commas") from None
-    if args.no_ti and (args.ti_steps or args.ti_batch):
+    if args.no_ti and given & {"ti_steps", "ti_batch"}:
         raise CLIError("--ti-steps and --ti-batch set the Textual Inversion baseline, which --no-ti skips")
-    from invert import TINY_DEFAULTS as TI_DEFAULTS
-    args.ti_steps, args.ti_batch = args.ti_steps or TI_DEFAULTS["steps"], args.ti_batch or TI_DEFAULTS["batch"]
     if not args.ckpt.exists():
         raise CLIError(f"--ckpt {args.ckpt}: no such file (train the tiny model first, or pass --ckpt)")
     import ldm

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ldm.cli import HelpFormatter, nonnegative_int, positive_float, positive_int
+from ldm.cli import HelpFormatter, given_options, nonnegative_int, positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUNCATIONS = (2, 4, 8, 16, 32, 64, 128)
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--truncations", type=int, nargs="+", default=list(TRUNCATIONS),
                    help="hidden units K kept in the truncation sweep")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG of TI / NeTI / NeTI-truncated samples")
-    p.add_argument("--grid-truncation", type=int, default=None, help="with --grid: K of its truncated row (default: 16)")
+    p.add_argument("--grid-truncation", type=int, default=16, help="with --grid: K of its truncated row")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one run of each method per seed (its own 5 images, training noise and sampling seeds)")
     p.add_argument("--neti-lr", type=positive_float, default=None,
@@ -288,10 +288,8 @@ def main(argv=None) -> int:
         p.error(str(e))
     if args.n < 2 or args.sample_steps < 1 or (args.steps is not None and args.steps < 1):
         p.error("--n must be at least 2, --steps and --sample-steps at least 1")
-    if args.grid_truncation is not None and args.grid is None:
+    if args.grid is None and "grid_truncation" in given_options(p, argv):
         p.error("--grid-truncation sets a row of --grid; give --grid too")
-    if args.grid_truncation is None:
-        args.grid_truncation = 16
     from inversion.neti import NeTIConfig
     hidden = NeTIConfig.hidden  # the mapper's hidden units: a truncation keeps 1 to all of them
     for k in [*args.truncations, args.grid_truncation]:

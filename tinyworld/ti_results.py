@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.cli import HelpFormatter, positive_float, positive_int
+from ldm.cli import HelpFormatter, given_options, positive_float, positive_int
 from tinyworld.whole_context import CONTEXT_LR
 
 
@@ -85,14 +85,13 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", choices=[*ROWS, *CONTEXT_ROWS], default=[*ROWS, *CONTEXT_ROWS],
                    help="which rows of the table to run (for a sweep of one of them); the -context rows learn "
                         "the U-Net's whole context instead of a word, with --context-lr")
-    p.add_argument("--context-lr", type=positive_float, default=None,
-                   help=f"Adam learning rate of the -context rows, not scaled by the batch (default: {CONTEXT_LR:g})")
+    p.add_argument("--context-lr", type=positive_float, default=CONTEXT_LR,
+                   help="Adam learning rate of the -context rows, not scaled by the batch")
     p.add_argument("--no-baseline", action="store_true", help="skip the best-plain-word rows")
     p.add_argument("--out", type=Path, default=Path("outputs") / "ti_results")
     args = p.parse_args(argv)
-    if args.context_lr is not None and not set(args.rows) & set(CONTEXT_ROWS):
+    if not set(args.rows) & set(CONTEXT_ROWS) and "context_lr" in given_options(p, argv):
         p.error(f"--context-lr sets the {' and '.join(CONTEXT_ROWS)} rows, which --rows leaves out")
-    args.context_lr = args.context_lr or CONTEXT_LR
     import ldm
     from invert import TINY_DEFAULTS
     from tinyworld.concepts import best_plain_caption, evaluate_context, evaluate_word, mean_scores

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
-from ldm.cli import HelpFormatter, nonnegative_int, positive_float, positive_int
+from ldm.cli import HelpFormatter, given_options, nonnegative_int, positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -312,7 +312,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run")
     p.add_argument("--init", type=Path, default=None,
                    help="continue training this model (both stages) instead of starting from scratch")
-    p.add_argument("--anchor", type=float, default=None,
+    p.add_argument("--anchor", type=float, default=1.0,
                    help="with --init: weight of the loss keeping encoder means at the starting model's (default: 1.0)")
     p.add_argument("--images", type=positive_int, default=60000, help="training images (rendered once)")
     p.add_argument("--seed", type=int, default=0)
@@ -342,15 +342,14 @@ def build_parser():
     return p
 
 
-def check_args(args, cfg: ModelConfig) -> str:
-    """What is wrong with the settings of the new options, in one line ('' if nothing)."""
+def check_args(args, cfg: ModelConfig, given: set) -> str:
+    """What is wrong with the settings of the new options, in one line ('' if nothing); `given`:
+    the options written on the command line."""
     if not 0 <= args.max_timestep <= cfg.schedule.num_timesteps:
         return (f"--max-timestep must be between 0 (all timesteps) and {cfg.schedule.num_timesteps}, "
                 f"got {args.max_timestep}")
-    if args.anchor is not None and args.init is None:
+    if "anchor" in given and args.init is None:
         return "--anchor weighs a loss toward the --init model's latents; it needs --init"
-    if args.anchor is None:
-        args.anchor = 1.0
     if not (math.isfinite(args.anchor) and args.anchor >= 0):
         return f"--anchor must be a number >= 0, got {args.anchor}"
     if not (args.minutes > 0 and args.vae_minutes >= 0):
@@ -359,7 +358,8 @@ def check_args(args, cfg: ModelConfig) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     run = args.run
@@ -385,7 +385,7 @@ def main(argv=None) -> int:
                   f"model ({IMAGE_SIZE} px), such as weights/tiny.safetensors", file=sys.stderr)
             return 2
     cfg = tiny_model_config() if start is None else start.config
-    problem = check_args(args, cfg)
+    problem = check_args(args, cfg, given_options(parser, argv))
     try:
         device = pick_device(args.device)
     except CLIError as e:
