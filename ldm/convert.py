@@ -309,6 +309,20 @@ def text_compvis_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return _apply(sd, table, "CompVis text encoder")
 
 
+def compvis_text_level(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A single file's text keys with the `text_model.` level, as the CompVis layout has them.
+
+    Some community single files (merges descended from the NovelAI checkpoint) store
+    `cond_stage_model.transformer.embeddings...` and `...transformer.encoder...`, without it;
+    every other key is returned unchanged."""
+    root = PREFIX_TEXT[: -len("text_model.")]               # cond_stage_model.transformer.
+    out = {}
+    for key, tensor in sd.items():
+        bare = key[len(root):] if key.startswith(root) else None
+        out[PREFIX_TEXT + bare if bare is not None and _TEXT_KEY.fullmatch(bare) else key] = tensor
+    return out
+
+
 # ------------------------------------------------------------------------------- whole model
 
 def diffusers_to_compvis(unet: dict[str, Tensor], vae: dict[str, Tensor], text: dict[str, Tensor],

@@ -53,14 +53,52 @@ class LoadError(Exception):
 
 # ----------------------------------------------------------------------------- reading files
 
+class _TrainingState:
+    """Stand-in for the non-tensor objects that training frameworks pickle beside the weights.
+
+    The original CompVis checkpoints were written by PyTorch Lightning: next to `state_dict`
+    they pickle its `ModelCheckpoint` callback class and numpy scalars. Loading with
+    `weights_only=True` refuses any global it does not know; these names are let through as
+    this inert class, which takes any arguments and state and runs no code of the file."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# The globals that real SD v1 `.ckpt` files pickle besides tensors (the same list that
+# AUTOMATIC1111's safe unpickler allows), each read as an inert _TrainingState.
+TRAINING_STATE_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+                          "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+                          "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+                          "numpy.ndarray", "numpy.dtype")
+
+
+def _refused_global(message: str) -> str:
+    """The global named in a weights_only refusal ("GLOBAL a.b.C was not allowed"), or ''."""
+    import re
+    found = re.search(r"GLOBAL ([\w.]+)", re.sub(r"\x1b\[[0-9;]*m", "", message))
+    return found.group(1) if found else ""
+
+
 def _read_pickle(path: Path) -> Tuple[dict, Dict[str, str]]:
+    import zipfile
+    allowed = [(_TrainingState, name) for name in TRAINING_STATE_GLOBALS]
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with torch.serialization.safe_globals(allowed):
+            # mmap reads the tensors lazily, but only from the zip format of torch >= 1.6
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # zip errors, unpickling refusals, truncation
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise LoadError(f"{path}: refuses to load safely (it pickles objects other than tensors: {text[:120]}); "
-                            "convert it to .safetensors with a tool you trust") from None
+            name = _refused_global(str(e))
+            raise LoadError(f"{path}: refuses to load safely (it pickles {name or 'objects other than tensors'}, "
+                            "which could run code); convert it to .safetensors with a tool you trust") from None
         raise LoadError(f"{path}: cannot be read as a PyTorch checkpoint ({text[:160]}); "
                         "the file may be truncated or corrupt — download it again") from None
     metadata = {}
@@ -106,6 +144,9 @@ def read_metadata(path) -> Dict[str, str]:
 
 # ----------------------------------------------------------------------------- telling files apart
 
+EMBEDDING_HINT = "is a textual-inversion embedding, not a model; load it with sample.py --embedding"
+
+
 def describe_wrong_file(keys, shapes: Dict[str, tuple]) -> Optional[str]:
     """What a file that is not an SD v1 model looks like, or None if it might be one."""
     keys = list(keys)
@@ -115,8 +156,8 @@ def describe_wrong_file(keys, shapes: Dict[str, tuple]) -> Optional[str]:
         return "is a LoRA (it has 'lora_' keys), not a full model; this project loads full SD v1.x checkpoints"
     if "string_to_param" in keys or "emb_params" in keys or (
             len(keys) <= 8 and not any("." in k for k in keys)
-            and all(len(shapes[k]) <= 2 and tuple(shapes[k])[-1:] in ((768,), (1024,)) for k in keys)):
-        return "is a textual-inversion embedding, not a model; load it with sample.py --embedding"
+            and all(len(shapes[k]) <= 2 and tuple(shapes[k])[-1:] in ((768,), (1024,), (1280,)) for k in keys)):
+        return EMBEDDING_HINT
     if any(k.startswith("conditioner.embedders") for k in keys) or "model.diffusion_model.label_emb.0.0.weight" in keys:
         return "is an SDXL model; this project implements SD v1.x (context width 768, one text encoder)"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
@@ -193,7 +234,9 @@ def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device,
 
 def _load_single_file(path: Path, device, dtype, ema: bool) -> StableDiffusion:
     sd, metadata = read_tensors(path)
-    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    if "string_to_param" in sd:   # an AUTOMATIC1111 .pt embedding holds dictionaries, not tensors
+        raise LoadError(f"{path} {EMBEDDING_HINT}")
+    sd = convert.compvis_text_level({k: v for k, v in sd.items() if torch.is_tensor(v)})
     if CONFIG_METADATA_KEY in metadata:
         config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
     else:

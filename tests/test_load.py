@@ -137,8 +137,52 @@ def test_ckpt_with_code_is_refused(tmp_path):
             return (print, ("pwned",))
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Evil()}, path)
-    with pytest.raises(LoadError, match="refuses to load safely"):
+    with pytest.raises(LoadError, match="refuses to load safely .it pickles print, which could run code") as e:
         ldm.load(path)
+    assert "\x1b" not in str(e.value)
+
+
+def save_lightning_checkpoint(path, state_dict, config, monkeypatch, zip_format=True):
+    """Writes what the original CompVis .ckpt files pickle: the weights under `state_dict`, beside
+    PyTorch Lightning's training state (its ModelCheckpoint class as a dict key, numpy scalars)."""
+    import types
+    import numpy as np
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": module.__name__})
+    module.ModelCheckpoint = ModelCheckpoint
+    with monkeypatch.context() as m:  # the class exists only while saving, as for a user without Lightning
+        for name in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+            m.setitem(sys.modules, name, types.ModuleType(name))
+        m.setitem(sys.modules, module.__name__, module)
+        ckpt = {"epoch": 6, "global_step": np.int64(840000), "pytorch-lightning_version": "1.4.2",
+                "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.1), "monitor": None,
+                                                "last_score": np.float64(0.25), "kth": np.zeros(2)}},
+                "state_dict": state_dict,
+                "ldm_config": json.dumps(config.to_dict())}  # this model's size (real files are SD v1 size)
+        torch.save(ckpt, path, _use_new_zipfile_serialization=zip_format)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy-pickle"])
+def test_lightning_ckpt_with_text_keys_without_text_model_level_loads(model, tmp_path, monkeypatch, zip_format):
+    """A .ckpt as the original ones are written (Lightning's training state beside the weights),
+    in the zip format or the pre-1.6 one, whose text keys lack `text_model.` as in some merges."""
+    root = "cond_stage_model.transformer."
+    sd = {k.replace(convert.PREFIX_TEXT, root): v for k, v in model.state_dict().items()}
+    assert sum(k.startswith(convert.PREFIX_TEXT) for k in sd) == 0
+    path = tmp_path / "sd-v1.ckpt"
+    save_lightning_checkpoint(path, sd, model.config, monkeypatch, zip_format)
+    assert "pytorch_lightning" not in sys.modules
+    assert_same_parameters(model, ldm.load(path))
+
+
+def test_a1111_embedding_given_as_a_model_is_named(tmp_path):
+    a1111 = {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(2, 768)}, "name": "x", "step": 10}
+    torch.save(a1111, tmp_path / "x.pt")
+    with pytest.raises(LoadError, match="textual-inversion embedding"):
+        ldm.load(tmp_path / "x.pt")
+    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, tmp_path / "xl.safetensors")
+    with pytest.raises(LoadError, match="textual-inversion embedding"):
+        ldm.load(tmp_path / "xl.safetensors")
 
 
 @pytest.mark.parametrize("make, expected", [
