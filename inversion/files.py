@@ -42,7 +42,8 @@ BASE_MODEL = "base_model"             # that checkpoint's file name, for people
 A1111_TOKEN_ID = 265                  # the id AUTOMATIC1111 writes in "string_to_token" (unused by readers)
 MAX_VECTORS = 75                      # 77 positions minus start and end of text
 MAX_WORDS = 16                        # more tensors than this: some network's weights, not words
-MAX_FILE_BYTES = 64 << 20             # an embedding is KBs; 75 vectors of 1280 floats are 384 KB
+MAX_FILE_BYTES = 256 << 20            # an embedding is KBs, but diffusers' example, trained on a CPU, pickles
+                                      # its rows as a view that drags the whole 49408 x 768 table (152 MB)
 KNOWN_WIDTHS = {768: "an SD 1.x embedding", 1024: "an SD 2.x embedding", 1280: "an SDXL embedding"}
 PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
 
@@ -219,7 +220,11 @@ def _classify(path: Path, obj, metadata: Dict[str, str]) -> Tuple[Embeddings, Di
                 meta.setdefault(key, str(obj[key]))
         if obj.get("sd_checkpoint"):
             meta.setdefault(BASE_MODEL_HASH, str(obj["sd_checkpoint"]))
-        return [(stem, next(iter(params.values())))], meta
+        vectors = next(iter(params.values()))
+        if not torch.is_tensor(vectors):
+            raise EmbeddingError(f"{path}: its 'string_to_param' holds a {type(vectors).__name__}, not a tensor "
+                                 "(AUTOMATIC1111 writes one tensor of vectors)")
+        return [(stem, vectors)], meta
 
     if "clip_l" in obj and "clip_g" in obj:
         raise EmbeddingError(f"{path}: is an SDXL embedding (clip_l and clip_g vectors); "
@@ -255,7 +260,7 @@ def _check_vectors(path: Path, word: str, vec: torch.Tensor, width: Optional[int
         raise EmbeddingError(f"{path}: {word!r} has {len(vec)} vectors; a prompt holds at most {MAX_VECTORS}")
     if not torch.isfinite(vec).all():
         raise EmbeddingError(f"{path}: the vectors of {word!r} contain NaN or infinite values")
-    return vec.contiguous()
+    return vec.clone()   # a copy: a view would keep the whole pickled storage alive
 
 
 def load_embeddings(path: PathLike, width: Optional[int] = None) -> Tuple[Embeddings, Dict[str, str]]:

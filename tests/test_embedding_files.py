@@ -109,6 +109,17 @@ def test_diffusers_training_script_safetensors(tmp_path):
     assert word == "<dog>" and torch.equal(loaded, v[None])
 
 
+def test_diffusers_cpu_bin_keeps_only_its_rows(tmp_path):
+    """diffusers' example, trained on a CPU, saves its rows as a view of the whole token table, so
+    the pickle holds the table; only the word's vectors are kept once loaded."""
+    table = torch.randn(49408, D)
+    torch.save({"<x>": table[49407:49408]}, tmp_path / "learned_embeds.bin")
+    assert (tmp_path / "learned_embeds.bin").stat().st_size > table.numel() * 4
+    (word, loaded), = load_embeddings(tmp_path / "learned_embeds.bin")[0]
+    assert word == "<x>" and torch.equal(loaded, table[49407:49408])
+    assert loaded.untyped_storage().nbytes() == D * 4
+
+
 # ----------------------------------------------------------------------------- bad files
 
 def one_line_error(path, match, **kwargs):
@@ -137,8 +148,13 @@ def test_full_model_is_not_an_embedding(tmp_path, ckpt):
 def test_huge_file_is_refused_before_reading(tmp_path):
     path = tmp_path / "model.ckpt"
     with open(path, "wb") as f:
-        f.truncate(200 << 20)  # sparse: no disk used
-    one_line_error(path, ["200 MB", "too big"])
+        f.truncate(300 << 20)  # sparse: no disk used
+    one_line_error(path, ["300 MB", "too big"])
+
+
+def test_a1111_layout_without_a_tensor_is_one_line(tmp_path):
+    torch.save({"string_to_param": {"*": {"clip_l": vectors(1), "clip_g": vectors(1)}}, "name": "x"}, tmp_path / "x.pt")
+    one_line_error(tmp_path / "x.pt", ["'string_to_param' holds a dict, not a tensor"])
 
 
 def test_wrong_width_names_the_sd2_family(tmp_path):
