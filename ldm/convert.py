@@ -29,6 +29,7 @@ architectures the v1 network cannot represent) and `write_diffusers_configs` is 
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Iterable, Iterator
 
@@ -528,6 +529,33 @@ def write_scheduler_config(schedule: ScheduleConfig) -> dict:
             "num_train_timesteps": schedule.num_timesteps, "set_alpha_to_one": False,
             "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
             "prediction_type": "epsilon", "timestep_spacing": "leading", "trained_betas": None}
+
+
+def write_pipeline_files(tokenizer) -> dict[str, str]:
+    """What makes a diffusers folder open as `StableDiffusionPipeline.from_pretrained(folder)`,
+    besides the three models: {path in the folder: text}. The tokenizer files are CLIP's BPE in
+    transformers' form (`vocab.json`: token -> id; `merges.txt`: the merges in rank order); SD v1
+    pads with the end token. The safety checker and its feature extractor are left out (null)."""
+    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+    end = "<|endoftext|>"
+    special = {"bos_token": "<|startoftext|>", "eos_token": end, "unk_token": end, "pad_token": end}
+    files = {
+        "model_index.json": {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+                             "feature_extractor": [None, None], "safety_checker": [None, None],
+                             "requires_safety_checker": False, "image_encoder": [None, None],
+                             "scheduler": ["diffusers", "PNDMScheduler"],
+                             "text_encoder": ["transformers", "CLIPTextModel"],
+                             "tokenizer": ["transformers", "CLIPTokenizer"],
+                             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
+        "tokenizer/tokenizer_config.json": {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+                                            "do_lower_case": True, "errors": "replace",
+                                            "add_prefix_space": False, **special},
+        "tokenizer/special_tokens_map.json": special,
+        "tokenizer/vocab.json": tokenizer.encoder,
+    }
+    out = {name: json.dumps(value, indent=2, ensure_ascii=False) for name, value in files.items()}
+    out["tokenizer/merges.txt"] = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    return out
 
 
 def read_diffusers_configs(unet_cfg: dict, vae_cfg: dict, text_cfg: dict,

@@ -265,8 +265,10 @@ def _load_diffusers_folder(folder: Path, device, dtype) -> StableDiffusion:
             raise LoadError(f"{folder}: a diffusers folder needs the subfolders unet/, vae/ and text_encoder/ "
                             f"('{part}/' is missing)")
         parts[part] = _read_json(folder / part / "config.json")
+    scheduler = folder / "scheduler" / "scheduler_config.json"   # the noise schedule, if the folder has one
     try:
-        config = convert.read_diffusers_configs(parts["unet"], parts["vae"], parts["text_encoder"])
+        config = convert.read_diffusers_configs(parts["unet"], parts["vae"], parts["text_encoder"],
+                                                _read_json(scheduler) if scheduler.exists() else None)
     except ValueError as e:
         raise LoadError(f"{folder}: {e}") from None
     sd: Dict[str, torch.Tensor] = {}
@@ -339,7 +341,8 @@ def _cast(sd: Dict[str, torch.Tensor], dtype) -> Dict[str, torch.Tensor]:
 def save(model: StableDiffusion, path, dtype: Optional[torch.dtype] = None,
          metadata: Optional[Dict[str, str]] = None) -> Path:
     """Save in the layout the path names: `x.safetensors` or `x.ckpt` (CompVis single file,
-    configuration in the metadata), or a folder (diffusers layout with config.json files)."""
+    configuration in the metadata), or a folder (the diffusers layout: a folder that
+    `StableDiffusionPipeline.from_pretrained` opens, with the scheduler and tokenizer files)."""
     path = Path(path)
     sd = _cast(model.state_dict(), dtype)
     if path.suffix == ".safetensors":
@@ -369,9 +372,15 @@ def _save_diffusers_folder(model: StableDiffusion, sd: Dict[str, torch.Tensor], 
         "text_encoder": (convert.text_compvis_to_diffusers(take(convert.PREFIX_TEXT)), text_json,
                          "model.safetensors"),
     }
+    write_text = lambda path, text: _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     for part, (tensors, config_json, filename) in parts.items():
         (folder / part).mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         _atomic(folder / part / filename, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        _atomic(folder / part / "config.json",
-                lambda tmp: Path(tmp).write_text(json.dumps(config_json, indent=2)))
+        write_text(folder / part / "config.json", json.dumps(config_json, indent=2))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    write_text(folder / "scheduler" / "scheduler_config.json",
+               json.dumps(convert.write_scheduler_config(cfg.schedule), indent=2))
+    for name, text in convert.write_pipeline_files(model.tokenizer).items():
+        write_text(folder / name, text)

@@ -55,6 +55,28 @@ def test_diffusers_folder_loads_in_diffusers(model, tmp_path):
         assert torch.allclose(unet(x, 10, encoder_hidden_states=ctx).sample, model.unet(x, 10, ctx), atol=1e-5)
 
 
+def test_diffusers_folder_opens_as_a_diffusers_pipeline(model, tmp_path):
+    """The saved folder is a whole pipeline: diffusers' tokenizer gives our ids, its text encoder
+    our context, its scheduler our noise schedule; and the schedule survives our own round trip."""
+    import dataclasses
+    diffusers = pytest.importorskip("diffusers")
+    custom = StableDiffusion(dataclasses.replace(model.config, schedule=dataclasses.replace(
+        model.config.schedule, linear_end=0.02)))
+    custom.load_state_dict({k: v for k, v in model.state_dict().items()}, strict=False)
+    folder = ldm.save(custom, tmp_path / "sd")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    cases = json.loads((ROOT / "tests" / "fixtures" / "tokenizer_cases.json").read_text())["cases"]
+    prompts = [c["text"] for c in cases if c["hf_slow_CLIPTokenizer_agrees"] and c["hf_fast_CLIPTokenizerFast_agrees"]]
+    assert len(prompts) >= 10
+    ours = custom.tokenizer(prompts)
+    theirs = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert torch.equal(ours, theirs.input_ids)
+    with torch.no_grad():
+        assert torch.allclose(pipe.text_encoder(ours)[0], custom.encode_prompts(prompts), atol=1e-5)
+    assert torch.allclose(pipe.scheduler.alphas_cumprod, custom.schedule.alphas_cumprod.double().float(), atol=1e-6)
+    assert ldm.load(folder).config == custom.config
+
+
 def compvis_file_with(model, tmp_path, edit, name="edited.safetensors"):
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     edit(sd)
