@@ -47,6 +47,20 @@ def test_ti_results_table(ckpt32, tmp_path, capsys):
         assert percents(cells[2])[0] == pytest.approx(sum(percents(r)[0] for r, _ in per_seed) / 2, abs=0.006)
 
 
+def test_ti_results_scores_with_the_given_guidance(ckpt32, tmp_path, capsys, monkeypatch):
+    """--scale reaches every score of the table: the words', the baseline's and the context's."""
+    from tinyworld import concepts, ti_results
+    seen = []
+    for name in ("evaluate_word", "evaluate_context"):
+        real = getattr(concepts, name)
+        monkeypatch.setattr(concepts, name, lambda *a, _real=real, **kw: seen.append(kw["scale"]) or _real(*a, **kw))
+    assert ti_results.main(["--ckpt", str(ckpt32), "--steps", "1", "--n", "2", "--sample-steps", "1", "--seeds", "0",
+                            "--rows", "ring", "ring-context", "--scale", "2.5", "--out", str(tmp_path / "o")]) == 0
+    assert "guidance 2.5" in capsys.readouterr().out
+    # the baseline's candidate words, its row, the word and the context
+    assert len(seen) == len(concepts.BASELINE_WORDS["shape"]) + 3 and set(seen) == {2.5}
+
+
 def test_learn_context_trains_only_the_context(ckpt32):
     """The whole-context comparison row: a (77, D) context that starts at the text encoder's output
     for "a photo of a object", moves with training, is the same for the same seed, and leaves the

@@ -102,9 +102,9 @@ BASELINE_WORDS = {"shape": ("object", "circle", "square", "triangle", "cross", "
                   "texture": ("striped", "dotted", "plain", "pattern")}
 
 
-def best_plain_caption(model, concept: str, n: int = 32, steps: int = 50, seed: int = 0):
+def best_plain_caption(model, concept: str, n: int = 32, steps: int = 50, seed: int = 0, scale: float = 7.5):
     """(word, reconstruction) of the ordinary word that best draws the concept."""
-    results = {w: evaluate_word(model, concept, w, n=n, steps=steps, seed=seed)["reconstruction"]
+    results = {w: evaluate_word(model, concept, w, n=n, steps=steps, scale=scale, seed=seed)["reconstruction"]
                for w in BASELINE_WORDS[concept_attribute(concept)]}
     word = max(results, key=results.get)
     return word, results[word]

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.cli import HelpFormatter, given_options, positive_float, positive_int
+from ldm.cli import HelpFormatter, given_options, nonnegative_float, positive_float, positive_int
 from tinyworld.whole_context import CONTEXT_LR
 
 
@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=positive_float, default=None, help="base learning rate, x batch (default: invert.py's tiny default)")
     p.add_argument("--n", type=positive_int, default=64, help="samples per score")
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps when scoring")
+    p.add_argument("--scale", type=nonnegative_float, default=7.5, help="guidance scale when scoring")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one run per seed (its own 5 images, training noise and sampling seeds); scores are means")
     p.add_argument("--rows", nargs="+", choices=[*ROWS, *CONTEXT_ROWS], default=[*ROWS, *CONTEXT_ROWS],
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     seeds = args.seeds
     print(f"Textual Inversion on the tiny world: 5 images per concept and seed, {steps} steps, "
           f"base lr {args.lr or TINY_DEFAULTS['lr']:g}, {args.n} samples "
-          f"per score, DDIM {args.sample_steps}; means over seeds {', '.join(map(str, seeds))}"
+          f"per score, DDIM {args.sample_steps}, guidance {args.scale:g}; means over seeds {', '.join(map(str, seeds))}"
           + (f"; the whole context: Adam, lr {args.context_lr:g}" if set(args.rows) & set(CONTEXT_ROWS) else "")
           + "\n")
     print("| concept | word | reconstruction | editability | per seed: reconstruction / editability "
@@ -122,14 +123,17 @@ def main(argv=None) -> int:
                 t = time.time()
                 context = learn_context(model, concept, steps, seed, args.context_lr)
                 seconds += time.time() - t
-                runs.append(evaluate_context(model, concept, context, n=args.n, steps=args.sample_steps, seed=seed))
+                runs.append(evaluate_context(model, concept, context, n=args.n, steps=args.sample_steps,
+                                             scale=args.scale, seed=seed))
             row(concept, label, runs, f"{seconds / len(seeds):.0f} s")
             continue
         label, concept, overrides = ROWS[name]
         if concept not in done and not args.no_baseline:  # the baseline: the best ordinary word, on the first seed's samples
-            word, _ = best_plain_caption(model, concept, n=args.n // 2, steps=args.sample_steps, seed=seeds[0])
+            word, _ = best_plain_caption(model, concept, n=args.n // 2, steps=args.sample_steps,
+                                              scale=args.scale, seed=seeds[0])
             row(concept, f"baseline: best plain word \"{word}\"",
-                [evaluate_word(model, concept, word, n=args.n, steps=args.sample_steps, seed=s) for s in seeds])
+                [evaluate_word(model, concept, word, n=args.n, steps=args.sample_steps, scale=args.scale, seed=s)
+                 for s in seeds])
             done.add(concept)
         runs, seconds = [], 0.0
         for seed in seeds:
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
                             **({"lr": args.lr} if args.lr else {}), **overrides)
             seconds += time.time() - t
             runs.append(evaluate_word(model, concept, trainer.cfg.placeholder, n=args.n, steps=args.sample_steps,
-                                      seed=seed, learned=trainer.learned))
+                                      scale=args.scale, seed=seed, learned=trainer.learned))
         row(concept, label, runs, f"{seconds / len(seeds):.0f} s")
     return 0
 
