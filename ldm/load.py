@@ -95,8 +95,8 @@ def _read_pickle(path: Path) -> Tuple[dict, Dict[str, str]]:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # zip errors, unpickling refusals, truncation
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            name = _refused_global(str(e))
+        name = _refused_global(str(e))
+        if name or "unrecognized function" in str(e) or "Can only create new object" in str(e):
             raise LoadError(f"{path}: refuses to load safely (it pickles {name or 'objects other than tensors'}, "
                             "which could run code); convert it to .safetensors with a tool you trust") from None
         raise LoadError(f"{path}: cannot be read as a PyTorch checkpoint ({text[:160]}); "
@@ -111,15 +111,16 @@ def _read_pickle(path: Path) -> Tuple[dict, Dict[str, str]]:
     return obj, metadata
 
 
-def read_tensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Every tensor of a .safetensors/.ckpt/.pt/.bin file, and the safetensors metadata."""
+def read_tensors(path: Path, skip: Tuple[str, ...] = ()) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Every tensor of a .safetensors/.ckpt/.pt/.bin file, and the safetensors metadata.
+    Keys starting with `skip` are not read from a .safetensors file (pickles are memory-mapped)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
-                return {k: f.get_tensor(k) for k in f.keys()}, metadata
+                return {k: f.get_tensor(k) for k in f.keys() if not (skip and k.startswith(skip))}, metadata
         except Exception as e:
             raise LoadError(f"{path}: cannot be read as safetensors ({str(e).splitlines()[0][:120]}); "
                             f"the file ({path.stat().st_size:,} bytes) may be truncated — download it again") from None
@@ -233,7 +234,8 @@ def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device,
 
 
 def _load_single_file(path: Path, device, dtype, ema: bool) -> StableDiffusion:
-    sd, metadata = read_tensors(path)
+    # a full checkpoint's EMA copy (as large as the U-Net) is read only when asked for
+    sd, metadata = read_tensors(path, skip=() if ema else IGNORED_PREFIXES)
     if "string_to_param" in sd:   # an AUTOMATIC1111 .pt embedding holds dictionaries, not tensors
         raise LoadError(f"{path} {EMBEDDING_HINT}")
     sd = convert.compvis_text_level({k: v for k, v in sd.items() if torch.is_tensor(v)})

@@ -1,9 +1,7 @@
 """inversion/files.py: learned-embedding files in every layout, their errors, and their use.
 
 The model here is the tiny random one of conftest (text width 32), so every test is quick;
-the diffusers test builds a diffusers pipeline around the same text encoder."""
-import gzip
-import json
+the diffusers test opens the same model, saved as a folder, as a diffusers pipeline."""
 
 import pytest
 import torch
@@ -194,6 +192,10 @@ def test_apply_checks_width_and_duplicates(tmp_path, model):
     b = save_embeddings(tmp_path / "b.safetensors", {"<dup>": vectors(1)})
     with pytest.raises(EmbeddingError, match="already defined by .*a.safetensors"):
         apply_embeddings(model, LearnedEmbeddings(model.tokenizer), [a, b])
+    # "<two>" of 2 vectors is the tokens "<two> <two>_1": a word "<two>_1" would share a token
+    two = save_embeddings(tmp_path / "two.safetensors", {"<two>": vectors(2), "<two>_1": vectors(1)})
+    with pytest.raises(EmbeddingError, match="the token '<two>_1' of '<two>_1' is already taken by '<two>'"):
+        apply_embeddings(model, LearnedEmbeddings(model.tokenizer), two)
 
 
 def test_base_model_hash_mismatch_warns_but_loads(tmp_path, model):
@@ -263,37 +265,10 @@ def test_sample_cli_bad_embedding_is_one_line_and_writes_nothing(tmp_path, ckpt,
 
 # ----------------------------------------------------------------------------- diffusers interop
 
-def hf_tokenizer(folder):
-    """A transformers CLIPTokenizer from the same BPE file as ours (as tests/test_tokenizer.py does)."""
-    import transformers
-    from clip.tokenizer import DEFAULT_VOCAB_PATH, bytes_to_unicode
-    lines = gzip.decompress(DEFAULT_VOCAB_PATH.read_bytes()).decode("utf-8").split("\n")
-    merges = lines[1: 49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab]
-    vocab += ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}), "utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
-    return transformers.CLIPTokenizer.from_pretrained(str(folder))
-
-
 def test_our_files_load_in_diffusers_load_textual_inversion(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
-    from ldm.convert import write_scheduler_config
-
     model = randomize(StableDiffusion(tiny_config()), seed=4)  # a fresh tokenizer: new ids from 49408, as HF
-
-    folder = ldm.save(model, tmp_path / "pipe")
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae"),
-        text_encoder=transformers.CLIPTextModel.from_pretrained(folder / "text_encoder"),
-        tokenizer=hf_tokenizer(folder / "tokenizer"),
-        unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet"),
-        scheduler=diffusers.PNDMScheduler.from_config(write_scheduler_config(model.config.schedule)),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(ldm.save(model, tmp_path / "pipe"))
 
     toy, thing = vectors(3, 20), vectors(2, 21)
     ours = save_embeddings(tmp_path / "learned_embeds.safetensors", {"<cat-toy>": toy}, {"step": "10"})

@@ -122,6 +122,41 @@ def test_ema_weights_are_taken_when_asked(model, tmp_path):
         ldm.load(ldm.save(model, tmp_path / "folder"), ema=True)
 
 
+def test_the_ema_copy_is_not_read_unless_asked_for(model, tmp_path, monkeypatch):
+    """A full checkpoint's EMA copy is as large as the U-Net: without --ema it stays on disk."""
+    import safetensors
+    path = compvis_file_with(model, tmp_path, lambda sd: sd.update(
+        {"model_ema." + k[len("model."):].replace(".", ""): v.clone() for k, v in list(sd.items())
+         if k.startswith(convert.PREFIX_UNET)}))
+    read = []
+    real_open = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *a, **k):
+            self.f = real_open(*a, **k)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    ldm.load(path)
+    assert read and not any(k.startswith("model_ema.") for k in read)
+    read.clear()
+    ldm.load(path, ema=True)
+    assert any(k.startswith("model_ema.") for k in read)
+
+
 def test_diffusers_folder_variants_load(model, tmp_path):
     """Legacy VAE attention names, text keys without `text_model.`, and .bin weights."""
     folder = ldm.save(model, tmp_path / "sd")
