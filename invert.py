@@ -19,7 +19,7 @@ import torch
 
 from inversion.precision import training_dtype
 from ldm.cli import (CLIError, Parser, check_writable, flags, nonnegative_float, nonnegative_int,
-                     pick_device, positive_float, positive_int, run)
+                     pick_device, positive_float, positive_int, run, seed_int)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -66,7 +66,7 @@ def build_parser() -> Parser:
     opt.add_argument("--steps", type=positive_int, default=None, help="training steps (tiny model: 400; SD: 5000)")
     opt.add_argument("--lr", type=positive_float, default=None, help="base learning rate, multiplied by --batch (5e-3)")
     opt.add_argument("--batch", type=positive_int, default=None, help="batch size (tiny: 8; SD: 4)")
-    opt.add_argument("--seed", type=int, default=0,
+    opt.add_argument("--seed", type=seed_int, default=0,
                      help="seeds the training noise (and, without --images, the rendered tiny-world images)")
 
     run_ = p.add_argument_group("model and outputs")
@@ -174,6 +174,10 @@ def output_files(out: Path, placeholder: str, tokenizer):
     return out / "learned_embeds.safetensors", out / f"{safe}.pt", out / f"{safe}.safetensors"
 
 
+MAX_RENDERED = 100   # tiny-world images rendered for a run without --images
+MAX_RESOLUTION = 2048
+
+
 def check_paths(args) -> None:
     """The checks every method shares: model, images and output folder (before anything is loaded)."""
     if args.ckpt is None and not DEFAULT_CKPT.exists():
@@ -183,6 +187,10 @@ def check_paths(args) -> None:
         raise CLIError(f"--ckpt {args.ckpt}: no such file or folder")
     if args.images is not None and not args.images.exists():
         raise CLIError(f"--images {args.images}: no such file or folder")
+    if args.num_images > MAX_RENDERED:
+        raise CLIError(f"--num-images {args.num_images}: at most {MAX_RENDERED} (the paper learns from 3-5)")
+    if args.resolution is not None and args.resolution > MAX_RESOLUTION:
+        raise CLIError(f"--resolution {args.resolution}: at most {MAX_RESOLUTION} (SD v1 is trained at 512)")
     if args.resolution is not None and args.images is None:
         raise CLIError("--resolution applies to --images; the tiny world's images are rendered at the model's size")
     check_writable(args.out)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import CLIError, Parser, check_writable, nonnegative_float, pick_device, pick_dtype, positive_int, run
+from ldm.cli import (CLIError, Parser, check_writable, nonnegative_float, pick_device, pick_dtype, positive_int,
+                     run, seed_int)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -32,7 +33,7 @@ def build_parser() -> Parser:
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (U-Net evaluations)")
     p.add_argument("--scale", type=nonnegative_float, default=7.5,
                    help="classifier-free guidance scale; 1 turns guidance off")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--n", type=positive_int, default=4, help="number of images")
     p.add_argument("--batch-size", type=positive_int, default=4, help="images per U-Net batch")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
@@ -128,6 +129,13 @@ def main(argv=None) -> int:
                 print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)
         new_embeddings = learned.mapping()
         prompt, negative = learned.expand(args.prompt), learned.expand(args.negative)
+    if args.steps > model.schedule.num_timesteps:
+        raise CLIError(f"--steps {args.steps}: at most {model.schedule.num_timesteps}, the model's training timesteps")
+    for flag, text in (("--prompt", prompt), ("--negative", negative)):
+        n = len(model.tokenizer.encode(text))
+        if n > model.tokenizer.context_length:
+            print(f"warning: {flag} is {n} tokens; the text encoder reads the first {model.tokenizer.context_length} "
+                  "(with the start and end tokens), the rest is ignored", file=sys.stderr)
     cond = None
     if args.hiper is not None:  # HiPer: the prompt's rows 0..76-K, then α x the learned tail
         from inversion.hiper import HiPerError, hiper_condition, load_tail

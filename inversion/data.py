@@ -10,6 +10,7 @@ a {}" for an object, "a painting in the style of {}" for a style.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import List, Sequence, Union
 
@@ -107,25 +108,30 @@ def to_rgb(image):
 
 
 def resize_center_crop(image, resolution: int):
-    """Short side to `resolution` (bicubic), then the centre square."""
+    """The centre square, resized to `resolution` (bicubic): the short side scaled to
+    `resolution` and the long one cropped to it. The square is cut first, so a very long
+    image is never enlarged whole."""
     from PIL import Image
     w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    if size != (w, h):
-        image = image.resize(size, Image.BICUBIC)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    square = image.crop((left, top, left + side, top + side))
+    return square if side == resolution else square.resize((resolution, resolution), Image.BICUBIC)
 
 
 def load_image(path: Union[str, Path], resolution: int) -> torch.Tensor:
     """One training image -> (3, R, R) float32 in [-1, 1]."""
     from PIL import Image, ImageOps
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give one image file")
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so a truncated file fails here
             image = to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError:  # PIL's guard against images of hundreds of megapixels
+        raise DataError(f"cannot read {path}: it has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, "
+                        "too many to open safely; resize it first") from None
     except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"cannot read {path}: {reason}") from None
@@ -138,3 +144,8 @@ def load_images(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]], reso
     if resolution <= 0:
         raise DataError(f"resolution must be positive, got {resolution}")
     return torch.stack([load_image(p, resolution) for p in image_files(paths_or_dir)])
+
+
+def image_digest(images: torch.Tensor) -> str:
+    """A short hash of training images, so that a resumed run refuses other images."""
+    return hashlib.sha256(images.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]

@@ -318,6 +318,13 @@ def apply_embeddings(model, learned, paths: Union[PathLike, Sequence[PathLike]],
                 other = found[word][0] if word in found else "an earlier embedding"
                 raise EmbeddingError(f"{path}: the word {word!r} is already defined by {other}")
             for token in sub_tokens(word, len(vec)):
+                # "<x>" of 2 vectors is the tokens "<x> <x>_1": a word "<x>_1" would share one of them
+                words = [(w, len(v)) for w, (_, v) in found.items()] + [(w, len(v)) for w, v in
+                                                                       zip(learned.words, learned.vectors)]
+                owner = next((w for w, n in words if token in sub_tokens(w, n)), None)
+                if owner is not None:
+                    raise EmbeddingError(f"{path}: the token {token!r} of {word!r} is already taken by {owner!r}; "
+                                         "rename one of them")
                 ordinary = None if token in tokenizer.added_tokens else tokenizer.word_id(token)
                 if ordinary is not None:
                     raise EmbeddingError(f"{path}: {token!r} is an ordinary word of the vocabulary (token {ordinary}); "

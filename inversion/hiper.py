@@ -25,7 +25,6 @@ resumed run is bit-identical to an uninterrupted one; a NaN loss skips the step;
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inversion.data import image_digest
 from inversion.files import BASE_MODEL_HASH, EmbeddingError
 from inversion.textual_inversion import TextualInversion, encode_images, noisy_latents
 from inversion.precision import autocast
@@ -117,8 +117,9 @@ def _read_tail(path: Path) -> Tuple[torch.Tensor, Dict[str, str]]:
             from safetensors import safe_open
             with safe_open(str(path), framework="pt") as f:
                 if TAIL_KEY not in f.keys():
-                    raise TailFileError(f"{path}: is not a HiPer tail (no '{TAIL_KEY}' tensor); "
-                                        "a learned word goes to --embedding")
+                    where = "a NeTI mapper goes to --neti" if (f.metadata() or {}).get("method") == "neti" \
+                        else "a learned word goes to --embedding"
+                    raise TailFileError(f"{path}: is not a HiPer tail (no '{TAIL_KEY}' tensor); {where}")
                 return f.get_tensor(TAIL_KEY), dict(f.metadata() or {})
         if path.suffix in (".pt", ".bin"):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -178,11 +179,6 @@ class HiPerConfig:
     seed: int = 0
     save_every: int = 100
     sample_every: int = 0       # no validation grid while training (run() is Textual Inversion's)
-
-
-def image_digest(image: torch.Tensor) -> str:
-    """A short hash of the training image, so that a resumed run refuses another image."""
-    return hashlib.sha256(image.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 class HiPer:

@@ -61,7 +61,11 @@ def check_arguments(args) -> None:
     except HiPerError as e:
         raise CLIError(str(e)) from None
     check_paths(args)
+    if args.source is not None and not args.source.strip():
+        raise CLIError("--source is empty; write the prompt that describes --image, e.g. 'a standing dog'")
     if args.image is not None:
+        if args.image.is_dir():
+            raise CLIError(f"--image {args.image}: is a folder; HiPer learns from one image file")
         if not args.image.is_file():
             raise CLIError(f"--image {args.image}: no such file")
         try:

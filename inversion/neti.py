@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inversion.data import image_digest
 from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images, noisy_latents
 from inversion.precision import autocast
 from ldm.load import LoadError, _atomic
@@ -284,8 +285,9 @@ def load_mapper(path: Union[str, Path], model=None, device="cpu") -> Tuple[NeTIM
     except Exception as e:
         raise NeTIError(f"{path}: cannot be read as a NeTI mapper (.safetensors): {_first_line(e)}") from None
     if CONFIG_KEY not in meta or "placeholder" not in meta:
-        raise NeTIError(f"{path}: is not a NeTI mapper (no '{CONFIG_KEY}' in its metadata); "
-                        "a Textual Inversion embedding goes to --embedding")
+        where = "a HiPer tail goes to --hiper" if meta.get("method") == "hiper" \
+            else "a Textual Inversion embedding goes to --embedding"
+        raise NeTIError(f"{path}: is not a NeTI mapper (no '{CONFIG_KEY}' in its metadata); {where}")
     try:
         cfg = MapperConfig.from_json(meta[CONFIG_KEY])
         mapper = NeTIMapper(cfg)
@@ -323,6 +325,8 @@ def neti_conditioning(model, path: Union[str, Path], prompt: str, negative: str 
             warn(f"{Path(path).name} was trained on another base model (hash {recorded}, this one is {expected}); "
                  "it may work less well")
     word = meta["placeholder"]
+    if model.tokenizer.added_tokens.get(word) in (new_embeddings or {}):
+        raise NeTIError(f"{path}: its word {word!r} is also defined by an --embedding file; use one of them")
     if word not in prompt and word not in negative:
         warn(f"the prompt does not use the learned word {word!r}")
     try:
@@ -400,6 +404,7 @@ class NeTI:
         self.optimizer = torch.optim.AdamW(self.mapper.parameters(), lr=cfg.effective_lr,
                                            weight_decay=cfg.weight_decay)
         self.n_images = len(images)
+        self.images = image_digest(images)  # a resumed run must train on the same images
         self.out.mkdir(parents=True, exist_ok=True)
         self.means, self.stds = encode_images(model, images)
         self.step = 0
@@ -448,7 +453,7 @@ class NeTI:
     def settings(self) -> str:
         """The settings a resumed run must share (it may run longer, or save and sample differently)."""
         free = ("steps", "save_every", "sample_every", "sample_steps")
-        return str({k: v for k, v in asdict(self.cfg).items() if k not in free})
+        return str({**{k: v for k, v in asdict(self.cfg).items() if k not in free}, "images": self.images})
 
     def state_dict(self) -> dict:
         return {"mapper": {k: v.detach().cpu() for k, v in self.mapper.state_dict().items()},
@@ -457,8 +462,8 @@ class NeTI:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("config") != self.settings() or "mapper" not in state:
-            raise TrainingError(f"{self.checkpoint_path} was made with other settings; resume with the same "
-                                "arguments, or start a new --out folder")
+            raise TrainingError(f"{self.checkpoint_path} was made with other settings or other images; resume with "
+                                "the same arguments, or start a new --out folder")
         self.mapper.load_state_dict(state["mapper"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inversion.data import image_digest, templates
 from inversion.hook import LearnedEmbeddings, sub_tokens
 from inversion.precision import autocast
+from ldm.load import LoadError
 
 
 @dataclass
@@ -55,6 +57,9 @@ class TIConfig:
         return self.lr * self.batch
 
 
+MAX_PLACEHOLDER = 64   # characters; the placeholder names the AUTOMATIC1111 files
+
+
 class TrainingError(ValueError):
     """Bad settings or data for training; the message is one line."""
 
@@ -70,8 +75,19 @@ def check_words(model, cfg: TIConfig) -> torch.Tensor:
     if tok.word_id(cfg.placeholder) is not None and cfg.placeholder not in tok.added_tokens:
         raise TrainingError(f"--placeholder {cfg.placeholder!r} is already a word of the vocabulary; "
                             "choose a string it does not know, such as '<my-toy>'")
+    if not cfg.placeholder.strip() or any(c.isspace() for c in cfg.placeholder):
+        raise TrainingError(f"--placeholder {cfg.placeholder!r} must be one word without spaces, such as '<my-toy>'")
+    if len(cfg.placeholder) > MAX_PLACEHOLDER:
+        raise TrainingError(f"--placeholder is {len(cfg.placeholder)} characters; at most {MAX_PLACEHOLDER} "
+                            "(it names the output files)")
     if cfg.num_vectors < 1:
         raise TrainingError("--num-vectors must be at least 1")
+    # every prompt must hold all the vectors: 77 positions less start, end and the longest template's words
+    words = max(tok.num_tokens(t.format("")) for t in templates(cfg.learnable_property))
+    room = tok.context_length - 2 - words - (2 if getattr(cfg, "per_image_tokens", False) else 0)
+    if cfg.num_vectors > room:
+        raise TrainingError(f"--num-vectors {cfg.num_vectors}: a training prompt has room for {room} "
+                            "(77 positions less the template's words)")
     return model.text_encoder.text_model.embeddings.token_embedding.weight[init_id].detach().float().clone()
 
 
@@ -116,6 +132,7 @@ class TextualInversion:
         self.learned = LearnedEmbeddings(model.tokenizer)
         self.learned.add(cfg.placeholder, init.expand(cfg.num_vectors, -1), trainable=True)
         self.n_images = len(images)
+        self.images = image_digest(images)  # a resumed run must train on the same images
         if cfg.per_image_tokens:
             for i in range(self.n_images):
                 self.learned.add(image_token(cfg, i), init[None], trainable=True)
@@ -186,7 +203,7 @@ class TextualInversion:
     def settings(self) -> str:
         """The settings a resumed run must share (it may run longer, or save and sample differently)."""
         free = ("steps", "save_every", "sample_every", "sample_steps")
-        return str({k: v for k, v in asdict(self.cfg).items() if k not in free})
+        return str({**{k: v for k, v in asdict(self.cfg).items() if k not in free}, "images": self.images})
 
     def state_dict(self) -> dict:
         return {"vectors": [v.detach().cpu() for v in self.learned.vectors], "optimizer": self.optimizer.state_dict(),
@@ -195,8 +212,8 @@ class TextualInversion:
 
     def load_state_dict(self, state: dict) -> None:
         if state["config"] != self.settings():
-            raise TrainingError(f"{self.checkpoint_path} was made with other settings; resume with the same "
-                                "arguments, or start a new --out folder")
+            raise TrainingError(f"{self.checkpoint_path} was made with other settings or other images; resume with "
+                                "the same arguments, or start a new --out folder")
         with torch.no_grad():
             for v, saved in zip(self.learned.vectors, state["vectors"]):
                 v.copy_(saved)
@@ -212,7 +229,15 @@ class TextualInversion:
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        self.load_state_dict(torch.load(self.checkpoint_path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a file cut short by a full disk, or not ours
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+            raise LoadError(f"{self.checkpoint_path} is damaged ({reason}); delete it to start again, "
+                            "or choose another --out") from None
+        if not isinstance(state, dict) or "config" not in state:
+            raise LoadError(f"{self.checkpoint_path} is not a checkpoint of this tool; delete it or choose another --out")
+        self.load_state_dict(state)
         return True
 
     def write_loss_log(self) -> None:

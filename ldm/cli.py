@@ -83,7 +83,8 @@ def checked_number(convert, what: str, ok, requirement: str):
 positive_int = checked_number(int, "a whole number", lambda v: v >= 1, "at least 1")
 nonnegative_int = checked_number(int, "a whole number", lambda v: v >= 0, ">= 0")
 positive_float = checked_number(float, "a number", lambda v: 0 < v < float("inf"), "a number > 0")
-nonnegative_float = checked_number(float, "a number", lambda v: v >= 0, ">= 0")
+nonnegative_float = checked_number(float, "a number", lambda v: 0 <= v < float("inf"), "a number >= 0")
+seed_int = checked_number(int, "a whole number", lambda v: 0 <= v < 2 ** 63, "between 0 and 2**63 - 1")
 
 
 def check_writable(out: Path) -> None:
@@ -104,6 +105,10 @@ def pick_device(name: str = "auto") -> torch.device:
             raise CLIError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise CLIError("--device cuda was asked for but no CUDA GPU is available")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise CLIError("--device mps was asked for but this machine or PyTorch build has no Apple GPU support")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise CLIError(f"--device {name}: this project runs on cpu, cuda or mps")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -118,14 +123,41 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def check_text(argv) -> None:
+    """Every argument must be text: bytes that are not UTF-8 would fail only when the first
+    file named after them is written, after all the work."""
+    for arg in argv:
+        try:
+            str(arg).encode("utf-8")
+        except UnicodeEncodeError:
+            raise CLIError(f"the argument {ascii(arg)} is not valid UTF-8 text") from None
+
+
+def memory_hint(error: BaseException) -> str:
+    """The first line of an out-of-memory error, shortened."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text[:100]
+
+
 def run(main, argv=None, prog: str = "") -> int:
     """Call main(argv); turn expected failures into one line on stderr and a non-zero status."""
     from ldm.load import LoadError
     try:
+        check_text(sys.argv[1:] if argv is None else argv)
         return main(argv) or 0
     except (CLIError, LoadError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"{prog}: error: out of memory ({memory_hint(e)}); try a smaller --batch, resolution or image size",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):   # the CPU allocator's out-of-memory error
+            raise
+        print(f"{prog}: error: out of memory ({memory_hint(e)}); try a smaller --batch, resolution or image size",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

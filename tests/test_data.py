@@ -46,6 +46,26 @@ def test_resize_short_side_then_centre_crop(tmp_path):
     assert y.shape == (1, 3, 64, 64) and y.min() >= -1 and y.max() <= 1
 
 
+def test_a_very_long_image_is_cropped_before_it_is_resized(tmp_path, monkeypatch):
+    """The centre square is cut first: a 40000 x 2 strip gives a 2 x 2 square, never a 20 MB enlargement."""
+    im = Image.new("RGB", (40000, 2), GREEN)
+    im.paste(RED, (19999, 0, 20001, 2))
+    im.save(tmp_path / "strip.png")
+    sizes = []
+    real_resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(self.size) or
+                        real_resize(self, size, *a, **k))
+    x = load_images(tmp_path / "strip.png", 16)
+    assert sizes == [(2, 2)] and all(close(pixel(x[0], 8, c), RED, tol=8) for c in (0, 15))
+
+
+def test_an_image_too_large_to_open_safely_is_one_line(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # PIL refuses more than twice this
+    with pytest.raises(DataError, match="big.png: it has more than 2,000 pixels"):
+        load_images(tmp_path / "big.png", 16)
+
+
 def test_transparency_goes_on_white_and_every_mode_becomes_rgb(tmp_path):
     rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
     rgba.paste((255, 0, 0, 255), (0, 0, 4, 8))  # left half opaque red, right half transparent

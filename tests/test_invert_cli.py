@@ -113,6 +113,17 @@ def bad_cases(ckpt, images, tmp_path):
         (common + ["--method", "neti", "--num-images", "3"], "with --images they have nothing to do"),
         (common + ["--per-image-prob", "0.3"], "needs --per-image-tokens"),
         (common + ["--progressive-every", "10"], "--num-vectors 2 or more"),
+        # were tracebacks, or failed only after training
+        (common + ["--seed", "-1"], "--seed"),
+        (common + ["--reg-weight", "inf"], "--reg-weight"),
+        (common + ["--resolution", "100000"], "--resolution"),
+        (common[:4] + ["--placeholder", " ", "--init-word", "toy"], "without spaces"),
+        (common[:4] + ["--placeholder", "<" + "q" * 300 + ">", "--init-word", "toy"], "at most 64"),
+        (common + ["--num-vectors", "100"], "has room for"),
+        (common + ["--placeholder", "<a\udcffb>"], "not valid UTF-8"),
+        (["--ckpt", str(ckpt), "--num-images", "100000"], "--num-images"),
+        (["--ckpt", str(ckpt), "--method", "hiper", "--image", str(images / "0.png"), "--source", " "], "--source is empty"),
+        (["--ckpt", str(ckpt), "--method", "hiper", "--image", str(images), "--source", "a dog"], "is a folder"),
     ]
 
 
@@ -126,6 +137,40 @@ def test_bad_input_gives_one_line_nonzero_exit_and_no_files(ckpt, images, tmp_pa
         assert rc == 2, (argv, cap.err)
         assert len(lines) == 1 and message in lines[0], (message, cap.err)
         assert not out.exists() or not any(out.rglob("*.*")), argv
+
+
+@pytest.mark.parametrize("damage", [b"garbage", None], ids=["text", "cut-short"])
+def test_a_damaged_checkpoint_on_resume_is_one_line(ckpt, images, tmp_path, capsys, damage):
+    base = ["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>", "--init-word", "toy",
+            "--batch", "2", "--steps", "2", "--out", str(tmp_path)]
+    assert call(base, capsys)[0] == 0
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(damage if damage is not None else checkpoint.read_bytes()[:2000])
+    rc, cap = call(base + ["--steps", "4", "--resume"], capsys)
+    lines = cap.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "checkpoint.pt is damaged" in lines[0], cap.err
+
+
+def test_resume_refuses_other_images(ckpt, images, tmp_path, capsys):
+    base = ["--ckpt", str(ckpt), "--placeholder", "<toy>", "--init-word", "toy", "--batch", "2", "--steps", "2",
+            "--out", str(tmp_path / "run")]
+    assert call(base + ["--images", str(images)], capsys)[0] == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in images.iterdir():
+        Image.open(f).transpose(Image.FLIP_TOP_BOTTOM).save(other / f.name)
+    rc, cap = call(base + ["--images", str(other), "--steps", "4", "--resume"], capsys)
+    assert rc == 2 and "other images" in cap.err
+
+
+def test_out_of_memory_is_one_line(capsys):
+    def main(argv):   # what the CPU allocator raises for a --batch that does not fit
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
+    assert run(main, [], prog="invert.py") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory" in err[0] and "smaller --batch" in err[0]
+    assert run(lambda argv: (_ for _ in ()).throw(MemoryError()), [], prog="invert.py") == 1
 
 
 def test_one_image_is_allowed_with_a_warning(ckpt, tmp_path, capsys):

@@ -405,6 +405,9 @@ def test_bad_input_gives_one_line_exit_2_and_no_files(ckpt, image_dir, tmp_path,
         (base + ["--neti", str(mapper), "--truncation", "500"], "between 1 and 128"),
         (base + ["--neti", str(mapper), "--hiper", str(ti)], "not both"),
         (base + ["--embedding", str(mapper)], "sample.py --neti"),
+        (base + ["--neti", str(mapper), "--embedding", str(save_embeddings(tmp_path / "toy.safetensors",
+                                                                            {"<toy>": torch.zeros(1, 32)}))],
+         "also defined by an --embedding file"),                      # one word, two meanings: was silent
     ]:
         rc, cap = sample(argv, capsys)
         lines = cap.err.strip().splitlines()

@@ -69,6 +69,11 @@ def test_ddpm_sampler_runs(ckpt, tmp_path):
     (["--height", "30"], "multiple of"),
     (["--sampler", "ddpm", "--eta", "0.5"], "--eta"),              # was ignored
     (["--ema"], "leave out --ema"),                                 # a file without EMA weights
+    (["--steps", "5000"], "at most 1000"),                          # were tracebacks
+    (["--seed", "99999999999999999999999"], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--scale", "1e309"], "--scale"),
+    (["--device", "mps"], "--device mps"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(ckpt, tmp_path, args, message):
     argv = ["--prompt", "x", "--out", str(tmp_path / "o")]
@@ -79,6 +84,13 @@ def test_bad_input_gives_one_line_and_nonzero_exit(ckpt, tmp_path, args, message
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_warned(ckpt, tmp_path):
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(ckpt), "--prompt", "red circle " * 40,
+                           "--n", "1", "--steps", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --prompt is 82 tokens; the text encoder reads the first 77" in proc.stderr
 
 
 def test_ema_samples_with_the_files_ema_unet(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.cli import HelpFormatter, nonnegative_float, positive_int
+from ldm.cli import HelpFormatter, nonnegative_float, positive_int, seed_int
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORED = ("shape", "color", "size", "position", "background")
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=positive_int, default=240, help="number of prompts (one image each)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
     p.add_argument("--scale", type=nonnegative_float, default=7.5, help="guidance scale")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--grid", type=Path, default=None, help="write the first 32 samples with their prompts")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto: a GPU if there is one")
     args = p.parse_args(argv)

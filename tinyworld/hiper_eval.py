@@ -264,7 +264,7 @@ CEILING_OPTIONS = {"ckpt", "device", "sample_steps", "scale", "texture_ceiling"}
 
 
 def build_parser():
-    from ldm.cli import Parser, nonnegative_float, positive_float, positive_int
+    from ldm.cli import Parser, nonnegative_float, positive_float, positive_int, seed_int
     from inversion.hiper_cli import TINY_DEFAULTS
     from invert import TINY_DEFAULTS as TI_DEFAULTS
     p = Parser(prog="python -m tinyworld.hiper_eval", description=__doc__.split("\n\n")[0])
@@ -281,7 +281,7 @@ def build_parser():
     p.add_argument("--samples", type=positive_int, default=2, help="images per (source, edit, method)")
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps")
     p.add_argument("--scale", type=nonnegative_float, default=7.5, help="guidance scale")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--grid", type=Path, default=Path("outputs") / "hiper_eval.png",
                    help="before/after grid of the first 8 sources")
     p.add_argument("--device", default="auto")

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
-from ldm.cli import HelpFormatter, given_options, nonnegative_int, positive_float, positive_int
+from ldm.cli import HelpFormatter, given_options, nonnegative_int, positive_float, positive_int, seed_int
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -315,7 +315,7 @@ def build_parser():
     p.add_argument("--anchor", type=float, default=1.0,
                    help="with --init: weight of the loss keeping encoder means at the starting model's (default: 1.0)")
     p.add_argument("--images", type=positive_int, default=60000, help="training images (rendered once)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--vae-steps", type=nonnegative_int, default=2000)
     p.add_argument("--vae-minutes", type=float, default=0, help="stop the autoencoder stage after this "
                                                                      "much time (0 = run all --vae-steps)")

@@ -639,10 +639,11 @@ def save_grid(path: str, images: np.ndarray, captions: Sequence[str] | None = No
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from ldm.cli import seed_int
     ap = argparse.ArgumentParser(description="Write a grid of tiny-world samples.")
     ap.add_argument("--grid", default="tinyworld_grid.png")
     ap.add_argument("-n", type=int, default=48)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--split", default="train")
     ap.add_argument("--concept", default=None, help="draw one held-out concept instead")
     ap.add_argument("--scale", type=int, default=4)
