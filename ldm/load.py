@@ -200,14 +200,20 @@ def _check(expected: Dict[str, tuple], found: Dict[str, tuple], where: str):
 
 # ----------------------------------------------------------------------------- loading
 
+def ema_key(key: str) -> str:
+    """The name of a U-Net weight's EMA copy in a full CompVis checkpoint: Lightning's EMA module
+    drops the dots, `model.diffusion_model.input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight`."""
+    return "model_ema." + key[len("model."):].replace(".", "")
+
+
 def _take_ema(sd: Dict[str, torch.Tensor]) -> None:
-    """Replace the U-Net weights by their EMA copies (`model_ema.diffusion_modelinput_blocks00weight`)."""
+    """Replace the U-Net weights by their EMA copies."""
     for key in [k for k in sd if k.startswith(convert.PREFIX_UNET)]:
-        ema_key = "model_ema." + key[len("model."):].replace(".", "")
-        if ema_key not in sd:
-            raise LoadError(f"asked for EMA weights but the file has no '{ema_key}': it is an emaonly or pruned "
+        ema = ema_key(key)
+        if ema not in sd:
+            raise LoadError(f"asked for EMA weights but the file has no '{ema}': it is an emaonly or pruned "
                             "file, whose U-Net weights already are the EMA ones (leave out --ema)")
-        sd[key] = sd[ema_key]
+        sd[key] = sd[ema]
 
 
 def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device, dtype) -> StableDiffusion:

@@ -53,3 +53,13 @@ def test_diffusers_conversion_covers_the_diffusers_manifest():
     }
     for part in ("unet", "vae", "text_encoder"):
         assert {k: list(v.shape) for k, v in got[part].items()} == manifest[part], part
+
+
+def test_ema_key_names_follow_the_manifest():
+    """A full checkpoint adds model_ema.decay, model_ema.num_updates and one EMA copy per U-Net weight."""
+    from ldm.load import ema_key
+    note = json.loads((FIXTURES / "sd15_compvis_keys.json").read_text())["ema_note"]
+    unet = [k for k in full_model_on_meta().state_dict() if k.startswith(convert.PREFIX_UNET)]
+    names = [ema_key(k) for k in unet]
+    assert names[:3] == note["example"]
+    assert len(set(names)) + 2 == note["full_checkpoint_extra_key_count"]

@@ -105,6 +105,13 @@ def test_quirks_of_real_files_all_load(model, tmp_path):
     loaded = ldm.load(compvis_file_with(model, tmp_path, lambda sd: sd.pop(pos), "nopos.safetensors"))
     assert torch.equal(loaded.state_dict()[pos], torch.arange(77).unsqueeze(0))
 
+    def odd_buffers(sd):  # present, but in half precision and wrong: recomputed, never taken from the file
+        for name in model.schedule.compvis_buffers():
+            sd[name] = (sd[name] * 2).half()
+    loaded = ldm.load(compvis_file_with(model, tmp_path, odd_buffers, "buffers.safetensors"))
+    for name, value in model.schedule.compvis_buffers().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
 
 def test_ema_weights_are_taken_when_asked(model, tmp_path):
     def add_ema(sd):
