@@ -229,8 +229,10 @@ def _classify(path: Path, obj, metadata: Dict[str, str]) -> Tuple[Embeddings, Di
     if "clip_l" in obj and "clip_g" in obj:
         raise EmbeddingError(f"{path}: is an SDXL embedding (clip_l and clip_g vectors); "
                              "this project implements SD v1.x (one 768-wide text encoder)")
-    if "emb_params" in obj and len(obj) == 1:  # AUTOMATIC1111 / kohya .safetensors
-        return [(stem, obj["emb_params"])], metadata
+    if len(obj) == 1 and next(iter(obj)) in ("emb_params", "string_to_param.*"):
+        # AUTOMATIC1111 / kohya .safetensors, and A1111 .pt files converted key by key: one tensor,
+        # which AUTOMATIC1111 names after the file
+        return [(stem, next(iter(obj.values())))], metadata
 
     # {word: vector(s)}: ours, diffusers, sd-concepts-library
     tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}

@@ -82,6 +82,14 @@ def test_a1111_safetensors_holds_only_emb_params(tmp_path):
         assert f.metadata()["step"] == "3" and f.metadata()["name"] == "thing"
 
 
+def test_a1111_pt_converted_key_by_key_to_safetensors_is_named_after_its_file(tmp_path):
+    from safetensors.torch import save_file
+    v = vectors(2)
+    save_file({"string_to_param.*": v}, str(tmp_path / "bad-hands.safetensors"))
+    (word, loaded), = load_embeddings(tmp_path / "bad-hands.safetensors")[0]
+    assert word == "bad-hands" and torch.equal(loaded, v)
+
+
 def test_original_textual_inversion_checkpoint_with_a_parameter_dict(tmp_path):
     v = vectors(2, 6)
     params = torch.nn.ParameterDict({"*": torch.nn.Parameter(v.clone())})
