@@ -244,6 +244,9 @@ def _load_single_file(path: Path, device, dtype, ema: bool) -> StableDiffusion:
     sd, metadata = read_tensors(path, skip=() if ema else IGNORED_PREFIXES)
     if "string_to_param" in sd:   # an AUTOMATIC1111 .pt embedding holds dictionaries, not tensors
         raise LoadError(f"{path} {EMBEDDING_HINT}")
+    if sd and not any(torch.is_tensor(v) for v in sd.values()):
+        raise LoadError(f"{path} holds no tensors (only {', '.join(sorted({type(v).__name__ for v in sd.values()}))}); "
+                        "it is not a model checkpoint")
     sd = convert.compvis_text_level({k: v for k, v in sd.items() if torch.is_tensor(v)})
     if CONFIG_METADATA_KEY in metadata:
         config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))

@@ -247,6 +247,9 @@ def test_a1111_embedding_given_as_a_model_is_named(tmp_path):
     save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, tmp_path / "xl.safetensors")
     with pytest.raises(LoadError, match="textual-inversion embedding"):
         ldm.load(tmp_path / "xl.safetensors")
+    torch.save({"state_dict": {"a": 1, "b": "x"}}, tmp_path / "odd.ckpt")
+    with pytest.raises(LoadError, match=r"holds no tensors \(only int, str\)"):
+        ldm.load(tmp_path / "odd.ckpt")
 
 
 @pytest.mark.parametrize("make, expected", [
