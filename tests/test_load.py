@@ -184,6 +184,29 @@ def test_diffusers_folder_variants_load(model, tmp_path):
     assert_same_parameters(model, ldm.load(folder))
 
 
+def test_fp16_variant_folder_loads(model, tmp_path):
+    """diffusers' `variant="fp16"` files: `*.fp16.safetensors` in half precision, nothing else."""
+    folder = ldm.save(model, tmp_path / "sd")
+    for part in ("unet", "vae", "text_encoder"):
+        for f in (folder / part).glob("*.safetensors"):
+            save_file({k: v.half() for k, v in load_file(f).items()}, f.with_suffix(".fp16.safetensors"))
+            f.unlink()
+    loaded = ldm.load(folder)
+    w = "model.diffusion_model.out.2.weight"
+    assert loaded.dtype == torch.float32
+    assert torch.equal(loaded.state_dict()[w], model.state_dict()[w].half().float())
+
+
+def test_a_file_without_a_configuration_is_read_as_sd_v1(model, tmp_path, monkeypatch):
+    """Public checkpoints carry no configuration: they are all SD v1 size. Here the "SD v1 size"
+    is this small model's, so that the file stays small."""
+    load_module = sys.modules["ldm.load"]   # the module; `ldm.load` is its function
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, tmp_path / "public.safetensors")          # no ldm_config metadata
+    monkeypatch.setattr(load_module, "ModelConfig", lambda: model.config)
+    assert_same_parameters(model, ldm.load(tmp_path / "public.safetensors"))
+
+
 def test_fp16_file_loads_as_fp32_and_fp16(model, tmp_path):
     path = ldm.save(model, tmp_path / "half.safetensors", dtype=torch.float16)
     assert load_file(path)["model.diffusion_model.out.2.weight"].dtype == torch.float16
