@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     dtype = pick_dtype(args.precision, device)
     model = load_model(args.ckpt, device, dtype, ema=args.ema)
     new_embeddings, prompt, negative = None, args.prompt, args.negative
-    from inversion.files import base_model_hash
+    from inversion.files import base_model_hash, base_model_hashes
 
     def base_hash() -> str:  # hashed only when a learned file records its base model
         return base_model_hash(resolve_checkpoint(args.ckpt))
@@ -122,7 +122,8 @@ def main(argv=None) -> int:
         from inversion.files import apply_embeddings
         from inversion.hook import LearnedEmbeddings
         learned = LearnedEmbeddings(model.tokenizer)
-        words = apply_embeddings(model, learned, args.embedding, check_hash=base_hash)
+        words = apply_embeddings(model, learned, args.embedding,   # ours, or AUTOMATIC1111's older hash
+                                 check_hash=lambda: base_model_hashes(resolve_checkpoint(args.ckpt)))
         learned.to(model.device)
         for word in words:
             if word not in args.prompt and word not in args.negative:

@@ -294,17 +294,34 @@ def base_model_hash(ckpt: PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def a1111_legacy_hash(ckpt: PathLike) -> str:
+    """AUTOMATIC1111's first model hash, which older embeddings record in `sd_checkpoint`: the
+    sha256 of the 64 KB at offset 1 MB, 8 hex digits. (Its newer one is the whole file's sha256,
+    10 digits, which `file_hash` begins with.)"""
+    with open(ckpt, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def base_model_hashes(ckpt: PathLike) -> List[str]:
+    """Every hash an embedding may record for this base model: ours, and for a single file the
+    AUTOMATIC1111 legacy one."""
+    ckpt = Path(ckpt)
+    return [base_model_hash(ckpt)] + ([a1111_legacy_hash(ckpt)] if ckpt.is_file() else [])
+
+
 def _stderr_warning(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
 def apply_embeddings(model, learned, paths: Union[PathLike, Sequence[PathLike]],
-                     check_hash: Union[None, str, Callable[[], str]] = None,
+                     check_hash: Union[None, str, Sequence[str], Callable[[], Union[str, Sequence[str]]]] = None,
                      warn: Callable[[str], None] = _stderr_warning) -> Dict[str, Path]:
     """Load embedding files and register their words in `learned` (a LearnedEmbeddings).
 
     Every file is read and checked before any word is added, so on an error nothing changes.
-    `check_hash` is the base model's hash (or a function computing it, called only if a file
+    `check_hash` is the base model's hash, or all its names (`base_model_hashes`), or a function
+    computing them, called only if a file
     records one); a different recorded hash gives a warning, not an error.
     Returns {word: file} in the order added."""
     if isinstance(paths, (str, Path)):
@@ -337,8 +354,10 @@ def apply_embeddings(model, learned, paths: Union[PathLike, Sequence[PathLike]],
 
     if hashes and check_hash is not None:
         expected = check_hash() if callable(check_hash) else check_hash
+        accepted = [expected] if isinstance(expected, str) else list(expected)
+        expected = accepted[0]
         for path, recorded in hashes:
-            if not (recorded.startswith(expected) or expected.startswith(recorded)):
+            if not any(recorded.startswith(h) or h.startswith(recorded) for h in accepted):
                 warn(f"{path.name} was trained on another base model (hash {recorded}, this one is {expected}); "
                      "it may work less well")
 

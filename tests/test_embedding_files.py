@@ -217,6 +217,26 @@ def test_base_model_hash_mismatch_warns_but_loads(tmp_path, model):
     assert warnings == []
 
 
+def test_a1111_hashes_of_the_same_base_model_are_recognised(tmp_path, model, ckpt):
+    """AUTOMATIC1111 records `sd_checkpoint`: older files the sha256 of 64 KB at 1 MB (8 digits),
+    newer ones the start of the whole file's sha256 (10 digits). Both name this checkpoint."""
+    import hashlib
+    from inversion.files import base_model_hashes
+    data = ckpt.read_bytes()
+    assert len(data) > 0x110000
+    legacy, short = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8], hashlib.sha256(data).hexdigest()[:10]
+    assert base_model_hashes(ckpt)[1] == legacy
+    for recorded, warned in ((legacy, False), (short, False), ("0badcafe", True)):
+        path = save_a1111(tmp_path / f"w{recorded}.pt", "<w>", vectors(1), step=1)
+        obj = torch.load(path, weights_only=True)
+        obj["sd_checkpoint"] = recorded
+        torch.save(obj, path)
+        warnings = []
+        apply_embeddings(model, LearnedEmbeddings(model.tokenizer), path,
+                         check_hash=lambda: base_model_hashes(ckpt), warn=warnings.append)
+        assert bool(warnings) == warned, (recorded, warnings)
+
+
 # ----------------------------------------------------------------------------- use
 
 def test_vectors_are_really_used_by_the_text_encoder(tmp_path, model):
