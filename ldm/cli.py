@@ -133,6 +133,11 @@ def check_text(argv) -> None:
             raise CLIError(f"the argument {ascii(arg)} is not valid UTF-8 text") from None
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Python's, the GPU's, or the CPU allocator's out-of-memory error (a RuntimeError that says so)."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+
+
 def memory_hint(error: BaseException) -> str:
     """The first line of an out-of-memory error, shortened."""
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -148,12 +153,8 @@ def run(main, argv=None, prog: str = "") -> int:
     except (CLIError, LoadError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except (MemoryError, torch.OutOfMemoryError) as e:
-        print(f"{prog}: error: out of memory ({memory_hint(e)}); try a smaller --batch, resolution or image size",
-              file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        if "can't allocate memory" not in str(e):   # the CPU allocator's out-of-memory error
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(e):
             raise
         print(f"{prog}: error: out of memory ({memory_hint(e)}); try a smaller --batch, resolution or image size",
               file=sys.stderr)
