@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from inversion.data import image_digest, templates
 from inversion.hook import LearnedEmbeddings, sub_tokens
 from inversion.precision import autocast
-from ldm.load import LoadError
+from ldm.load import LoadError, load_error_reason
 
 
 @dataclass
@@ -232,9 +232,8 @@ class TextualInversion:
         try:
             state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         except Exception as e:  # a file cut short by a full disk, or not ours
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
-            raise LoadError(f"{self.checkpoint_path} is damaged ({reason}); delete it to start again, "
-                            "or choose another --out") from None
+            raise LoadError(f"{self.checkpoint_path} is damaged ({load_error_reason(e)}); delete it to start "
+                            "again, or choose another --out") from None
         if not isinstance(state, dict) or "config" not in state:
             raise LoadError(f"{self.checkpoint_path} is not a checkpoint of this tool; delete it or choose another --out")
         self.load_state_dict(state)

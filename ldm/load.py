@@ -86,6 +86,16 @@ def _refused_global(message: str) -> str:
     return found.group(1) if found else ""
 
 
+def load_error_reason(error: BaseException) -> str:
+    """The informative line of a torch.load failure: for a weights_only refusal, what the
+    unpickler met (torch's first lines are about its defaults), else the first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        after = [l for l in lines[1:] if not l.startswith(("Please file", "Check the documentation"))]
+        return (after[0] if after else "the unpickler refused it")[:120]
+    return (lines[0] if lines else type(error).__name__)[:160]
+
+
 def _read_pickle(path: Path) -> Tuple[dict, Dict[str, str]]:
     import zipfile
     allowed = [(_TrainingState, name) for name in TRAINING_STATE_GLOBALS]
@@ -94,12 +104,11 @@ def _read_pickle(path: Path) -> Tuple[dict, Dict[str, str]]:
             # mmap reads the tensors lazily, but only from the zip format of torch >= 1.6
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # zip errors, unpickling refusals, truncation
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
         name = _refused_global(str(e))
         if name or "unrecognized function" in str(e) or "Can only create new object" in str(e):
             raise LoadError(f"{path}: refuses to load safely (it pickles {name or 'objects other than tensors'}, "
                             "which could run code); convert it to .safetensors with a tool you trust") from None
-        raise LoadError(f"{path}: cannot be read as a PyTorch checkpoint ({text[:160]}); "
+        raise LoadError(f"{path}: cannot be read as a PyTorch checkpoint ({load_error_reason(e)}); "
                         "the file may be truncated or corrupt — download it again") from None
     metadata = {}
     if isinstance(obj, dict) and isinstance(obj.get(CONFIG_METADATA_KEY), str):
