@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 
 from inversion.hook import sub_tokens
-from ldm.load import LoadError, _atomic, file_hash
+from ldm.load import LoadError, _atomic, file_hash, load_error_reason, unsafe_pickle
 
 PathLike = Union[str, Path]
 
@@ -162,10 +162,10 @@ def _read(path: Path) -> Tuple[object, Dict[str, str]]:
             with torch.serialization.safe_globals([torch.nn.ParameterDict]):
                 return torch.load(path, map_location="cpu", weights_only=True), {}
         except Exception as e:
-            if "weights_only" in str(e) or "Unsupported global" in str(e):
-                raise EmbeddingError(f"{path}: refuses to load safely (it pickles objects other than tensors); "
-                                     "convert it to .safetensors with a tool you trust") from None
-            raise EmbeddingError(f"{path}: cannot be read as a PyTorch file ({_first_line(e)}); "
+            if unsafe_pickle(e):
+                raise EmbeddingError(f"{path}: refuses to load safely (it pickles {unsafe_pickle(e)}, which could "
+                                     "run code); convert it to .safetensors with a tool you trust") from None
+            raise EmbeddingError(f"{path}: cannot be read as a PyTorch file ({load_error_reason(e)}); "
                                  f"the file ({path.stat().st_size:,} bytes) may be truncated or corrupt") from None
     raise EmbeddingError(f"{path}: unknown embedding format '{path.suffix}'; expected .safetensors, .pt or .bin")
 

@@ -79,11 +79,17 @@ TRAINING_STATE_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelChe
                           "numpy.ndarray", "numpy.dtype")
 
 
-def _refused_global(message: str) -> str:
-    """The global named in a weights_only refusal ("GLOBAL a.b.C was not allowed"), or ''."""
+def unsafe_pickle(error: BaseException) -> Optional[str]:
+    """What a weights_only refusal names ("GLOBAL a.b.C was not allowed"), or 'objects other than
+    tensors' when it names none; None when the error is not a refusal (a damaged file, say)."""
     import re
-    found = re.search(r"GLOBAL ([\w.]+)", re.sub(r"\x1b\[[0-9;]*m", "", message))
-    return found.group(1) if found else ""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", str(error))   # some torch versions color the name
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return found.group(1)
+    if "unrecognized function" in message or "Can only create new object" in message:
+        return "objects other than tensors"
+    return None
 
 
 def load_error_reason(error: BaseException) -> str:
@@ -104,10 +110,10 @@ def _read_pickle(path: Path) -> Tuple[dict, Dict[str, str]]:
             # mmap reads the tensors lazily, but only from the zip format of torch >= 1.6
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # zip errors, unpickling refusals, truncation
-        name = _refused_global(str(e))
-        if name or "unrecognized function" in str(e) or "Can only create new object" in str(e):
-            raise LoadError(f"{path}: refuses to load safely (it pickles {name or 'objects other than tensors'}, "
-                            "which could run code); convert it to .safetensors with a tool you trust") from None
+        name = unsafe_pickle(e)
+        if name:
+            raise LoadError(f"{path}: refuses to load safely (it pickles {name}, which could run code); "
+                            "convert it to .safetensors with a tool you trust") from None
         raise LoadError(f"{path}: cannot be read as a PyTorch checkpoint ({load_error_reason(e)}); "
                         "the file may be truncated or corrupt — download it again") from None
     metadata = {}

@@ -177,6 +177,12 @@ def test_sdxl_embedding_and_missing_file_and_unknown_suffix(tmp_path):
     one_line_error(tmp_path / "e.txt", ["unknown embedding format"])
 
 
+def test_a_text_file_named_pt_is_damage_not_danger(tmp_path):
+    (tmp_path / "notes.pt").write_text("not a pickle")
+    message = one_line_error(tmp_path / "notes.pt", ["cannot be read as a PyTorch file"])
+    assert "safely" not in message and "Weights only" not in message
+
+
 def test_pickle_with_code_is_refused(tmp_path):
     torch.save({"<x>": torch.nn.Linear(2, 2)}, tmp_path / "evil.pt")  # unpickling it would run module code
     one_line_error(tmp_path / "evil.pt", ["refuses to load safely"])
