@@ -38,7 +38,7 @@ from inversion.data import image_digest
 from inversion.files import BASE_MODEL_HASH, EmbeddingError
 from inversion.textual_inversion import TextualInversion, encode_images, noisy_latents
 from inversion.precision import autocast
-from ldm.load import _atomic
+from ldm.load import _atomic, load_error_reason
 
 CONTEXT_LENGTH = 77             # rows of the text encoder's output
 TAIL_KEY = "hiper_tail"         # the tensor's name in our .safetensors files
@@ -129,8 +129,7 @@ def _read_tail(path: Path) -> Tuple[torch.Tensor, Dict[str, str]]:
     except TailFileError:
         raise
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise TailFileError(f"{path}: cannot be read ({reason}); the file may be truncated") from None
+        raise TailFileError(f"{path}: cannot be read ({load_error_reason(e)}); the file may be truncated") from None
     raise TailFileError(f"{path}: unknown format '{path.suffix}'; a HiPer tail is a .safetensors file")
 
 
