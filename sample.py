@@ -10,6 +10,7 @@ Writes one PNG per image (prompt, seed and settings in its text metadata) and a 
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -112,26 +113,29 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
     model = load_model(args.ckpt, device, dtype, ema=args.ema)
+    if args.steps > model.schedule.num_timesteps:
+        raise CLIError(f"--steps {args.steps}: at most {model.schedule.num_timesteps}, the model's training timesteps")
     new_embeddings, prompt, negative = None, args.prompt, args.negative
-    from inversion.files import base_model_hash, base_model_hashes
+    from inversion.files import base_model_hashes
 
-    def base_hash() -> str:  # hashed only when a learned file records its base model
-        return base_model_hash(resolve_checkpoint(args.ckpt))
+    @functools.lru_cache(maxsize=None)
+    def base_hashes() -> tuple:  # hashed only when a learned file records its base model, and only once
+        return tuple(base_model_hashes(resolve_checkpoint(args.ckpt)))
+
+    def base_hash() -> str:      # ours (the others are AUTOMATIC1111's names of the same file)
+        return base_hashes()[0]
 
     if args.embedding:  # every file is read and checked before anything is written
         from inversion.files import apply_embeddings
         from inversion.hook import LearnedEmbeddings
         learned = LearnedEmbeddings(model.tokenizer)
-        words = apply_embeddings(model, learned, args.embedding,   # ours, or AUTOMATIC1111's older hash
-                                 check_hash=lambda: base_model_hashes(resolve_checkpoint(args.ckpt)))
+        words = apply_embeddings(model, learned, args.embedding, check_hash=base_hashes)
         learned.to(model.device)
         for word in words:
             if word not in args.prompt and word not in args.negative:
                 print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)
         new_embeddings = learned.mapping()
         prompt, negative = learned.expand(args.prompt), learned.expand(args.negative)
-    if args.steps > model.schedule.num_timesteps:
-        raise CLIError(f"--steps {args.steps}: at most {model.schedule.num_timesteps}, the model's training timesteps")
     for flag, text in (("--prompt", prompt), ("--negative", negative)):
         n = len(model.tokenizer.encode(text))
         if n > model.tokenizer.context_length:

@@ -162,8 +162,9 @@ def _read(path: Path) -> Tuple[object, Dict[str, str]]:
             with torch.serialization.safe_globals([torch.nn.ParameterDict]):
                 return torch.load(path, map_location="cpu", weights_only=True), {}
         except Exception as e:
-            if unsafe_pickle(e):
-                raise EmbeddingError(f"{path}: refuses to load safely (it pickles {unsafe_pickle(e)}, which could "
+            name = unsafe_pickle(e)
+            if name:
+                raise EmbeddingError(f"{path}: refuses to load safely (it pickles {name}, which could "
                                      "run code); convert it to .safetensors with a tool you trust") from None
             raise EmbeddingError(f"{path}: cannot be read as a PyTorch file ({load_error_reason(e)}); "
                                  f"the file ({path.stat().st_size:,} bytes) may be truncated or corrupt") from None
@@ -336,11 +337,11 @@ def apply_embeddings(model, learned, paths: Union[PathLike, Sequence[PathLike]],
             if word in learned.words or word in found:
                 other = found[word][0] if word in found else "an earlier embedding"
                 raise EmbeddingError(f"{path}: the word {word!r} is already defined by {other}")
+            # "<x>" of 2 vectors is the tokens "<x> <x>_1": a word "<x>_1" would share one of them
+            taken = {t: w for w, v in [*((w, v) for w, (_, v) in found.items()), *zip(learned.words, learned.vectors)]
+                     for t in sub_tokens(w, len(v))}
             for token in sub_tokens(word, len(vec)):
-                # "<x>" of 2 vectors is the tokens "<x> <x>_1": a word "<x>_1" would share one of them
-                words = [(w, len(v)) for w, (_, v) in found.items()] + [(w, len(v)) for w, v in
-                                                                       zip(learned.words, learned.vectors)]
-                owner = next((w for w, n in words if token in sub_tokens(w, n)), None)
+                owner = taken.get(token)
                 if owner is not None:
                     raise EmbeddingError(f"{path}: the token {token!r} of {word!r} is already taken by {owner!r}; "
                                          "rename one of them")

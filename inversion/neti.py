@@ -450,11 +450,6 @@ class NeTI:
         return total
 
     # ------------------------------------------------------------------ state
-    def settings(self) -> str:
-        """The settings a resumed run must share (it may run longer, or save and sample differently)."""
-        free = ("steps", "save_every", "sample_every", "sample_steps")
-        return str({**{k: v for k, v in asdict(self.cfg).items() if k not in free}, "images": self.images})
-
     def state_dict(self) -> dict:
         return {"mapper": {k: v.detach().cpu() for k, v in self.mapper.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "config": self.settings(),
@@ -469,8 +464,9 @@ class NeTI:
         self.step = int(state["step"])
         self.losses = [tuple(r) for r in state["losses"].tolist()]
 
-    # Checkpointing, the loss log and the loop are Textual Inversion's: same files, same rules.
+    # Resume settings, checkpointing, the loss log and the loop are Textual Inversion's: same files, same rules.
     progress_label = "NeTI"
+    settings = TextualInversion.settings
     save_checkpoint = TextualInversion.save_checkpoint
     resume = TextualInversion.resume
     write_loss_log = TextualInversion.write_loss_log

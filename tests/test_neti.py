@@ -413,3 +413,21 @@ def test_bad_input_gives_one_line_exit_2_and_no_files(ckpt, image_dir, tmp_path,
         lines = cap.err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and message in lines[0], (argv, cap.err)
         assert not (tmp_path / "s").exists()
+
+
+def test_the_base_model_is_hashed_once_for_all_learned_files(ckpt, tmp_path, capsys, monkeypatch):
+    """An embedding and a NeTI mapper that both record their base model: the checkpoint (4 GB for
+    SD) is read to hash it once, and both see the other model's hash."""
+    import inversion.files
+    from inversion.files import save_embeddings
+    calls = []
+    real = inversion.files.file_hash
+    monkeypatch.setattr(inversion.files, "file_hash", lambda path: calls.append(path) or real(path))
+    emb = save_embeddings(tmp_path / "e.safetensors", {"<e>": torch.zeros(1, 32)}, {"base_model_hash": "aaaa"})
+    mapper = save_mapper(tmp_path / "m.safetensors", NeTIMapper(MapperConfig(width=32, num_layers=4)),
+                         {"placeholder": "<toy>", "base_model_hash": "bbbb"})
+    rc, cap = sample(["--ckpt", str(ckpt), "--prompt", "a <toy> and a <e>", "--neti", str(mapper), "--embedding",
+                      str(emb), "--n", "1", "--steps", "1", "--out", str(tmp_path / "s")], capsys)
+    assert rc == 0, cap.err
+    assert cap.err.count("another base model") == 2
+    assert calls == [ckpt]
