@@ -404,8 +404,6 @@ def _save_diffusers_folder(model: StableDiffusion, sd: Dict[str, torch.Tensor], 
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         _atomic(folder / part / filename, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         write_text(folder / part / "config.json", json.dumps(config_json, indent=2))
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "tokenizer").mkdir(exist_ok=True)
     write_text(folder / "scheduler" / "scheduler_config.json",
                json.dumps(convert.write_scheduler_config(cfg.schedule), indent=2))
     for name, text in convert.write_pipeline_files(model.tokenizer).items():
