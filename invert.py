@@ -60,7 +60,9 @@ def build_parser() -> Parser:
                       help="L2 regularization toward the init word's embedding")
     word.add_argument("--per-image-tokens", action="store_true",
                       help="an extra token per training image, mixed into prompts with --per-image-prob")
-    word.add_argument("--per-image-prob", type=float, default=0.5)
+    word.add_argument("--per-image-prob", type=float, default=0.5,
+                      help="with --per-image-tokens: the share of prompts that carry the image's own token, "
+                           "'a photo of a <x> with <x>-img2' (default: 0.5)")
 
     opt = p.add_argument_group("optimization")
     opt.add_argument("--steps", type=positive_int, default=None, help="training steps (tiny model: 400; SD: 5000)")
