@@ -123,11 +123,6 @@ def save_a1111(path: PathLike, word: str, vectors: torch.Tensor, step: Optional[
 
 # ----------------------------------------------------------------------------- reading
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:160]
-
-
 def _read(path: Path) -> Tuple[object, Dict[str, str]]:
     """The raw object of a file (a dict of tensors, usually) and its safetensors metadata."""
     if not path.exists():
@@ -153,7 +148,7 @@ def _read(path: Path) -> Tuple[object, Dict[str, str]]:
         except EmbeddingError:
             raise
         except Exception as e:
-            raise EmbeddingError(f"{path}: cannot be read as safetensors ({_first_line(e)}); "
+            raise EmbeddingError(f"{path}: cannot be read as safetensors ({load_error_reason(e)}); "
                                  f"the file ({path.stat().st_size:,} bytes) may be truncated") from None
     if path.suffix in PICKLE_SUFFIXES:
         try:

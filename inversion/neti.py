@@ -51,7 +51,7 @@ from torch import nn
 from inversion.data import image_digest
 from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images, noisy_latents
 from inversion.precision import autocast
-from ldm.load import LoadError, _atomic
+from ldm.load import LoadError, _atomic, load_error_reason
 
 Layers = List[torch.Tensor]  # one (B, 77, D) text encoding per cross-attention layer
 
@@ -265,11 +265,6 @@ def save_mapper(path: Union[str, Path], mapper: NeTIMapper, metadata: Optional[M
     return path
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:120]
-
-
 def load_mapper(path: Union[str, Path], model=None, device="cpu") -> Tuple[NeTIMapper, Dict[str, str]]:
     """(frozen mapper, metadata) from a file of `save_mapper`; NeTIError otherwise.
 
@@ -283,7 +278,7 @@ def load_mapper(path: Union[str, Path], model=None, device="cpu") -> Tuple[NeTIM
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()} if CONFIG_KEY in meta else {}
     except Exception as e:
-        raise NeTIError(f"{path}: cannot be read as a NeTI mapper (.safetensors): {_first_line(e)}") from None
+        raise NeTIError(f"{path}: cannot be read as a NeTI mapper (.safetensors): {load_error_reason(e)}") from None
     if CONFIG_KEY not in meta or "placeholder" not in meta:
         where = "a HiPer tail goes to --hiper" if meta.get("method") == "hiper" \
             else "a Textual Inversion embedding goes to --embedding"
@@ -293,7 +288,7 @@ def load_mapper(path: Union[str, Path], model=None, device="cpu") -> Tuple[NeTIM
         mapper = NeTIMapper(cfg)
         mapper.load_state_dict(tensors)
     except Exception as e:
-        raise NeTIError(f"{path}: a damaged NeTI mapper ({_first_line(e)})") from None
+        raise NeTIError(f"{path}: a damaged NeTI mapper ({load_error_reason(e)})") from None
     if model is not None:
         width, layers = model.config.text.hidden_size, model.unet.num_cross_attention_layers
         if (cfg.width, cfg.num_layers) != (width, layers):

@@ -93,8 +93,9 @@ def unsafe_pickle(error: BaseException) -> Optional[str]:
 
 
 def load_error_reason(error: BaseException) -> str:
-    """The informative line of a torch.load failure: for a weights_only refusal, what the
-    unpickler met (torch's first lines are about its defaults), else the first line."""
+    """The informative line of a failure to read a file (torch.load, safetensors): for a
+    weights_only refusal, what the unpickler met (torch's first lines are about its defaults),
+    else the error's first line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if lines and lines[0].startswith("Weights only load failed"):
         after = [l for l in lines[1:] if not l.startswith(("Please file", "Check the documentation"))]
