@@ -144,6 +144,13 @@ def memory_hint(error: BaseException) -> str:
     return text[:100]
 
 
+def os_error_line(error: OSError) -> str:
+    """'PATH: No space left on device', without Python's '[Errno 28]' in front."""
+    if error.strerror and error.filename is not None:
+        return f"{error.filename}: {error.strerror}"
+    return error.strerror or str(error)
+
+
 def run(main, argv=None, prog: str = "") -> int:
     """Call main(argv); turn expected failures into one line on stderr and a non-zero status."""
     from ldm.load import LoadError
@@ -163,5 +170,5 @@ def run(main, argv=None, prog: str = "") -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # a disk that is full or read-only, a folder that vanished, ...
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
         return 1

@@ -224,4 +224,11 @@ def test_an_os_error_mid_run_is_one_line(capsys):
         raise OSError(28, "No space left on device", "outputs/inversion/loss.csv")
     assert run(main, [], prog="invert.py") == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["invert.py: error: [Errno 28] No space left on device: 'outputs/inversion/loss.csv'"]
+    assert err == ["invert.py: error: outputs/inversion/loss.csv: No space left on device"]
+
+
+def test_an_os_error_without_a_path_keeps_its_reason(capsys):
+    def main(argv):
+        raise OSError(5, "Input/output error")
+    assert run(main, [], prog="sample.py") == 1
+    assert capsys.readouterr().err.strip() == "sample.py: error: Input/output error"
