@@ -10,6 +10,7 @@ a {}" for an object, "a painting in the style of {}" for a style.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 from pathlib import Path
 from typing import List, Sequence, Union
@@ -149,3 +150,34 @@ def load_images(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]], reso
 def image_digest(images: torch.Tensor) -> str:
     """A short hash of training images, so that a resumed run refuses other images."""
     return hashlib.sha256(images.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+# The settings whose command-line option is not simply --name-with-dashes.
+OPTION_OF = {"learnable_property": "--property", "flip": "--no-flip (flip)", "bypass": "--no-bypass (bypass)",
+             "images": "the images", "image": "the image"}
+
+
+def settings_difference(saved: str, now: str) -> str:
+    """What differs between a checkpoint's settings and this run's, both `str(dict)` as the
+    trainers' `settings()` write them: "--lr 0.005 in the checkpoint, 0.01 now". For the one
+    line that refuses to resume; "other settings" if the saved ones cannot be read."""
+    try:
+        old, new = ast.literal_eval(saved), ast.literal_eval(now)  # literals only: no code runs
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return "other settings"
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return "other settings"
+    if len(old.keys() ^ new.keys()) > 3:
+        return "those of another method"
+    shown = lambda d, key: repr(d[key]) if key in d else "unset"
+    parts = []
+    for key in sorted(old.keys() | new.keys()):
+        if (key in old, old.get(key)) != (key in new, new.get(key)):
+            option = OPTION_OF.get(key, "--" + key.replace("_", "-"))
+            if key in ("images", "image"):
+                parts.append(f"{option} (other pixels)")
+            else:
+                parts.append(f"{option} {shown(old, key)} in the checkpoint, {shown(new, key)} now")
+    if len(parts) > 3:  # another method's checkpoint differs everywhere: name a few
+        parts = parts[:3] + [f"{len(parts) - 3} more"]
+    return "; ".join(parts) or "other settings"

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inversion.data import image_digest
+from inversion.data import image_digest, settings_difference
 from inversion.files import BASE_MODEL_HASH, EmbeddingError
 from inversion.textual_inversion import TextualInversion, encode_images, noisy_latents
 from inversion.precision import autocast
@@ -246,8 +246,9 @@ class HiPer:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("config") != self.settings():
-            raise HiPerError(f"{self.checkpoint_path} was made with other settings or another image; resume "
-                             "with the same arguments, or start a new --out folder")
+            raise HiPerError(f"{self.checkpoint_path} was made with other settings "
+                             f"({settings_difference(str(state.get('config')), self.settings())}); resume with the "
+                             "same arguments, or start a new --out folder")
         with torch.no_grad():
             self.tail.copy_(state["tail"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inversion.data import image_digest
+from inversion.data import image_digest, settings_difference
 from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images, noisy_latents
 from inversion.precision import autocast
 from ldm.load import LoadError, _atomic, load_error_reason
@@ -451,8 +451,12 @@ class NeTI:
                 "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("config") != self.settings() or "mapper" not in state:
-            raise TrainingError(f"{self.checkpoint_path} was made with other settings or other images; resume with "
+        if "mapper" not in state:
+            raise TrainingError(f"{self.checkpoint_path} holds no NeTI mapper (another method's run?); start a "
+                                "new --out folder")
+        if state.get("config") != self.settings():
+            raise TrainingError(f"{self.checkpoint_path} was made with other settings "
+                                f"({settings_difference(str(state.get('config')), self.settings())}); resume with "
                                 "the same arguments, or start a new --out folder")
         self.mapper.load_state_dict(state["mapper"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inversion.data import image_digest, templates
+from inversion.data import image_digest, settings_difference, templates
 from inversion.hook import LearnedEmbeddings, sub_tokens
 from inversion.precision import autocast
 from ldm.load import LoadError, load_error_reason
@@ -212,8 +212,9 @@ class TextualInversion:
 
     def load_state_dict(self, state: dict) -> None:
         if state["config"] != self.settings():
-            raise TrainingError(f"{self.checkpoint_path} was made with other settings or other images; resume with "
-                                "the same arguments, or start a new --out folder")
+            raise TrainingError(f"{self.checkpoint_path} was made with other settings "
+                                f"({settings_difference(state['config'], self.settings())}); resume with the same "
+                                "arguments, or start a new --out folder")
         with torch.no_grad():
             for v, saved in zip(self.learned.vectors, state["vectors"]):
                 v.copy_(saved)

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from inversion.data import (DataError, IMAGE_EXTENSIONS, OBJECT_TEMPLATES, STYLE_TEMPLATES, image_files,
-                            load_images, templates)
+                            load_images, settings_difference, templates)
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 
@@ -137,3 +137,24 @@ def test_templates():
     assert "changed" not in OBJECT_TEMPLATES  # a copy
     with pytest.raises(DataError, match="choose 'object' or 'style'"):
         templates("person")
+
+
+def test_settings_difference_names_what_a_resume_would_change():
+    saved = str({"lr": 0.005, "flip": True, "learnable_property": "object", "images": "ab12"})
+    assert settings_difference(saved, saved) == "other settings"
+    assert settings_difference(saved, str({"lr": 0.01, "flip": False, "learnable_property": "object",
+                                           "images": "cd34"})) == \
+        "--no-flip (flip) True in the checkpoint, False now; the images (other pixels); " \
+        "--lr 0.005 in the checkpoint, 0.01 now"
+    assert settings_difference(saved, str({"lr": 0.005, "flip": True, "learnable_property": "style",
+                                           "images": "ab12", "reg_weight": 0.1})) == \
+        "--property 'object' in the checkpoint, 'style' now; --reg-weight unset in the checkpoint, 0.1 now"
+    many = {f"setting_{i}": i for i in range(6)}
+    assert settings_difference(str(many), str({k: v + 1 for k, v in many.items()})).endswith("; 3 more")
+    other_method = str({"source": "a red circle", "tail": 5, "image": "ef56", "lr": 0.005})
+    assert settings_difference(saved, other_method) == "those of another method"
+
+
+def test_settings_difference_runs_no_code_from_a_checkpoint():
+    for saved in ("__import__('os').system('false')", "{'lr': ", "[1, 2]", ""):
+        assert settings_difference(saved, str({"lr": 0.005})) == "other settings"
