@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -74,6 +75,12 @@ def load_model(ckpt, device: torch.device, dtype: torch.dtype, ema: bool = False
     """The model named by --ckpt (or the default), with a one-line error for anything wrong."""
     import ldm
     return ldm.load(resolve_checkpoint(ckpt), device=device, dtype=dtype, ema=ema)
+
+
+def unlearned_words(text: str, learned) -> list:
+    """Words written like a learned word, '<cat-toy>', that no loaded file defines: the text
+    encoder would read them as ordinary text, a likely mistake (a forgotten --embedding)."""
+    return [w for w in dict.fromkeys(re.findall(r"<[^<>\s]+>", text)) if w not in learned]
 
 
 def png_info(settings: dict):
@@ -155,6 +162,15 @@ def main(argv=None) -> int:
         from inversion.neti import neti_conditioning
         cond, value_cond, uncond, value_uncond = neti_conditioning(
             model, args.neti, prompt, negative, args.truncation, new_embeddings, base_hash=base_hash)
+
+    learned_words = set(words) if args.embedding else set()
+    if args.neti is not None:
+        from ldm.load import read_metadata
+        learned_words.add(read_metadata(args.neti).get("placeholder"))
+    for flag, text in (("--prompt", args.prompt), ("--negative", args.negative)):
+        for word in unlearned_words(text, learned_words):
+            print(f"warning: {word!r} in {flag} looks like a learned word, but no --embedding or --neti file "
+                  "defines it; it is read as ordinary text", file=sys.stderr)
 
     from tqdm import tqdm
     from ldm.generate import generate, latent_shape, make_grid, to_pil

@@ -267,7 +267,7 @@ def test_vectors_are_really_used_by_the_text_encoder(tmp_path, model):
     assert (out[0, first_changed:] - out2[0, first_changed:]).abs().amax() > 1e-3
 
 
-def test_sample_cli_with_two_embeddings(tmp_path, ckpt):
+def test_sample_cli_with_two_embeddings(tmp_path, ckpt, capsys):
     f1 = save_embeddings(tmp_path / "a.safetensors", {"<a>": vectors(2, 1)})
     f2 = save_a1111(tmp_path / "<b>.pt", "<b>", vectors(1, 2), step=3)
     out = tmp_path / "out"
@@ -275,11 +275,22 @@ def test_sample_cli_with_two_embeddings(tmp_path, ckpt):
     rc = sample.main(["--ckpt", str(ckpt), "--steps", "1", "--scale", "1", "--n", "2", "--batch-size", "2",
                       "--out", str(out), "--embedding", str(f1), "--embedding", str(f2),
                       "--prompt", "a <a> next to a <b>"])
-    assert rc == 0
+    assert rc == 0 and "warning" not in capsys.readouterr().err
     for name in ("000000.png", "000001.png", "grid.png"):
         im = Image.open(out / name)
         assert im.text["embeddings"] == "a.safetensors, <b>.pt"
         assert im.text["prompt"] == "a <a> next to a <b>"
+
+
+def test_sample_cli_warns_of_a_learned_word_that_no_file_defines(tmp_path, ckpt, capsys):
+    f1 = save_embeddings(tmp_path / "a.safetensors", {"<a>": vectors(1, 1)})
+    rc = sample.main(["--ckpt", str(ckpt), "--steps", "1", "--n", "1", "--out", str(tmp_path / "out"),
+                      "--embedding", str(f1), "--prompt", "a <a> and a <A> <3", "--negative", "<blurry>"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "'<A>' in --prompt looks like a learned word, but no --embedding or --neti file defines it" in err
+    assert "'<blurry>' in --negative looks like a learned word" in err
+    assert "'<a>'" not in err and "<3" not in err
 
 
 @pytest.mark.parametrize("bad", ["missing", "wide"])

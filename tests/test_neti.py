@@ -359,6 +359,7 @@ def test_invert_writes_a_mapper_that_sample_py_reads(ckpt, image_dir, tmp_path, 
                           str(out / "neti_mapper.safetensors"), "--n", "2", "--steps", "2", "--out",
                           str(tmp_path / "s"), *extra], capsys)
         assert rc == 0 and (tmp_path / "s" / "000001.png").exists(), cap.err
+        assert "looks like a learned word" not in cap.err  # the mapper defines <toy>
     assert Image.open(tmp_path / "s" / "000000.png").text["truncation"] == "8"
 
 
