@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -151,8 +152,27 @@ def os_error_line(error: OSError) -> str:
     return error.strerror or str(error)
 
 
+def stop_like_ctrl_c(signum, frame):
+    """SIGTERM (`kill`, a job scheduler's time limit) stops a run the way Ctrl-C does, so a
+    training run saves what it learned instead of dying with it."""
+    raise KeyboardInterrupt
+
+
 def run(main, argv=None, prog: str = "") -> int:
-    """Call main(argv); turn expected failures into one line on stderr and a non-zero status."""
+    """Call main(argv); turn expected failures into one line on stderr and a non-zero status.
+    While it runs, SIGTERM is handled as Ctrl-C."""
+    try:
+        previous = signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
+        return _run(main, argv, prog)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(main, argv, prog: str) -> int:
     from ldm.load import LoadError
     try:
         check_text(sys.argv[1:] if argv is None else argv)

@@ -232,3 +232,27 @@ def test_an_os_error_without_a_path_keeps_its_reason(capsys):
         raise OSError(5, "Input/output error")
     assert run(main, [], prog="sample.py") == 1
     assert capsys.readouterr().err.strip() == "sample.py: error: Input/output error"
+
+
+def test_sigterm_saves_what_was_learned_like_ctrl_c(ckpt, images, tmp_path):
+    """`kill` or a job scheduler's time limit (SIGTERM) stops training as Ctrl-C does: the word
+    and the checkpoint are saved where it stopped, one line says so, and --resume continues."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    out = tmp_path / "run"
+    argv = [sys.executable, "invert.py", "--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>",
+            "--init-word", "toy", "--batch", "1", "--save-every", "100000", "--steps", "100000", "--out", str(out)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("training '<toy>'")
+    time.sleep(3)  # some steps
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and "(continue with --resume)" in last and "Traceback" not in err
+    step = int(last.split("interrupted at step ")[1].split(":")[0])
+    assert step > 0 and torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step
+    assert load_file(out / "learned_embeds.safetensors")["<toy>"].shape == (1, 32)
