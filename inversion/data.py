@@ -153,14 +153,14 @@ def image_digest(images: torch.Tensor) -> str:
 
 
 # The settings whose command-line option is not simply --name-with-dashes.
-OPTION_OF = {"learnable_property": "--property", "flip": "--no-flip (flip)", "bypass": "--no-bypass (bypass)",
-             "images": "the images", "image": "the image"}
+OPTION_OF = {"learnable_property": "--property", "flip": "--no-flip (flip)", "bypass": "--no-bypass (bypass)"}
+OTHER_PIXELS = {"images": "other images", "image": "another image"}
 
 
 def settings_difference(saved: str, now: str) -> str:
     """What differs between a checkpoint's settings and this run's, both `str(dict)` as the
-    trainers' `settings()` write them: "--lr 0.005 in the checkpoint, 0.01 now". For the one
-    line that refuses to resume; "other settings" if the saved ones cannot be read."""
+    trainers' `settings()` write them: "--lr 0.005 in the checkpoint, 0.01 now; other images".
+    For the one line that refuses to resume; "other settings" if the saved ones cannot be read."""
     try:
         old, new = ast.literal_eval(saved), ast.literal_eval(now)  # literals only: no code runs
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -168,15 +168,15 @@ def settings_difference(saved: str, now: str) -> str:
     if not isinstance(old, dict) or not isinstance(new, dict):
         return "other settings"
     if len(old.keys() ^ new.keys()) > 3:
-        return "those of another method"
+        return "another method's settings"
     shown = lambda d, key: repr(d[key]) if key in d else "unset"
     parts = []
     for key in sorted(old.keys() | new.keys()):
         if (key in old, old.get(key)) != (key in new, new.get(key)):
-            option = OPTION_OF.get(key, "--" + key.replace("_", "-"))
-            if key in ("images", "image"):
-                parts.append(f"{option} (other pixels)")
+            if key in OTHER_PIXELS:
+                parts.append(OTHER_PIXELS[key])
             else:
+                option = OPTION_OF.get(key, "--" + key.replace("_", "-"))
                 parts.append(f"{option} {shown(old, key)} in the checkpoint, {shown(new, key)} now")
     if len(parts) > 3:  # another method's checkpoint differs everywhere: name a few
         parts = parts[:3] + [f"{len(parts) - 3} more"]

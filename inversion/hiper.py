@@ -246,7 +246,7 @@ class HiPer:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("config") != self.settings():
-            raise HiPerError(f"{self.checkpoint_path} was made with other settings "
+            raise HiPerError(f"{self.checkpoint_path} does not match this run "
                              f"({settings_difference(str(state.get('config')), self.settings())}); resume with the "
                              "same arguments, or start a new --out folder")
         with torch.no_grad():

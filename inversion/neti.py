@@ -455,7 +455,7 @@ class NeTI:
             raise TrainingError(f"{self.checkpoint_path} holds no NeTI mapper (another method's run?); start a "
                                 "new --out folder")
         if state.get("config") != self.settings():
-            raise TrainingError(f"{self.checkpoint_path} was made with other settings "
+            raise TrainingError(f"{self.checkpoint_path} does not match this run "
                                 f"({settings_difference(str(state.get('config')), self.settings())}); resume with "
                                 "the same arguments, or start a new --out folder")
         self.mapper.load_state_dict(state["mapper"])

@@ -212,7 +212,7 @@ class TextualInversion:
 
     def load_state_dict(self, state: dict) -> None:
         if state["config"] != self.settings():
-            raise TrainingError(f"{self.checkpoint_path} was made with other settings "
+            raise TrainingError(f"{self.checkpoint_path} does not match this run "
                                 f"({settings_difference(state['config'], self.settings())}); resume with the same "
                                 "arguments, or start a new --out folder")
         with torch.no_grad():

@@ -251,7 +251,7 @@ def test_resume_is_bit_identical(model, images, tmp_path):
 
 def test_resume_with_other_settings_is_refused(model, images, tmp_path):
     make(model, images, tmp_path).run(progress=False)
-    with pytest.raises(TrainingError, match=r"other settings \(--sigma-t 0.03 in the checkpoint, 0.1 now\)"):
+    with pytest.raises(TrainingError, match=r"does not match this run \(--sigma-t 0.03 in the checkpoint, 0.1 now\)"):
         make(model, images, tmp_path, sigma_t=0.1).resume()
 
 

@@ -84,10 +84,10 @@ def test_resume_is_bit_identical(model, images, tmp_path):
 def test_resume_with_other_settings_is_refused(model, images, tmp_path):
     make(model, images, tmp_path).run(progress=False)
     other = make(model, images, tmp_path, reg_weight=0.1)
-    with pytest.raises(TrainingError, match=r"other settings \(--reg-weight 0.0 in the checkpoint, 0.1 now\)"):
+    with pytest.raises(TrainingError, match=r"does not match this run \(--reg-weight 0.0 in the checkpoint, 0.1 now\)"):
         other.resume()
     brighter = make(model, (images + 0.1).clamp(-1, 1), tmp_path)
-    with pytest.raises(TrainingError, match=r"other settings \(the images \(other pixels\)\)"):
+    with pytest.raises(TrainingError, match=r"does not match this run \(other images\)"):
         brighter.resume()
 
 
