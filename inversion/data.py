@@ -178,6 +178,6 @@ def settings_difference(saved: str, now: str) -> str:
             else:
                 option = OPTION_OF.get(key, "--" + key.replace("_", "-"))
                 parts.append(f"{option} {shown(old, key)} in the checkpoint, {shown(new, key)} now")
-    if len(parts) > 3:  # another method's checkpoint differs everywhere: name a few
+    if len(parts) > 3:  # one line: name the first few
         parts = parts[:3] + [f"{len(parts) - 3} more"]
     return "; ".join(parts) or "other settings"
