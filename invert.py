@@ -282,16 +282,12 @@ def main(argv=None) -> int:
 @torch.no_grad()
 def write_validation_grid(model, trainer, path: Path, tiny: bool) -> None:
     from inversion.data import templates
-    from ldm.generate import generate, make_grid, to_pil
+    from ldm.generate import generate, make_grid, save_png, to_pil
     word = " ".join(trainer.learned.expand(trainer.cfg.placeholder).split()[: trainer.active])
     prompts = [tpl.format(word) for tpl in templates(trainer.cfg.learnable_property)[:4]]
     images = generate(model, prompts, list(range(len(prompts))), steps=trainer.cfg.sample_steps if tiny else 30,
                       new_embeddings=trainer.learned.mapping())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(to_pil(images), columns=len(prompts))
-    if tiny:
-        grid = grid.resize((grid.width * 4, grid.height * 4), 0)
-    grid.save(path)
+    save_png(make_grid(to_pil(images), columns=len(prompts)), path, upscale=4 if tiny else 1)
 
 
 def report_tiny_scores(model, trainer, concept: str, placeholder: str) -> None:

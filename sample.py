@@ -11,7 +11,6 @@ Writes one PNG per image (prompt, seed and settings in its text metadata) and a 
 from __future__ import annotations
 
 import functools
-import os
 import re
 import sys
 from pathlib import Path
@@ -96,13 +95,6 @@ def png_info(settings: dict):
     return info
 
 
-def save_png(image, path: Path, info=None) -> None:
-    """Write through a temporary name so an interrupted run leaves no broken PNG."""
-    tmp = path.with_name("." + path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -173,7 +165,7 @@ def main(argv=None) -> int:
                   "defines it; it is read as ordinary text", file=sys.stderr)
 
     from tqdm import tqdm
-    from ldm.generate import generate, latent_shape, make_grid, to_pil
+    from ldm.generate import generate, latent_shape, make_grid, save_png, to_pil
 
     height, width = args.height or model.config.image_size, args.width or model.config.image_size
     try:

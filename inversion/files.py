@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 
 from inversion.hook import sub_tokens
-from ldm.load import LoadError, _atomic, file_hash, load_error_reason, unsafe_pickle
+from ldm.load import LoadError, atomic_write, file_hash, load_error_reason, unsafe_pickle
 
 PathLike = Union[str, Path]
 
@@ -83,7 +83,7 @@ def save_embeddings(path: PathLike, embeds: Mapping[str, torch.Tensor],
         raise ValueError("all words of one file must have the same width")
     meta = {"format": "pt", **_string_metadata(metadata)}
     from safetensors.torch import save_file
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -109,13 +109,13 @@ def save_a1111(path: PathLike, word: str, vectors: torch.Tensor, step: Optional[
             "word": word,
             "metadata": meta,   # ignored by AUTOMATIC1111 and diffusers
         }
-        _atomic(path, lambda tmp: torch.save(data, tmp))
+        atomic_write(path, lambda tmp: torch.save(data, tmp))
     elif path.suffix == ".safetensors":
         meta = {"format": "pt", **meta, "name": name, "word": word}
         if step is not None:
             meta["step"] = str(int(step))
         from safetensors.torch import save_file
-        _atomic(path, lambda tmp: save_file({"emb_params": vec}, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file({"emb_params": vec}, tmp, metadata=meta))
     else:
         raise ValueError(f"{path}: an AUTOMATIC1111 embedding is a .pt or .safetensors file")
     return path

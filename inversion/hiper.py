@@ -38,7 +38,7 @@ from inversion.data import image_digest, settings_difference
 from inversion.files import BASE_MODEL_HASH, EmbeddingError
 from inversion.textual_inversion import TextualInversion, encode_images, noisy_latents
 from inversion.precision import autocast
-from ldm.load import _atomic, load_error_reason
+from ldm.load import atomic_write, load_error_reason
 
 CONTEXT_LENGTH = 77             # rows of the text encoder's output
 TAIL_KEY = "hiper_tail"         # the tensor's name in our .safetensors files
@@ -102,7 +102,7 @@ def save_tail(path: Union[str, Path], tail: torch.Tensor, metadata: Optional[Dic
     tensor = tail.detach().to("cpu", torch.float32).contiguous().clone()
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items() if v is not None},
             "method": "hiper", "tail": str(tensor.shape[0])}
-    _atomic(path, lambda tmp: save_file({TAIL_KEY: tensor}, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file({TAIL_KEY: tensor}, tmp, metadata=meta))
     return path
 
 

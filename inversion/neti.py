@@ -51,7 +51,7 @@ from torch import nn
 from inversion.data import image_digest, settings_difference
 from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images, noisy_latents
 from inversion.precision import autocast
-from ldm.load import LoadError, _atomic, load_error_reason
+from ldm.load import LoadError, atomic_write, load_error_reason
 
 Layers = List[torch.Tensor]  # one (B, 77, D) text encoding per cross-attention layer
 
@@ -261,7 +261,7 @@ def save_mapper(path: Union[str, Path], mapper: NeTIMapper, metadata: Optional[M
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in mapper.state_dict().items()}
     meta = {"format": "pt", "method": "neti", **{k: str(v) for k, v in (metadata or {}).items()},
             CONFIG_KEY: mapper.config.to_json()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 

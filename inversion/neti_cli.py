@@ -134,16 +134,12 @@ def main(args) -> int:
 def write_validation_grid(model, trainer, path: Path, tiny: bool) -> None:
     """Four template prompts with the word, one image each (seeds 0-3)."""
     from inversion.data import templates
-    from ldm.generate import generate, make_grid, to_pil
+    from ldm.generate import generate, make_grid, save_png, to_pil
     prompts = [tpl.format(trainer.cfg.placeholder) for tpl in templates(trainer.cfg.learnable_property)[:4]]
     neti = trainer.conditioning(prompts)
     images = generate(model, prompts, list(range(len(prompts))), steps=trainer.cfg.sample_steps if tiny else 30,
                       cond=neti.keys, value_cond=neti.value_cond)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(to_pil(images), columns=len(prompts))
-    if tiny:
-        grid = grid.resize((grid.width * 4, grid.height * 4), 0)
-    grid.save(path)
+    save_png(make_grid(to_pil(images), columns=len(prompts)), path, upscale=4 if tiny else 1)
 
 
 @torch.no_grad()

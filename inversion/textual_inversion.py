@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from inversion.data import image_digest, settings_difference, templates
 from inversion.hook import LearnedEmbeddings, sub_tokens
 from inversion.precision import autocast
-from ldm.load import LoadError, load_error_reason
+from ldm.load import LoadError, atomic_write, load_error_reason
 
 
 @dataclass
@@ -223,9 +223,8 @@ class TextualInversion:
         self.losses = [tuple(r) for r in state["losses"].tolist()]
 
     def save_checkpoint(self) -> None:
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(self.checkpoint_path)
+        state = self.state_dict()
+        atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
 
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():

@@ -87,3 +87,13 @@ def make_grid(images, columns: Optional[int] = None):
     for i, im in enumerate(images):
         grid.paste(im, ((i % columns) * w, (i // columns) * h))
     return grid
+
+
+def save_png(image, path, pnginfo=None, upscale: int = 1) -> None:
+    """Write a PIL image as PNG through a temporary file, so that an interrupted run leaves no
+    half-written image; `upscale` enlarges it with square pixels (the tiny model's 32-px images)."""
+    from pathlib import Path
+    from ldm.load import atomic_write
+    if upscale > 1:
+        image = image.resize((image.width * upscale, image.height * upscale), 0)  # 0 = nearest
+    atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=pnginfo))

@@ -343,7 +343,7 @@ def file_hash(path) -> str:
     return h.hexdigest()[:16]
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
@@ -375,10 +375,10 @@ def save(model: StableDiffusion, path, dtype: Optional[torch.dtype] = None,
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
         meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict()), **(metadata or {})}
-        _atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
     elif path.suffix in (".ckpt", ".pt"):
         config = json.dumps(model.config.to_dict())
-        _atomic(path, lambda tmp: torch.save({"state_dict": sd, CONFIG_METADATA_KEY: config}, tmp))
+        atomic_write(path, lambda tmp: torch.save({"state_dict": sd, CONFIG_METADATA_KEY: config}, tmp))
     elif path.suffix == "":
         _save_diffusers_folder(model, sd, path)
     else:
@@ -399,11 +399,11 @@ def _save_diffusers_folder(model: StableDiffusion, sd: Dict[str, torch.Tensor], 
         "text_encoder": (convert.text_compvis_to_diffusers(take(convert.PREFIX_TEXT)), text_json,
                          "model.safetensors"),
     }
-    write_text = lambda path, text: _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text = lambda path, text: atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     for part, (tensors, config_json, filename) in parts.items():
         (folder / part).mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        _atomic(folder / part / filename, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(folder / part / filename, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         write_text(folder / part / "config.json", json.dumps(config_json, indent=2))
     write_text(folder / "scheduler" / "scheduler_config.json",
                json.dumps(convert.write_scheduler_config(cfg.schedule), indent=2))

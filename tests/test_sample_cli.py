@@ -148,3 +148,23 @@ def test_help_shows_defaults_only_where_there_is_one(capsys):
     for nothing in ("(default: None)", "(default: )", "(default: [])", "(default: False)"):
         assert nothing not in text
     assert "(default: 0)" in text and "(default: 7.5)" in text   # a zero is still a default
+
+
+def test_an_interrupted_png_write_leaves_no_file(tmp_path, monkeypatch):
+    """Every image the tools write (samples, grids, validation grids) goes through save_png."""
+    from ldm.generate import save_png
+    image = Image.new("RGB", (8, 8), (200, 10, 10))
+
+    def cut_short(self, fp, *args, **kwargs):  # a Ctrl-C in the middle of writing
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG\r\n")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Image.Image, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        save_png(image, tmp_path / "a.png")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    save_png(image, tmp_path / "a.png", upscale=4)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.size == (32, 32) and im.getpixel((31, 31)) == (200, 10, 10)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from ldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from ldm.cli import HelpFormatter, given_options, nonnegative_int, positive_float, positive_int, seed_int
+from ldm.load import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,9 +82,7 @@ def object_weight(x: torch.Tensor, weight: float = 5.0) -> torch.Tensor:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
