@@ -158,7 +158,7 @@ def training_images(args, model) -> torch.Tensor:
         except ValueError as e:
             raise CLIError(f"--resolution: {e}") from None
         try:
-            images = load_images(args.images, resolution)
+            images = load_images(args.images, resolution, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
         except DataError as e:
             raise CLIError(str(e)) from None
     if len(images) == 1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 import hashlib
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -120,8 +120,11 @@ def resize_center_crop(image, resolution: int):
     return square if side == resolution else square.resize((resolution, resolution), Image.BICUBIC)
 
 
-def load_image(path: Union[str, Path], resolution: int) -> torch.Tensor:
-    """One training image -> (3, R, R) float32 in [-1, 1]."""
+def load_image(path: Union[str, Path], resolution: int,
+               warn: Optional[Callable[[str], None]] = None) -> torch.Tensor:
+    """One training image -> (3, R, R) float32 in [-1, 1]. An image whose short side is under
+    half of R is enlarged more than twice, into a blurry picture that the word would learn:
+    `warn` is told."""
     from PIL import Image, ImageOps
     path = Path(path)
     if path.is_dir():
@@ -136,15 +139,20 @@ def load_image(path: Union[str, Path], resolution: int) -> torch.Tensor:
     except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"cannot read {path}: {reason}") from None
+    side = min(image.size)
+    if warn is not None and 2 * side < resolution:
+        warn(f"{path.name} is {image.width}x{image.height} px: its centre square is enlarged {resolution / side:.1f}x "
+             f"to {resolution} px, so the word learns a blurry picture (images of {resolution} px or more work best)")
     array = np.asarray(resize_center_crop(image, resolution), dtype=np.float32)
     return torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
-def load_images(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]], resolution: int) -> torch.Tensor:
+def load_images(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]], resolution: int,
+                warn: Optional[Callable[[str], None]] = None) -> torch.Tensor:
     """A folder of images or a list of files -> (N, 3, R, R) float32 in [-1, 1]."""
     if resolution <= 0:
         raise DataError(f"resolution must be positive, got {resolution}")
-    return torch.stack([load_image(p, resolution) for p in image_files(paths_or_dir)])
+    return torch.stack([load_image(p, resolution, warn) for p in image_files(paths_or_dir)])
 
 
 def image_digest(images: torch.Tensor) -> str:

@@ -100,7 +100,8 @@ def main(args) -> int:
         from inversion.data import DataError, load_image
         source = args.source
         try:
-            image = load_image(args.image, model.config.image_size)
+            image = load_image(args.image, model.config.image_size,
+                               warn=lambda m: print(f"warning: {m}", file=sys.stderr))
         except DataError as e:
             raise CLIError(f"--image: {e}") from None
 

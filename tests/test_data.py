@@ -19,6 +19,16 @@ def close(colour, expected, tol=40):
     return all(abs(a - b) <= tol for a, b in zip(colour, expected))
 
 
+def test_an_image_enlarged_more_than_twice_is_warned_of(tmp_path):
+    Image.new("RGB", (300, 200), RED).save(tmp_path / "small.png")
+    Image.new("RGB", (600, 300), BLUE).save(tmp_path / "fine.png")
+    warnings = []
+    images = load_images(tmp_path, 512, warn=warnings.append)
+    assert images.shape == (2, 3, 512, 512)
+    assert warnings == ["small.png is 300x200 px: its centre square is enlarged 2.6x to 512 px, so the word "
+                        "learns a blurry picture (images of 512 px or more work best)"]
+
+
 def test_exif_rotated_jpeg_comes_out_upright(tmp_path):
     # Stored 40 wide x 20 high, red on top, blue below; EXIF orientation 6 says "rotate 90 degrees
     # clockwise to display", so the upright picture is 20 x 40 with blue on the left, red on the right.
