@@ -32,7 +32,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 
 from inversion.hook import sub_tokens
-from ldm.load import LoadError, atomic_write, file_hash, load_error_reason, unsafe_pickle
+from ldm.load import (TRAINING_CHECKPOINT_HINT, TRAINING_CHECKPOINT_KEYS, LoadError, atomic_write, file_hash,
+                      load_error_reason, unsafe_pickle)
 
 PathLike = Union[str, Path]
 
@@ -201,6 +202,8 @@ def _classify(path: Path, obj, metadata: Dict[str, str]) -> Tuple[Embeddings, Di
         raise EmbeddingError(f"{path}: is empty")
     if isinstance(obj.get("state_dict"), dict) and obj["state_dict"]:  # a CompVis checkpoint
         raise _not_an_embedding(path, obj["state_dict"])
+    if TRAINING_CHECKPOINT_KEYS <= obj.keys():
+        raise EmbeddingError(f"{path}: {TRAINING_CHECKPOINT_HINT}")
 
     if "string_to_param" in obj:  # AUTOMATIC1111 .pt, and the paper's own embeddings.pt
         params = getattr(obj["string_to_param"], "_parameters", obj["string_to_param"])  # ParameterDict

@@ -108,6 +108,8 @@ def save_tail(path: Union[str, Path], tail: torch.Tensor, metadata: Optional[Dic
 
 def _read_tail(path: Path) -> Tuple[torch.Tensor, Dict[str, str]]:
     """Our .safetensors, or the paper's code's hiper_embeddings_stepN.pt (a bare (1, K, D) tensor)."""
+    if path.is_dir():
+        raise TailFileError(f"{path}: is a folder; give the file in it (hiper_tail.safetensors)")
     if not path.is_file():
         raise TailFileError(f"{path}: no such file")
     if path.stat().st_size > MAX_FILE_BYTES:

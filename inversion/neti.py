@@ -270,6 +270,8 @@ def load_mapper(path: Union[str, Path], model=None, device="cpu") -> Tuple[NeTIM
 
     With `model`, the mapper must fit it (text width, number of cross-attention layers)."""
     path = Path(path)
+    if path.is_dir():
+        raise NeTIError(f"{path}: is a folder; give the file in it (neti_mapper.safetensors)")
     if not path.is_file():
         raise NeTIError(f"{path}: no such file")
     from safetensors import safe_open

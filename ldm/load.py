@@ -162,6 +162,24 @@ def read_metadata(path) -> Dict[str, str]:
 # ----------------------------------------------------------------------------- telling files apart
 
 EMBEDDING_HINT = "is a textual-inversion embedding, not a model; load it with sample.py --embedding"
+# invert.py's checkpoint.pt, for --resume (Textual Inversion, NeTI and HiPer alike)
+TRAINING_CHECKPOINT_KEYS = {"optimizer", "step", "config", "losses"}
+TRAINING_CHECKPOINT_HINT = ("is invert.py's training checkpoint (for --resume); what it learned is in the "
+                            "files beside it")
+
+
+def describe_learned_file(keys, metadata: Dict[str, str]) -> Optional[str]:
+    """What a file written by invert.py is, and where it goes, or None if it is none of them."""
+    keys = set(keys)
+    if TRAINING_CHECKPOINT_KEYS <= keys:
+        return TRAINING_CHECKPOINT_HINT
+    if "neti_config" in metadata:
+        return "is a NeTI mapper, not a model; load it with sample.py --neti"
+    if "hiper_tail" in keys:
+        return "is a HiPer tail, not a model; load it with sample.py --hiper"
+    if "init_word" in metadata:  # our learned_embeds.safetensors and AUTOMATIC1111 files
+        return EMBEDDING_HINT
+    return None
 
 
 def describe_wrong_file(keys, shapes: Dict[str, tuple]) -> Optional[str]:
@@ -260,6 +278,9 @@ def _load_single_file(path: Path, device, dtype, ema: bool) -> StableDiffusion:
     sd, metadata = read_tensors(path, skip=() if ema else IGNORED_PREFIXES)
     if "string_to_param" in sd:   # an AUTOMATIC1111 .pt embedding holds dictionaries, not tensors
         raise LoadError(f"{path} {EMBEDDING_HINT}")
+    learned = describe_learned_file(sd.keys(), metadata)
+    if learned:
+        raise LoadError(f"{path} {learned}")
     if sd and not any(torch.is_tensor(v) for v in sd.values()):
         raise LoadError(f"{path} holds no tensors (only {', '.join(sorted({type(v).__name__ for v in sd.values()}))}); "
                         "it is not a model checkpoint")

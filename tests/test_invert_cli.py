@@ -256,3 +256,35 @@ def test_sigterm_saves_what_was_learned_like_ctrl_c(ckpt, images, tmp_path):
     step = int(last.split("interrupted at step ")[1].split(":")[0])
     assert step > 0 and torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step
     assert load_file(out / "learned_embeds.safetensors")["<toy>"].shape == (1, 32)
+
+
+def test_files_of_invert_py_given_to_the_wrong_option_say_where_they_go(ckpt, images, tmp_path, capsys):
+    """Every file a run writes, handed to --ckpt (or a checkpoint to --embedding), is named in one
+    line that says where it goes."""
+    import ldm
+    from ldm.load import LoadError
+    common = ["--ckpt", str(ckpt), "--steps", "1", "--batch", "1", "--no-eval"]
+    word = ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"]
+    for method, extra in (("ti", word), ("neti", word), ("hiper", [])):
+        rc, cap = call(["--method", method, *common, *extra, "--out", str(tmp_path / method)], capsys)
+        assert rc == 0, cap.err
+    expected = {"ti/checkpoint.pt": "invert.py's training checkpoint (for --resume)",
+                "neti/checkpoint.pt": "invert.py's training checkpoint (for --resume)",
+                "hiper/checkpoint.pt": "invert.py's training checkpoint (for --resume)",
+                "ti/learned_embeds.safetensors": "textual-inversion embedding, not a model; load it with sample.py --embedding",
+                "ti/toy-embedding.safetensors": "textual-inversion embedding",
+                "ti/toy-embedding.pt": "textual-inversion embedding",
+                "neti/neti_mapper.safetensors": "NeTI mapper, not a model; load it with sample.py --neti",
+                "hiper/hiper_tail.safetensors": "HiPer tail, not a model; load it with sample.py --hiper"}
+    for name, message in expected.items():
+        with pytest.raises(LoadError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            ldm.load(tmp_path / name)
+    rc = run(sample.main, ["--ckpt", str(ckpt), "--prompt", "a <toy>", "--embedding", str(tmp_path / "ti/checkpoint.pt"),
+                           "--out", str(tmp_path / "s")], prog="sample.py")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is invert.py's training checkpoint (for --resume)" in err[0]
+    assert not (tmp_path / "s").exists()
+    for option, folder, file in (("--neti", "neti", "neti_mapper.safetensors"), ("--hiper", "hiper", "hiper_tail.safetensors")):
+        rc = run(sample.main, ["--ckpt", str(ckpt), "--prompt", "a <toy>", option, str(tmp_path / folder),
+                               "--out", str(tmp_path / "s")], prog="sample.py")
+        assert rc == 2 and f"is a folder; give the file in it ({file})" in capsys.readouterr().err
