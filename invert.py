@@ -114,15 +114,15 @@ def check_options_used(parser: Parser, args, argv) -> None:
 def tiny_world_images(concept: str, n: int, seed: int, out: Path) -> torch.Tensor:
     """Render n images of a held-out concept, save them to out/ to look at, return (n, 3, 32, 32)."""
     from PIL import Image
+    from ldm.generate import save_png
     from tinyworld.world import concept_images
     from tinyworld.train import to_tensor
     try:
         images = concept_images(concept, n, seed=seed)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
-        Image.fromarray(im).resize((128, 128), Image.NEAREST).save(out / f"{i:02d}.png")
+        save_png(Image.fromarray(im), out / f"{i:02d}.png", upscale=128 // im.shape[0])
     return to_tensor(images)
 
 

@@ -240,10 +240,12 @@ class TextualInversion:
         return True
 
     def write_loss_log(self) -> None:
-        with open(self.out / "loss.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "loss"])
-            w.writerows((int(s), f"{l:.6f}") for s, l in self.losses)
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["step", "loss"])
+                w.writerows((int(s), f"{l:.6f}") for s, l in self.losses)
+        atomic_write(self.out / "loss.csv", write)
 
     # ------------------------------------------------------------------ loop
     def run(self, on_save: Callable[["TextualInversion"], None] = lambda t: None,
