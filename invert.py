@@ -77,6 +77,9 @@ def build_parser() -> Parser:
     run_.add_argument("--out", type=Path, default=Path("outputs") / "inversion", help="output folder")
     run_.add_argument("--save-every", type=positive_int, default=None, help="checkpoint and embedding files every N steps")
     run_.add_argument("--sample-every", type=nonnegative_int, default=0, help="validation grid every N steps (0 = at the end)")
+    run_.add_argument("--validation-prompt", action="append", default=[], metavar="TEXT",
+                      help="a prompt of the validation grid, with the word in it, e.g. 'a <my-toy> on the beach'; "
+                           "repeatable (default: the first four training templates)")
     run_.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     run_.add_argument("--no-eval", action="store_true", help="tiny world: skip the reconstruction/editability scores")
     run_.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
     check_options_used(parser, args, argv)
     if args.method != "ti":
         return importlib.import_module(METHOD_MODULES[args.method]).main(args)
-    from inversion.data import templates
+    from inversion.data import DataError, templates, validation_prompts
     from inversion.files import base_model_hash, save_a1111, save_embeddings
     from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError, check_words
 
@@ -239,7 +242,8 @@ def main(argv=None) -> int:
                    save_every=args.save_every or defaults["save_every"], sample_every=args.sample_every)
     try:  # the words, before any file is written
         check_words(model, cfg)
-    except TrainingError as e:
+        grid_prompts = validation_prompts(placeholder, prop, args.validation_prompt)
+    except (TrainingError, DataError) as e:
         raise CLIError(str(e)) from None
     images = training_images(args, model)
     try:
@@ -263,7 +267,7 @@ def main(argv=None) -> int:
         save_a1111(a1111_st, placeholder, vec, t.step, metadata=meta)
 
     def sample_grid(t: TextualInversion) -> None:
-        write_validation_grid(model, t, args.out / "samples" / f"step-{t.step:06d}.png", tiny)
+        write_validation_grid(model, t, grid_prompts, args.out / "samples" / f"step-{t.step:06d}.png", tiny)
 
     try:
         trainer.run(on_save=save, on_sample=sample_grid)
@@ -280,11 +284,11 @@ def main(argv=None) -> int:
 
 
 @torch.no_grad()
-def write_validation_grid(model, trainer, path: Path, tiny: bool) -> None:
-    from inversion.data import templates
+def write_validation_grid(model, trainer, prompts, path: Path, tiny: bool) -> None:
+    """One image of each prompt (seeds 0, 1, ...), in a row."""
     from ldm.generate import generate, make_grid, save_png, to_pil
-    word = " ".join(trainer.learned.expand(trainer.cfg.placeholder).split()[: trainer.active])
-    prompts = [tpl.format(word) for tpl in templates(trainer.cfg.learnable_property)[:4]]
+    word = " ".join(trainer.learned.expand(trainer.cfg.placeholder).split()[: trainer.active])  # the active vectors
+    prompts = [p.replace(trainer.cfg.placeholder, word) for p in prompts]
     images = generate(model, prompts, list(range(len(prompts))), steps=trainer.cfg.sample_steps if tiny else 30,
                       new_embeddings=trainer.learned.mapping())
     save_png(make_grid(to_pil(images), columns=len(prompts)), path, upscale=4 if tiny else 1)

@@ -75,6 +75,16 @@ def templates(property: str) -> List[str]:
     return list(lists[property])
 
 
+def validation_prompts(placeholder: str, property: str, given: Sequence[str] = ()) -> List[str]:
+    """The prompts of the validation grid: the given ones, each with the placeholder in it
+    ("a <my-toy> on the beach"), or the first four training templates."""
+    for prompt in given:
+        if placeholder not in prompt:
+            raise DataError(f"--validation-prompt {prompt!r} does not use the word {placeholder!r}; write it in "
+                            f"the prompt, e.g. 'a {placeholder} on the beach'")
+    return list(given) or [t.format(placeholder) for t in templates(property)[:4]]
+
+
 def image_files(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Path]:
     """A folder's images (by extension, sorted by name), or the given list of files."""
     if isinstance(paths_or_dir, (str, Path)) and Path(paths_or_dir).is_dir():

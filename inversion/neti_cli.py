@@ -27,7 +27,7 @@ TINY_DEFAULTS = dict(steps=400, batch=8, grad_accum=1, lr=1e-3, save_every=100)
 # The options beside its own that --method neti takes (invert.py refuses the others).
 SHARED_OPTIONS = ("images", "concept", "num_images", "resolution", "no_flip", "placeholder", "init_word",
                   "property", "steps", "lr", "batch", "seed", "ckpt", "out", "resume", "save_every",
-                  "sample_every", "no_eval", "device", "precision")
+                  "sample_every", "validation_prompt", "no_eval", "device", "precision")
 
 
 def add_arguments(parser) -> set:
@@ -60,7 +60,7 @@ def check_arguments(args) -> None:
 
 
 def main(args) -> int:
-    from inversion.data import templates
+    from inversion.data import DataError, templates, validation_prompts
     from inversion.files import base_model_hash
     from inversion.neti import MAPPER_FILE, NeTI, NeTIConfig, check_config, save_mapper
     from inversion.textual_inversion import TrainingError, check_words
@@ -84,7 +84,8 @@ def main(args) -> int:
     try:  # the words, before any file is written
         check_config(cfg)
         check_words(model, cfg)
-    except TrainingError as e:
+        grid_prompts = validation_prompts(placeholder, prop, args.validation_prompt)
+    except (TrainingError, DataError) as e:
         raise CLIError(str(e)) from None
     images = training_images(args, model)
 
@@ -108,7 +109,7 @@ def main(args) -> int:
                                             "learnable_property": prop, "step": str(t.step)})
 
     def sample_grid(t: NeTI) -> None:
-        write_validation_grid(model, t, args.out / "samples" / f"step-{t.step:06d}.png", tiny)
+        write_validation_grid(model, t, grid_prompts, args.out / "samples" / f"step-{t.step:06d}.png", tiny)
 
     try:
         trainer.run(on_save=save, on_sample=sample_grid)
@@ -131,11 +132,9 @@ def main(args) -> int:
 
 
 @torch.no_grad()
-def write_validation_grid(model, trainer, path: Path, tiny: bool) -> None:
-    """Four template prompts with the word, one image each (seeds 0-3)."""
-    from inversion.data import templates
+def write_validation_grid(model, trainer, prompts, path: Path, tiny: bool) -> None:
+    """One image of each prompt (seeds 0, 1, ...), in a row."""
     from ldm.generate import generate, make_grid, save_png, to_pil
-    prompts = [tpl.format(trainer.cfg.placeholder) for tpl in templates(trainer.cfg.learnable_property)[:4]]
     neti = trainer.conditioning(prompts)
     images = generate(model, prompts, list(range(len(prompts))), steps=trainer.cfg.sample_steps if tiny else 30,
                       cond=neti.keys, value_cond=neti.value_cond)

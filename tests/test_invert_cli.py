@@ -288,3 +288,19 @@ def test_files_of_invert_py_given_to_the_wrong_option_say_where_they_go(ckpt, im
         rc = run(sample.main, ["--ckpt", str(ckpt), "--prompt", "a <toy>", option, str(tmp_path / folder),
                                "--out", str(tmp_path / "s")], prog="sample.py")
         assert rc == 2 and f"is a folder; give the file in it ({file})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ti", "neti"])
+def test_validation_prompts_make_the_grid(ckpt, images, tmp_path, capsys, method):
+    base = ["--method", method, "--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>",
+            "--init-word", "toy", "--steps", "1", "--batch", "1"]
+    rc, cap = call(base + ["--out", str(tmp_path / "run"), "--validation-prompt", "a <toy> on the left",
+                           "--validation-prompt", "a blue <toy>", "--validation-prompt", "<toy>"], capsys)
+    assert rc == 0, cap.err
+    with Image.open(tmp_path / "run" / "samples" / "step-000001.png") as grid:
+        assert grid.size == (3 * 4 * 16, 4 * 16)  # one 16-px image per prompt, shown 4x
+    rc, cap = call(base + ["--out", str(tmp_path / "bad"), "--validation-prompt", "a dog"], capsys)
+    assert rc == 2 and cap.err.strip().splitlines() == [
+        "invert.py: error: --validation-prompt 'a dog' does not use the word '<toy>'; write it in the prompt, "
+        "e.g. 'a <toy> on the beach'"]
+    assert not (tmp_path / "bad").exists()
