@@ -278,6 +278,8 @@ def main(argv=None) -> int:
     sample_grid(trainer)
     print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {ours}, {a1111_pt.name}, "
           f"{a1111_st.name}, loss.csv and samples/")
+    print(f"sample with: python sample.py --embedding {ours} --prompt \"{templates(prop)[0].format(placeholder)}\""
+          + ("" if args.ckpt is None else f" --ckpt {args.ckpt}"))
     if tiny_concept and not args.no_eval:
         report_tiny_scores(model, trainer, args.concept, placeholder)
     return 0

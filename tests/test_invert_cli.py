@@ -30,6 +30,8 @@ def test_training_writes_every_output_and_sample_py_reads_them(ckpt, images, tmp
                     "--steps", "4", "--batch", "2", "--save-every", "2", "--out", str(out)], capsys)
     assert rc == 0, cap.err
     assert "effective lr = 0.005 x batch 2 = 0.01" in cap.out
+    hint = f'sample with: python sample.py --embedding {out / "learned_embeds.safetensors"} --prompt "a photo of a <toy>"'
+    assert f"{hint} --ckpt {ckpt}" in cap.out.splitlines()
     ours = load_file(out / "learned_embeds.safetensors")
     assert list(ours) == ["<toy>"] and ours["<toy>"].shape == (1, 32)
     # AUTOMATIC1111 calls a word by its file name, and 'toy' is already a word: toy-embedding.pt
