@@ -135,11 +135,6 @@ def main(argv=None) -> int:
                 print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)
         new_embeddings = learned.mapping()
         prompt, negative = learned.expand(args.prompt), learned.expand(args.negative)
-    for flag, text in (("--prompt", prompt), ("--negative", negative)):
-        n = len(model.tokenizer.encode(text))
-        if n > model.tokenizer.context_length:
-            print(f"warning: {flag} is {n} tokens; the text encoder reads the first {model.tokenizer.context_length} "
-                  "(with the start and end tokens), the rest is ignored", file=sys.stderr)
     cond = None
     if args.hiper is not None:  # HiPer: the prompt's rows 0..76-K, then α x the learned tail
         from inversion.hiper import HiPerError, hiper_condition, load_tail
@@ -155,6 +150,19 @@ def main(argv=None) -> int:
         cond, value_cond, uncond, value_uncond = neti_conditioning(
             model, args.neti, prompt, negative, args.truncation, new_embeddings, base_hash=base_hash)
 
+    from ldm.generate import latent_shape
+    height, width = args.height or model.config.image_size, args.width or model.config.image_size
+    try:
+        latent_shape(model, height, width)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+    # everything is checked: what follows only warns, then draws
+    for flag, text in (("--prompt", prompt), ("--negative", negative)):
+        n = len(model.tokenizer.encode(text))
+        if n > model.tokenizer.context_length:
+            print(f"warning: {flag} is {n} tokens; the text encoder reads the first {model.tokenizer.context_length} "
+                  "(with the start and end tokens), the rest is ignored", file=sys.stderr)
     learned_words = set(words) if args.embedding else set()
     if args.neti is not None:
         from ldm.load import read_metadata
@@ -165,13 +173,8 @@ def main(argv=None) -> int:
                   "defines it; it is read as ordinary text", file=sys.stderr)
 
     from tqdm import tqdm
-    from ldm.generate import generate, latent_shape, make_grid, save_png, to_pil
+    from ldm.generate import generate, make_grid, save_png, to_pil
 
-    height, width = args.height or model.config.image_size, args.width or model.config.image_size
-    try:
-        latent_shape(model, height, width)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_name = str(args.ckpt) if args.ckpt else str(DEFAULT_CKPT.relative_to(ROOT))
     extra = {"embeddings": ", ".join(p.name for p in args.embedding)} if args.embedding else {}

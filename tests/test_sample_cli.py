@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -168,3 +169,17 @@ def test_an_interrupted_png_write_leaves_no_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
     with Image.open(tmp_path / "a.png") as im:
         assert im.size == (32, 32) and im.getpixel((31, 31)) == (200, 10, 10)
+
+
+def test_a_refused_run_prints_its_error_alone(ckpt, tmp_path, capsys):
+    """Warnings come after every check, so a refused run prints one line: its error."""
+    from inversion.hiper import save_tail
+    from ldm.cli import run
+    tail = save_tail(tmp_path / "tail.safetensors", torch.zeros(5, 32))
+    long = "red " * 80
+    for argv, error in ((["--hiper", str(tail), "--prompt", long], "the target prompt is 82 tokens"),
+                        (["--prompt", long + "<x>", "--height", "33"], "height 33 must be a positive multiple")):
+        rc = run(sample.main, ["--ckpt", str(ckpt), "--n", "1", "--steps", "1", "--out", str(tmp_path / "o"), *argv],
+                 prog="sample.py")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and error in err[0], err
