@@ -133,9 +133,10 @@ def main(args) -> int:
     write_reconstruction(model, trainer, image, args.out / "samples" / "reconstruction.png", tiny)
     print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {tail_path}, loss.csv, source.png "
           f"and samples/reconstruction.png")
-    example = source_prompt(targets["position"]) if demo else "<the source prompt, edited>"
+    example = source_prompt(targets["position"]) if demo else cfg.source
     print(f"edit with: python sample.py --hiper {tail_path} --prompt \"{example}\""
-          + ("" if args.ckpt is None else f" --ckpt {args.ckpt}"))
+          + ("" if args.ckpt is None else f" --ckpt {args.ckpt}")
+          + ("" if demo else "   (change the prompt's words to edit the image)"))
     if demo and not args.no_eval:
         report_demo_edits(model, trainer, attrs, targets)
     return 0
