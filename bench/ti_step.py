@@ -192,7 +192,8 @@ def run_reference(name, steps, precision, device):
     text.load_state_dict({k: v for k, v in text_sd.items() if not k.endswith("position_ids")}, strict=False)
     tokenizer = ours.tokenizer
     shapes = step_shapes(name, ours)
-    del ours, sd, text_sd
+    del ours, text_sd
+    sd = None  # (drop the last reference to our weights; `take` is not called again)
     import gc
     gc.collect()
     placeholder_id = tokenizer.add_token("<x>")
