@@ -170,8 +170,10 @@ def image_digest(images: torch.Tensor) -> str:
     return hashlib.sha256(images.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-# The settings whose command-line option is not simply --name-with-dashes.
-OPTION_OF = {"learnable_property": "--property", "flip": "--no-flip (flip)", "bypass": "--no-bypass (bypass)"}
+# The settings whose command-line option is not simply --name-with-dashes; the switches that turn
+# a setting off; the settings that are the training pixels.
+OPTION_OF = {"learnable_property": "--property"}
+SWITCHED_OFF_BY = {"flip": "--no-flip", "bypass": "--no-bypass"}
 OTHER_PIXELS = {"images": "other images", "image": "another image"}
 
 
@@ -193,6 +195,11 @@ def settings_difference(saved: str, now: str) -> str:
         if (key in old, old.get(key)) != (key in new, new.get(key)):
             if key in OTHER_PIXELS:
                 parts.append(OTHER_PIXELS[key])
+            elif isinstance(old.get(key), bool) and isinstance(new.get(key), bool):  # a switch, given or not
+                switch = SWITCHED_OFF_BY.get(key, "--" + key.replace("_", "-"))
+                given_before = old[key] != (key in SWITCHED_OFF_BY)
+                parts.append(f"{switch} in the checkpoint, not now" if given_before
+                             else f"{switch} now, not in the checkpoint")
             else:
                 option = OPTION_OF.get(key, "--" + key.replace("_", "-"))
                 parts.append(f"{option} {shown(old, key)} in the checkpoint, {shown(new, key)} now")

@@ -154,11 +154,14 @@ def test_settings_difference_names_what_a_resume_would_change():
     assert settings_difference(saved, saved) == "other settings"
     assert settings_difference(saved, str({"lr": 0.01, "flip": False, "learnable_property": "object",
                                            "images": "cd34"})) == \
-        "--no-flip (flip) True in the checkpoint, False now; other images; " \
+        "--no-flip now, not in the checkpoint; other images; " \
         "--lr 0.005 in the checkpoint, 0.01 now"
     assert settings_difference(saved, str({"lr": 0.005, "flip": True, "learnable_property": "style",
                                            "images": "ab12", "reg_weight": 0.1})) == \
         "--property 'object' in the checkpoint, 'style' now; --reg-weight unset in the checkpoint, 0.1 now"
+    assert settings_difference(str({"flip": False, "per_image_tokens": False}),
+                               str({"flip": True, "per_image_tokens": True})) == \
+        "--no-flip in the checkpoint, not now; --per-image-tokens now, not in the checkpoint"
     many = {f"setting_{i}": i for i in range(6)}
     assert settings_difference(str(many), str({k: v + 1 for k, v in many.items()})).endswith("; 3 more")
     other_method = str({"source": "a red circle", "tail": 5, "image": "ef56", "lr": 0.005})
