@@ -22,13 +22,23 @@ from torch import nn
 from clip.config import CLIPTextConfig
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that draws no random weights when it is built on the meta device, to be
+    loaded (ldm.load): there is nothing to draw there, and drawing a normal distribution on
+    meta tensors imports PyTorch's compiler stack (1.7 s and 70 MB)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class CLIPTextEmbeddings(nn.Module):
     """Token embedding + learned absolute position embedding."""
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         # Saved in the SD v1 checkpoints, so it is a persistent buffer; always arange(77).
         self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).unsqueeze(0))
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inversion.adam import Adam
 from inversion.data import image_digest, settings_difference
 from inversion.files import BASE_MODEL_HASH, EmbeddingError
 from inversion.textual_inversion import TextualInversion, encode_images, noisy_latents
@@ -197,7 +198,7 @@ class HiPer:
         e_src = encode(model, cfg.source)[0]                 # (77, D), computed once, no gradient
         self.head = e_src[: -cfg.tail]                       # (77-K, D): the source's words, frozen
         self.tail = nn.Parameter(e_src[-cfg.tail:].clone())  # (K, D): e_hiper, starts as the padding rows
-        self.optimizer = torch.optim.Adam([self.tail], lr=cfg.lr)
+        self.optimizer = Adam([self.tail], lr=cfg.lr)
         # The image's posterior (row 0; row 1 is its mirror, unused: a flip would swap left and right)
         means, stds = encode_images(model, image[None])
         self.mean, self.std = means[:1], stds[:1]            # (1, C, h, w)

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inversion.adam import AdamW
 from inversion.data import image_digest, settings_difference
 from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images, noisy_latents
 from inversion.precision import autocast
@@ -398,8 +399,7 @@ class NeTI:
             num_timesteps=model.schedule.num_timesteps, hidden=cfg.hidden, num_features=cfg.num_features,
             sigma_t=cfg.sigma_t, sigma_l=cfg.sigma_l, time_anchors=cfg.time_anchors, bypass=cfg.bypass,
             bypass_scale=cfg.bypass_scale, target_norm=float(init.norm()), seed=cfg.seed)).to(model.device)
-        self.optimizer = torch.optim.AdamW(self.mapper.parameters(), lr=cfg.effective_lr,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = AdamW(self.mapper.parameters(), lr=cfg.effective_lr, weight_decay=cfg.weight_decay)
         self.n_images = len(images)
         self.images = image_digest(images)  # a resumed run must train on the same images
         self.out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inversion.adam import AdamW
 from inversion.data import image_digest, settings_difference, templates
 from inversion.hook import LearnedEmbeddings, sub_tokens
 from inversion.precision import autocast
@@ -138,7 +139,7 @@ class TextualInversion:
                 self.learned.add(image_token(cfg, i), init[None], trainable=True)
         self.learned.to(model.device)
         self.active = 1 if cfg.progressive_every else cfg.num_vectors
-        self.optimizer = torch.optim.AdamW(self.learned.parameters(), lr=cfg.effective_lr)
+        self.optimizer = AdamW(self.learned.parameters(), lr=cfg.effective_lr)  # torch.optim.AdamW's defaults
         self.means, self.stds = encode_images(model, images)
         self.step = 0
         self.checkpoint_path = self.out / "checkpoint.pt"

@@ -28,7 +28,6 @@ import torch
 from ldm import convert
 from ldm.config import ModelConfig
 from ldm.model import StableDiffusion
-from ldm.schedule import NoiseSchedule
 
 CONFIG_METADATA_KEY = "ldm_config"   # our single files carry their ModelConfig as JSON here
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -258,7 +257,7 @@ def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device,
     found = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
     _check({k: v for k, v in expected.items() if k not in optional}, found, where)
 
-    schedule = NoiseSchedule(config.schedule)  # built outside the meta device: real numbers
+    schedule = model.schedule  # computed on the CPU, even here: real numbers
     buffers = schedule.compvis_buffers()
     final = {}
     for key in expected:

@@ -22,12 +22,14 @@ class NoiseSchedule:
         self.config = config
         self.num_timesteps = int(config.num_timesteps)
 
-        f64 = torch.float64
+        # Computed on the CPU even inside `with torch.device("meta")` (how ldm.load builds a model
+        # to fill): these are numbers, not weights to load.
+        f64, cpu = torch.float64, torch.device("cpu")
         betas = torch.linspace(config.linear_start ** 0.5, config.linear_end ** 0.5,
-                               self.num_timesteps, dtype=f64) ** 2
+                               self.num_timesteps, dtype=f64, device=cpu) ** 2
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, dim=0)
-        ac_prev = torch.cat([torch.ones(1, dtype=f64), ac[:-1]])
+        ac_prev = torch.cat([torch.ones(1, dtype=f64, device=cpu), ac[:-1]])
         posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)  # eq. 7, v_posterior = 0
 
         buffers64 = {

@@ -164,7 +164,7 @@ def test_only_the_mapper_learns_and_the_model_stays_bit_identical(model, images,
     t.loss(0).backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None for p in t.mapper.parameters())
-    optimized = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    optimized = {id(p) for p in t.optimizer.params}
     assert optimized == {id(p) for p in t.mapper.parameters()}
     t.run(progress=False)
     after = model.state_dict()

@@ -35,7 +35,7 @@ def test_only_the_new_vectors_learn_and_the_model_stays_bit_identical(model, ima
     loss.backward()
     assert all(p.grad is None for p in model.parameters())
     assert t.learned.vectors[0].grad is not None and t.learned.vectors[0].grad.abs().sum() > 0
-    optimized = [p for g in t.optimizer.param_groups for p in g["params"]]
+    optimized = t.optimizer.params
     assert len(optimized) == 1 and optimized[0] is t.learned.vectors[0]
     t.run(progress=False)
     after = model.state_dict()

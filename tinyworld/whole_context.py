@@ -22,11 +22,12 @@ def learn(model, images: torch.Tensor, start_prompt: str, steps: int, seed: int,
           batch: int = 8) -> torch.Tensor:
     """c* (77, D) for images (N, 3, H, W) in [-1, 1] and their mirror images, starting from the text
     encoder's output for start_prompt; Textual Inversion's batches (an image or its mirror, t ~ U[0, T))."""
+    from inversion.adam import Adam
     from inversion.textual_inversion import encode_images, noisy_latents
     model.requires_grad_(False).eval()
     means, stds = encode_images(model, images)                               # (2N, C, h, w)
     context = torch.nn.Parameter(model.encode_prompts([start_prompt]).float()[0].clone())  # (77, D)
-    optimizer = torch.optim.Adam([context], lr=lr)
+    optimizer = Adam([context], lr=lr)
     for step in range(steps):
         rng = np.random.default_rng([seed, step])
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
