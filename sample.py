@@ -130,9 +130,6 @@ def main(argv=None) -> int:
         learned = LearnedEmbeddings(model.tokenizer)
         words = apply_embeddings(model, learned, args.embedding, check_hash=base_hashes)
         learned.to(model.device)
-        for word in words:
-            if word not in args.prompt and word not in args.negative:
-                print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)
         new_embeddings = learned.mapping()
         prompt, negative = learned.expand(args.prompt), learned.expand(args.negative)
     cond = None
@@ -163,10 +160,13 @@ def main(argv=None) -> int:
         if n > model.tokenizer.context_length:
             print(f"warning: {flag} is {n} tokens; the text encoder reads the first {model.tokenizer.context_length} "
                   "(with the start and end tokens), the rest is ignored", file=sys.stderr)
-    learned_words = set(words) if args.embedding else set()
+    learned_words = list(words) if args.embedding else []
+    for word in learned_words:
+        if word not in args.prompt and word not in args.negative:
+            print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)
     if args.neti is not None:
         from ldm.load import read_metadata
-        learned_words.add(read_metadata(args.neti).get("placeholder"))
+        learned_words.append(read_metadata(args.neti).get("placeholder"))
     for flag, text in (("--prompt", args.prompt), ("--negative", args.negative)):
         for word in unlearned_words(text, learned_words):
             print(f"warning: {word!r} in {flag} looks like a learned word, but no --embedding or --neti file "

@@ -175,10 +175,14 @@ def test_a_refused_run_prints_its_error_alone(ckpt, tmp_path, capsys):
     """Warnings come after every check, so a refused run prints one line: its error."""
     from inversion.hiper import save_tail
     from ldm.cli import run
+    from inversion.files import save_embeddings
     tail = save_tail(tmp_path / "tail.safetensors", torch.zeros(5, 32))
+    word = save_embeddings(tmp_path / "w.safetensors", {"<w>": torch.zeros(1, 32)})
     long = "red " * 80
     for argv, error in ((["--hiper", str(tail), "--prompt", long], "the target prompt is 82 tokens"),
-                        (["--prompt", long + "<x>", "--height", "33"], "height 33 must be a positive multiple")):
+                        (["--prompt", long + "<x>", "--height", "33"], "height 33 must be a positive multiple"),
+                        (["--prompt", "a red circle", "--embedding", str(word), "--width", "33"],
+                         "width 33 must be a positive multiple")):
         rc = run(sample.main, ["--ckpt", str(ckpt), "--n", "1", "--steps", "1", "--out", str(tmp_path / "o"), *argv],
                  prog="sample.py")
         err = capsys.readouterr().err.strip().splitlines()
