@@ -141,10 +141,10 @@ def main(argv=None) -> int:
         except HiPerError as e:
             raise CLIError(str(e)) from None
 
-    value_cond = uncond = value_uncond = None
+    value_cond = uncond = value_uncond = neti_word = None
     if args.neti is not None:  # NeTI: the mapper's text for every timestep and cross-attention layer
         from inversion.neti import neti_conditioning
-        cond, value_cond, uncond, value_uncond = neti_conditioning(
+        cond, value_cond, uncond, value_uncond, neti_word = neti_conditioning(
             model, args.neti, prompt, negative, args.truncation, new_embeddings, base_hash=base_hash)
 
     from ldm.generate import latent_shape
@@ -160,13 +160,10 @@ def main(argv=None) -> int:
         if n > model.tokenizer.context_length:
             print(f"warning: {flag} is {n} tokens; the text encoder reads the first {model.tokenizer.context_length} "
                   "(with the start and end tokens), the rest is ignored", file=sys.stderr)
-    learned_words = list(words) if args.embedding else []
+    learned_words = (list(words) if args.embedding else []) + ([neti_word] if neti_word else [])
     for word in learned_words:
         if word not in args.prompt and word not in args.negative:
             print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)
-    if args.neti is not None:
-        from ldm.load import read_metadata
-        learned_words.append(read_metadata(args.neti).get("placeholder"))
     for flag, text in (("--prompt", args.prompt), ("--negative", args.negative)):
         for word in unlearned_words(text, learned_words):
             print(f"warning: {word!r} in {flag} looks like a learned word, but no --embedding or --neti file "

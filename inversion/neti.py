@@ -308,7 +308,8 @@ def _warn(message: str) -> None:
 def neti_conditioning(model, path: Union[str, Path], prompt: str, negative: str = "",
                       truncation: Optional[int] = None, new_embeddings=None,
                       base_hash: Union[None, str, Callable[[], str]] = None, warn: Callable[[str], None] = _warn):
-    """sample.py --neti: (cond, value_cond, uncond, value_uncond) for `ldm.generate.generate`.
+    """sample.py --neti: (cond, value_cond, uncond, value_uncond) for `ldm.generate.generate`, and
+    the mapper's word.
 
     uncond and value_uncond are None (plain text) unless the negative prompt uses the word.
     A mapper trained on another base model (by its recorded hash) gives a warning."""
@@ -325,16 +326,14 @@ def neti_conditioning(model, path: Union[str, Path], prompt: str, negative: str 
     word = meta["placeholder"]
     if model.tokenizer.added_tokens.get(word) in (new_embeddings or {}):
         raise NeTIError(f"{path}: its word {word!r} is also defined by an --embedding file; use one of them")
-    if word not in prompt and word not in negative:
-        warn(f"the prompt does not use the learned word {word!r}")
     try:
         cond = SpaceTimeConditioning(model, mapper, word, [prompt], truncation, new_embeddings)
     except ValueError as e:  # the word is an ordinary word of this vocabulary
         raise NeTIError(f"{path}: {e}") from None
     if word not in negative:
-        return cond.keys, cond.value_cond, None, None
+        return cond.keys, cond.value_cond, None, None, word
     uncond = SpaceTimeConditioning(model, mapper, word, [negative], truncation, new_embeddings)
-    return cond.keys, cond.value_cond, uncond.keys, uncond.value_cond
+    return cond.keys, cond.value_cond, uncond.keys, uncond.value_cond, word
 
 
 # ----------------------------------------------------------------------------- training

@@ -361,6 +361,13 @@ def test_invert_writes_a_mapper_that_sample_py_reads(ckpt, image_dir, tmp_path, 
         assert rc == 0 and (tmp_path / "s" / "000001.png").exists(), cap.err
         assert "looks like a learned word" not in cap.err  # the mapper defines <toy>
     assert Image.open(tmp_path / "s" / "000000.png").text["truncation"] == "8"
+    mapper_file = str(out / "neti_mapper.safetensors")
+    rc, cap = sample(["--ckpt", str(ckpt), "--prompt", "a red circle", "--neti", mapper_file, "--n", "1",
+                      "--steps", "1", "--out", str(tmp_path / "u")], capsys)
+    assert rc == 0 and cap.err.count("warning: the prompt does not use the learned word '<toy>'") == 1, cap.err
+    rc, cap = sample(["--ckpt", str(ckpt), "--prompt", "a red circle", "--neti", mapper_file, "--height", "33",
+                      "--out", str(tmp_path / "h")], capsys)  # refused: its error alone, no warning first
+    assert rc == 2 and len(cap.err.strip().splitlines()) == 1 and "height 33" in cap.err, cap.err
 
 
 def test_default_run_learns_a_tiny_world_concept(ckpt, tmp_path, capsys):
