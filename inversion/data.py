@@ -206,3 +206,12 @@ def settings_difference(saved: str, now: str) -> str:
     if len(parts) > 3:  # one line: name the first few
         parts = parts[:3] + [f"{len(parts) - 3} more"]
     return "; ".join(parts) or "other settings"
+
+
+def resume_mismatch(checkpoint: Path, saved, now: str) -> Optional[str]:
+    """The one line that refuses to resume `checkpoint`, whose settings are `saved`, in a run
+    whose settings are `now`; None if they are the same."""
+    if saved == now:
+        return None
+    return (f"{checkpoint} does not match this run ({settings_difference(str(saved), now)}); resume with the "
+            "same arguments, or start a new --out folder")

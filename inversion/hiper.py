@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inversion.adam import Adam
-from inversion.data import image_digest, settings_difference
+from inversion.data import image_digest, resume_mismatch
 from inversion.files import BASE_MODEL_HASH, EmbeddingError
 from inversion.textual_inversion import TextualInversion, encode_images, noisy_latents
 from inversion.precision import autocast
@@ -248,10 +248,9 @@ class HiPer:
                 "config": self.settings(), "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("config") != self.settings():
-            raise HiPerError(f"{self.checkpoint_path} does not match this run "
-                             f"({settings_difference(str(state.get('config')), self.settings())}); resume with the "
-                             "same arguments, or start a new --out folder")
+        mismatch = resume_mismatch(self.checkpoint_path, state.get("config"), self.settings())
+        if mismatch:
+            raise HiPerError(mismatch)
         with torch.no_grad():
             self.tail.copy_(state["tail"])
         self.optimizer.load_state_dict(state["optimizer"])

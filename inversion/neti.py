@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inversion.adam import AdamW
-from inversion.data import image_digest, settings_difference
+from inversion.data import image_digest, resume_mismatch
 from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images, noisy_latents
 from inversion.precision import autocast
 from ldm.load import LoadError, atomic_write, load_error_reason
@@ -455,10 +455,9 @@ class NeTI:
         if "mapper" not in state:
             raise TrainingError(f"{self.checkpoint_path} holds no NeTI mapper (another method's run?); start a "
                                 "new --out folder")
-        if state.get("config") != self.settings():
-            raise TrainingError(f"{self.checkpoint_path} does not match this run "
-                                f"({settings_difference(str(state.get('config')), self.settings())}); resume with "
-                                "the same arguments, or start a new --out folder")
+        mismatch = resume_mismatch(self.checkpoint_path, state.get("config"), self.settings())
+        if mismatch:
+            raise TrainingError(mismatch)
         self.mapper.load_state_dict(state["mapper"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])

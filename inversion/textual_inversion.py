@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from inversion.adam import AdamW
-from inversion.data import image_digest, settings_difference, templates
+from inversion.data import image_digest, resume_mismatch, templates
 from inversion.hook import LearnedEmbeddings, sub_tokens
 from inversion.precision import autocast
 from ldm.load import LoadError, atomic_write, load_error_reason
@@ -212,10 +212,9 @@ class TextualInversion:
                 "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["config"] != self.settings():
-            raise TrainingError(f"{self.checkpoint_path} does not match this run "
-                                f"({settings_difference(state['config'], self.settings())}); resume with the same "
-                                "arguments, or start a new --out folder")
+        mismatch = resume_mismatch(self.checkpoint_path, state["config"], self.settings())
+        if mismatch:
+            raise TrainingError(mismatch)
         with torch.no_grad():
             for v, saved in zip(self.learned.vectors, state["vectors"]):
                 v.copy_(saved)
