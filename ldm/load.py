@@ -168,7 +168,9 @@ TRAINING_CHECKPOINT_HINT = ("is invert.py's training checkpoint (for --resume); 
 
 
 def describe_learned_file(keys, metadata: Dict[str, str]) -> Optional[str]:
-    """What a file written by invert.py is, and where it goes, or None if it is none of them."""
+    """What a learned file (invert.py's, or an AUTOMATIC1111 .pt embedding) is, and where it goes,
+    or None if it is none of them. (The key names are inversion.neti.CONFIG_KEY and
+    inversion.hiper.TAIL_KEY; ldm does not import inversion.)"""
     keys = set(keys)
     if TRAINING_CHECKPOINT_KEYS <= keys:
         return TRAINING_CHECKPOINT_HINT
@@ -176,7 +178,7 @@ def describe_learned_file(keys, metadata: Dict[str, str]) -> Optional[str]:
         return "is a NeTI mapper, not a model; load it with sample.py --neti"
     if "hiper_tail" in keys:
         return "is a HiPer tail, not a model; load it with sample.py --hiper"
-    if "init_word" in metadata:  # our learned_embeds.safetensors and AUTOMATIC1111 files
+    if "string_to_param" in keys or "init_word" in metadata:  # AUTOMATIC1111 .pt (dictionaries, not tensors), ours
         return EMBEDDING_HINT
     return None
 
@@ -275,8 +277,6 @@ def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device,
 def _load_single_file(path: Path, device, dtype, ema: bool) -> StableDiffusion:
     # a full checkpoint's EMA copy (as large as the U-Net) is read only when asked for
     sd, metadata = read_tensors(path, skip=() if ema else IGNORED_PREFIXES)
-    if "string_to_param" in sd:   # an AUTOMATIC1111 .pt embedding holds dictionaries, not tensors
-        raise LoadError(f"{path} {EMBEDDING_HINT}")
     learned = describe_learned_file(sd.keys(), metadata)
     if learned:
         raise LoadError(f"{path} {learned}")
