@@ -285,24 +285,20 @@ def main(argv=None) -> int:
     return 0
 
 
-@torch.no_grad()
 def write_validation_grid(model, trainer, prompts, path: Path, tiny: bool) -> None:
-    """One image of each prompt (seeds 0, 1, ...), in a row."""
-    from ldm.generate import generate, make_grid, save_png, to_pil
+    """The validation prompts, each with the active vectors of the word, one image each."""
+    from ldm.generate import save_prompt_row
     word = " ".join(trainer.learned.expand(trainer.cfg.placeholder).split()[: trainer.active])  # the active vectors
-    prompts = [p.replace(trainer.cfg.placeholder, word) for p in prompts]
-    images = generate(model, prompts, list(range(len(prompts))), steps=trainer.cfg.sample_steps if tiny else 30,
-                      new_embeddings=trainer.learned.mapping())
-    save_png(make_grid(to_pil(images), columns=len(prompts)), path, upscale=4 if tiny else 1)
+    save_prompt_row(model, [p.replace(trainer.cfg.placeholder, word) for p in prompts], path,
+                    steps=trainer.cfg.sample_steps if tiny else 30, upscale=4 if tiny else 1,
+                    new_embeddings=trainer.learned.mapping())
 
 
 def report_tiny_scores(model, trainer, concept: str, placeholder: str) -> None:
-    from tinyworld.concepts import evaluate_word
+    from tinyworld.concepts import evaluate_word, scores_line
     t = time.time()
     scores = evaluate_word(model, concept, placeholder, n=64, learned=trainer.learned)
-    print(f"{placeholder} on the tiny world ({time.time() - t:.0f} s, 64 samples each, DDIM 50): "
-          f"reconstruction {scores['reconstruction']:.0%} (read as {concept}), "
-          f"editability {scores['editability']:.0%} (other attributes honored)")
+    print(scores_line(placeholder, concept, scores, time.time() - t))
 
 
 if __name__ == "__main__":

@@ -123,22 +123,19 @@ def main(args) -> int:
     print(f"sample with: python sample.py --neti {mapper_path} --prompt \"{example}\""
           + ("" if args.ckpt is None else f" --ckpt {args.ckpt}"))
     if tiny_concept and not args.no_eval:
+        from tinyworld.concepts import scores_line
         t = time.time()
         scores = tiny_scores(model, trainer.mapper, args.concept, placeholder)
-        print(f"{placeholder} on the tiny world ({time.time() - t:.0f} s, 64 samples each, DDIM 50): "
-              f"reconstruction {scores['reconstruction']:.0%} (read as {args.concept}), "
-              f"editability {scores['editability']:.0%} (other attributes honored)")
+        print(scores_line(placeholder, args.concept, scores, time.time() - t))
     return 0
 
 
-@torch.no_grad()
 def write_validation_grid(model, trainer, prompts, path: Path, tiny: bool) -> None:
-    """One image of each prompt (seeds 0, 1, ...), in a row."""
-    from ldm.generate import generate, make_grid, save_png, to_pil
+    """The validation prompts, each drawn with the mapper's vector for every step and layer."""
+    from ldm.generate import save_prompt_row
     neti = trainer.conditioning(prompts)
-    images = generate(model, prompts, list(range(len(prompts))), steps=trainer.cfg.sample_steps if tiny else 30,
-                      cond=neti.keys, value_cond=neti.value_cond)
-    save_png(make_grid(to_pil(images), columns=len(prompts)), path, upscale=4 if tiny else 1)
+    save_prompt_row(model, prompts, path, steps=trainer.cfg.sample_steps if tiny else 30, upscale=4 if tiny else 1,
+                    cond=neti.keys, value_cond=neti.value_cond)
 
 
 @torch.no_grad()

@@ -89,6 +89,16 @@ def make_grid(images, columns: Optional[int] = None):
     return grid
 
 
+@torch.no_grad()
+def save_prompt_row(model: StableDiffusion, prompts: Sequence[str], path, steps: int, upscale: int = 1,
+                    **conditioning) -> None:
+    """One image of each prompt (seeds 0, 1, ...), side by side in one PNG: a training run's
+    validation grid. `conditioning` is what `generate` takes besides the prompts (learned
+    token vectors, or NeTI's per-layer text encodings)."""
+    images = generate(model, prompts, list(range(len(prompts))), steps=steps, **conditioning)
+    save_png(make_grid(to_pil(images), columns=len(prompts)), path, upscale=upscale)
+
+
 def save_png(image, path, pnginfo=None, upscale: int = 1) -> None:
     """Write a PIL image as PNG through a temporary file, so that an interrupted run leaves no
     half-written image; `upscale` enlarges it with square pixels (the tiny model's 32-px images)."""

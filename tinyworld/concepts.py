@@ -89,6 +89,13 @@ def evaluate_word(model, concept: str, word: str, n: int = 64, steps: int = 50, 
             "edit_and_concept": edit["edit_and_concept"]}
 
 
+def scores_line(word: str, concept: str, scores: Dict[str, float], seconds: float, n: int = 64) -> str:
+    """The line a training run prints after scoring its word on the tiny world."""
+    return (f"{word} on the tiny world ({seconds:.0f} s, {n} samples each, DDIM 50): "
+            f"reconstruction {scores['reconstruction']:.0%} (read as {concept}), "
+            f"editability {scores['editability']:.0%} (other attributes honored)")
+
+
 def evaluate_context(model, concept: str, context, n: int = 64, steps: int = 50, scale: float = 7.5,
                      seed: int = 0) -> Dict[str, float]:
     """Reconstruction of samples drawn from a fixed U-Net context (77, D) in place of a prompt's
