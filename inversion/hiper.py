@@ -222,17 +222,6 @@ class HiPer:
             eps = model.unet(z_t.to(model.dtype), t, context.to(model.dtype))
         return F.mse_loss(eps.float(), noise)
 
-    def train_step(self) -> Optional[float]:
-        loss = self.loss(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        if not torch.isfinite(loss):
-            self.log(f"warning: step {self.step}: loss is {loss.item()}, step skipped")
-            return None
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
     # ------------------------------------------------------------------ state
     def tail_vectors(self) -> torch.Tensor:
         """The learned tail: (K, D), fp32, on the CPU."""
@@ -257,8 +246,10 @@ class HiPer:
         self.step = int(state["step"])
         self.losses = [tuple(r) for r in state["losses"].tolist()]
 
-    # The files and the loop are Textual Inversion's: checkpoint.pt written atomically, loss.csv,
-    # run() with its checkpoints every save_every steps and its Ctrl-C handling.
+    # The step, the files and the loop are Textual Inversion's: one optimizer step per batch (a
+    # non-finite loss skipped), checkpoint.pt written atomically, loss.csv, run() with its
+    # checkpoints every save_every steps and its Ctrl-C handling.
+    train_step = TextualInversion.gradient_step
     save_checkpoint = TextualInversion.save_checkpoint
     resume = TextualInversion.resume
     write_loss_log = TextualInversion.write_loss_log

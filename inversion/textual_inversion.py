@@ -186,6 +186,10 @@ class TextualInversion:
 
     def train_step(self) -> Optional[float]:
         self.grow()
+        return self.gradient_step()
+
+    def gradient_step(self) -> Optional[float]:
+        """One optimizer step on one batch's loss; a non-finite loss skips the step with a warning."""
         loss = self.loss(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
