@@ -214,6 +214,18 @@ def load_model(args):
     return ckpt, model, device
 
 
+def train(trainer, learned_file: Path, **callbacks) -> bool:
+    """trainer.run(**callbacks); False, after saying what was saved, when Ctrl-C (or SIGTERM)
+    stops it: the trainer has written its checkpoint and the learned file before returning."""
+    try:
+        trainer.run(**callbacks)
+        return True
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}: saved {learned_file} and {trainer.checkpoint_path} "
+              "(continue with --resume)", file=sys.stderr)
+        return False
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -269,11 +281,7 @@ def main(argv=None) -> int:
     def sample_grid(t: TextualInversion) -> None:
         write_validation_grid(model, t, grid_prompts, args.out / "samples" / f"step-{t.step:06d}.png", tiny)
 
-    try:
-        trainer.run(on_save=save, on_sample=sample_grid)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {trainer.step}: saved {ours} and {args.out / 'checkpoint.pt'} "
-              "(continue with --resume)", file=sys.stderr)
+    if not train(trainer, ours, on_save=save, on_sample=sample_grid):
         return 130
     sample_grid(trainer)
     print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {ours}, {a1111_pt.name}, "

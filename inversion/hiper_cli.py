@@ -82,7 +82,7 @@ def check_arguments(args) -> None:
 def main(args) -> int:
     from inversion.files import base_model_hash
     from inversion.hiper import HiPer, HiPerConfig, HiPerError, save_tail
-    from invert import load_model
+    from invert import load_model, train
 
     check_arguments(args)
     t_start = time.time()
@@ -124,11 +124,7 @@ def main(args) -> int:
         save_tail(tail_path, t.tail_vectors(), {"base_model_hash": base_hash, "base_model": str(ckpt),
                                                 "source": source, "step": str(t.step)})
 
-    try:
-        trainer.run(on_save=save)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {trainer.step}: saved {tail_path} and {args.out / 'checkpoint.pt'} "
-              "(continue with --resume)", file=sys.stderr)
+    if not train(trainer, tail_path, on_save=save):
         return 130
     write_reconstruction(model, trainer, image, args.out / "samples" / "reconstruction.png", tiny)
     print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {tail_path}, loss.csv, source.png "

@@ -11,7 +11,6 @@ init word and the base model's hash), checkpoint.pt, loss.csv and samples/step-N
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -64,7 +63,7 @@ def main(args) -> int:
     from inversion.files import base_model_hash
     from inversion.neti import MAPPER_FILE, NeTI, NeTIConfig, check_config, save_mapper
     from inversion.textual_inversion import TrainingError, check_words
-    from invert import load_model, the_word, training_images
+    from invert import load_model, the_word, train, training_images
 
     check_arguments(args)
     t_start = time.time()
@@ -111,11 +110,7 @@ def main(args) -> int:
     def sample_grid(t: NeTI) -> None:
         write_validation_grid(model, t, grid_prompts, args.out / "samples" / f"step-{t.step:06d}.png", tiny)
 
-    try:
-        trainer.run(on_save=save, on_sample=sample_grid)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {trainer.step}: saved {mapper_path} and {args.out / 'checkpoint.pt'} "
-              "(continue with --resume)", file=sys.stderr)
+    if not train(trainer, mapper_path, on_save=save, on_sample=sample_grid):
         return 130
     sample_grid(trainer)
     print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {mapper_path}, loss.csv and samples/")

@@ -324,3 +324,32 @@ def test_a_run_does_not_import_the_compiler_stack(ckpt, images, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "0 False"
+
+
+@pytest.mark.parametrize("method", ["ti", "neti", "hiper"])
+def test_ctrl_c_in_each_method_names_what_it_saved_and_resume_finishes(ckpt, images, tmp_path, capsys, monkeypatch,
+                                                                        method):
+    from pathlib import Path
+    from inversion.hiper import HiPer
+    from inversion.neti import NeTI
+    from inversion.textual_inversion import TextualInversion
+    trainer_class = {"ti": TextualInversion, "neti": NeTI, "hiper": HiPer}[method]
+    step = trainer_class.train_step
+
+    def stopped_at_step_2(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(trainer_class, "train_step", stopped_at_step_2)
+    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
+            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+    argv = ["--method", method, "--ckpt", str(ckpt), *data, "--steps", "4", "--batch", "1", "--out", str(tmp_path)]
+    rc, cap = call(argv, capsys)
+    last = cap.err.strip().splitlines()[-1]
+    assert rc == 130 and last.startswith("interrupted at step 2: saved "), cap.err
+    learned, checkpoint = last.split("saved ")[1].split(" (continue")[0].split(" and ")
+    assert Path(learned).is_file() and Path(checkpoint) == tmp_path / "checkpoint.pt" and Path(checkpoint).is_file()
+    monkeypatch.undo()
+    rc, cap = call(argv + ["--resume"], capsys)
+    assert rc == 0 and "resuming at step 2" in cap.out, cap.err
