@@ -39,6 +39,22 @@ def tiny_cfg() -> ModelConfig:
     return tiny_config()
 
 
+@pytest.fixture
+def model():
+    """A random tiny_config() model at 16 px, new in each test: what the trainers learn against."""
+    from ldm.model import StableDiffusion
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.image_size = 16
+    return randomize(StableDiffusion(cfg), seed=1)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """Three random 16-px training images (3, 3, 16, 16) in [-1, 1]."""
+    return torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
 def write_random_checkpoint(folder: Path, image_size: int = 16, seed: int = 2) -> Path:
     """A random tiny_config() model saved as folder/tiny.safetensors (CompVis layout), the
     stand-in for real weights in the command-line tests."""

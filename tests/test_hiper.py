@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import tiny_config, randomize
 import ldm
 import invert
 import sample
@@ -15,23 +14,14 @@ from inversion.files import base_model_hash
 from inversion.hiper import (HiPer, HiPerConfig, HiPerError, TailFileError, edit_context, encode,
                              hiper_condition, load_tail, save_tail)
 from ldm.cli import run
-from ldm.model import StableDiffusion
 
 SOURCE = "a red circle on the left"
 TARGET = "a red circle on the right"
 
 
 @pytest.fixture
-def model():
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    cfg.image_size = 16
-    return randomize(StableDiffusion(cfg), seed=1)
-
-
-@pytest.fixture
-def image():
-    return torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+def image(images):
+    return images[0]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config, randomize
+from conftest import tiny_config
 import inversion.neti as neti
 from inversion.neti import (MapperConfig, NeTI, NeTIConfig, NeTIError, NeTIMapper, SpaceTimeConditioning,
                             encode_with_bypass, load_mapper, nested_dropout_keep, save_mapper,
@@ -13,19 +13,6 @@ from inversion.textual_inversion import TrainingError
 from ldm.model import StableDiffusion
 
 TEMPLATES = ["a photo of a {}", "a rendering of a {}"]
-
-
-@pytest.fixture
-def model():
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    cfg.image_size = 16
-    return randomize(StableDiffusion(cfg), seed=1)
-
-
-@pytest.fixture
-def images():
-    return torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
 def make(model, images, tmp_path, **kw):

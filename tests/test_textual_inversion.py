@@ -2,24 +2,9 @@
 import pytest
 import torch
 
-from conftest import tiny_config, randomize
 from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError
-from ldm.model import StableDiffusion
 
 TEMPLATES = ["a photo of a {}", "a rendering of a {}"]
-
-
-@pytest.fixture
-def model():
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    cfg.image_size = 16
-    return randomize(StableDiffusion(cfg), seed=1)
-
-
-@pytest.fixture
-def images():
-    return torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
 def make(model, images, tmp_path, **kw):
