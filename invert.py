@@ -216,10 +216,14 @@ def load_model(args):
 
 def train(trainer, learned_file: Path, **callbacks) -> bool:
     """trainer.run(**callbacks); False, after saying what was saved, when Ctrl-C (or SIGTERM)
-    stops it: the trainer has written its checkpoint and the learned file before returning."""
+    stops it: the trainer has written its checkpoint and the learned file before returning. A
+    run whose learned values become NaN stops with one line (TrainingError), saving nothing."""
+    from inversion.textual_inversion import TrainingError
     try:
         trainer.run(**callbacks)
         return True
+    except TrainingError as e:
+        raise CLIError(str(e)) from None
     except KeyboardInterrupt:
         print(f"\ninterrupted at step {trainer.step}: saved {learned_file} and {trainer.checkpoint_path} "
               "(continue with --resume)", file=sys.stderr)

@@ -215,4 +215,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, prog="sample.py"))
+    sys.exit(run(main, prog="sample.py", memory_advice="try a smaller --batch-size, --height or --width"))

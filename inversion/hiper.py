@@ -253,5 +253,6 @@ class HiPer:
     save_checkpoint = TextualInversion.save_checkpoint
     resume = TextualInversion.resume
     write_loss_log = TextualInversion.write_loss_log
+    check_finite = TextualInversion.check_finite
     run = TextualInversion.run
     progress_label = "hiper"

@@ -469,6 +469,7 @@ class NeTI:
     save_checkpoint = TextualInversion.save_checkpoint
     resume = TextualInversion.resume
     write_loss_log = TextualInversion.write_loss_log
+    check_finite = TextualInversion.check_finite
     run = TextualInversion.run
 
     def conditioning(self, prompts: Sequence[str], truncation: Optional[int] = None) -> SpaceTimeConditioning:

@@ -252,6 +252,14 @@ class TextualInversion:
         atomic_write(self.out / "loss.csv", write)
 
     # ------------------------------------------------------------------ loop
+    def check_finite(self) -> None:
+        """Stop, before anything is saved, if a step has made the learned numbers NaN or infinite
+        (a learning rate far too large): the last checkpoint keeps the last good ones."""
+        for p in self.optimizer.params:
+            if not torch.isfinite(p).all():
+                raise TrainingError(f"step {self.step} made the learned values NaN or infinite (learning rate "
+                                    f"{self.optimizer.lr:g}); nothing of it was saved: lower --lr and start again")
+
     def run(self, on_save: Callable[["TextualInversion"], None] = lambda t: None,
             on_sample: Callable[["TextualInversion"], None] = lambda t: None, progress: bool = True) -> None:
         """Train until cfg.steps; checkpoint and call `on_save` every save_every steps and at the
@@ -263,6 +271,7 @@ class TextualInversion:
         try:
             while self.step < cfg.steps:
                 loss = self.train_step()
+                self.check_finite()
                 if loss is not None:
                     self.losses.append((self.step, loss))
                     bar.set_postfix(loss=f"{loss:.4f}")
@@ -278,5 +287,8 @@ class TextualInversion:
             self.save_checkpoint()
             self.write_loss_log()
             on_save(self)
+            raise
+        except Exception:
+            bar.close()  # so that the error's line starts a line of its own
             raise
         bar.close()

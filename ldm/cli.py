@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -92,6 +93,8 @@ def check_writable(out: Path) -> None:
     """--out must be a folder, or a path where one can be made (checked before any work)."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: is a file, not a folder")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out}: is a folder this user cannot write to; choose another --out")
     parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise CLIError(f"--out {out}: cannot make a folder there ({parent} is not a writable folder)")
@@ -140,9 +143,18 @@ def out_of_memory(error: BaseException) -> bool:
 
 
 def memory_hint(error: BaseException) -> str:
-    """The first line of an out-of-memory error, shortened."""
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text[:100]
+    """What an out-of-memory error says about the allocation that failed, in a few words:
+    'could not allocate 12.0 GiB' (the CPU allocator's message gives bytes), or the first
+    sentence of the GPU's ('CUDA out of memory. Tried to allocate 20.00 MiB')."""
+    text = str(error).strip()
+    found = re.search(r"tried to allocate (\d+) bytes", text)
+    if found:
+        return f"could not allocate {int(found.group(1)) / 2 ** 30:.1f} GiB"
+    found = re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", text)
+    if found:
+        return found.group(0)
+    first = (text.splitlines() or [type(error).__name__])[0]
+    return first if len(first) <= 100 else first[:100].rsplit(" ", 1)[0] + " ..."
 
 
 def os_error_line(error: OSError) -> str:
@@ -158,21 +170,25 @@ def stop_like_ctrl_c(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(main, argv=None, prog: str = "") -> int:
-    """Call main(argv); turn expected failures into one line on stderr and a non-zero status.
-    While it runs, SIGTERM is handled as Ctrl-C."""
+MEMORY_ADVICE = "try a smaller --batch or --resolution"
+
+
+def run(main, argv=None, prog: str = "", memory_advice: str = MEMORY_ADVICE) -> int:
+    """Call main(argv); turn expected failures into one line on stderr and a non-zero status
+    (out of memory: the allocation that failed, then `memory_advice`, which names the tool's
+    own options). While it runs, SIGTERM is handled as Ctrl-C."""
     try:
         previous = signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     except ValueError:  # not the main thread: signals stay as they are
         previous = None
     try:
-        return _run(main, argv, prog)
+        return _run(main, argv, prog, memory_advice)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _run(main, argv, prog: str) -> int:
+def _run(main, argv, prog: str, memory_advice: str) -> int:
     from ldm.load import LoadError
     try:
         check_text(sys.argv[1:] if argv is None else argv)
@@ -183,8 +199,7 @@ def _run(main, argv, prog: str) -> int:
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not out_of_memory(e):
             raise
-        print(f"{prog}: error: out of memory ({memory_hint(e)}); try a smaller --batch, resolution or image size",
-              file=sys.stderr)
+        print(f"{prog}: error: out of memory ({memory_hint(e)}); {memory_advice}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

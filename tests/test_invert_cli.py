@@ -353,3 +353,15 @@ def test_ctrl_c_in_each_method_names_what_it_saved_and_resume_finishes(ckpt, ima
     monkeypatch.undo()
     rc, cap = call(argv + ["--resume"], capsys)
     assert rc == 0 and "resuming at step 2" in cap.out, cap.err
+
+
+@pytest.mark.parametrize("method", ["ti", "neti", "hiper"])
+def test_a_learning_rate_that_makes_the_values_nan_stops_in_one_line_and_saves_nothing(ckpt, images, tmp_path,
+                                                                                       capsys, method):
+    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
+            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+    rc, cap = call(["--method", method, "--ckpt", str(ckpt), *data, "--steps", "2", "--batch", "1",
+                    "--lr", "1e308", "--out", str(tmp_path)], capsys)
+    err = cap.err.strip().splitlines()
+    assert rc == 2 and "made the learned values NaN or infinite" in err[-1] and "lower --lr" in err[-1], cap.err
+    assert not any(p.suffix in (".safetensors", ".pt") for p in tmp_path.iterdir())
