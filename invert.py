@@ -19,7 +19,7 @@ import torch
 
 from inversion.precision import training_dtype
 from ldm.cli import (CLIError, Parser, check_writable, flags, nonnegative_float, nonnegative_int,
-                     pick_device, positive_float, positive_int, run, seed_int)
+                     path_arg, pick_device, positive_float, positive_int, run, seed_int, word_arg)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -36,7 +36,7 @@ def build_parser() -> Parser:
     p.add_argument("--method", choices=["ti", *METHOD_MODULES], default="ti",
                    help="ti: Textual Inversion" + "".join(f"; {k}: see its options below" for k in METHOD_MODULES))
     data = p.add_argument_group("data")
-    data.add_argument("--images", type=Path, default=None,
+    data.add_argument("--images", type=path_arg, default=None,
                       help="folder of 3-5 images of the concept (default: a held-out concept of the tiny world)")
     data.add_argument("--concept", default="ring",
                       help="without --images: which tiny-world concept to learn (ring, hourglass, checkered)")
@@ -47,8 +47,8 @@ def build_parser() -> Parser:
     data.add_argument("--no-flip", action="store_true", help="turn off the random horizontal flip")
 
     word = p.add_argument_group("the new word")
-    word.add_argument("--placeholder", default=None, help="the new token, e.g. '<cat-toy>' (default: <concept>)")
-    word.add_argument("--init-word", default=None,
+    word.add_argument("--placeholder", type=word_arg, default=None, help="the new token, e.g. '<cat-toy>' (default: <concept>)")
+    word.add_argument("--init-word", type=word_arg, default=None,
                       help="a one-token word the embedding starts from, e.g. 'toy' (default: object/pattern)")
     word.add_argument("--property", choices=("object", "style"), default=None,
                       help="object: 'a photo of a <x>' templates; style: 'a painting in the style of <x>'")
@@ -72,9 +72,9 @@ def build_parser() -> Parser:
                      help="seeds the training noise (and, without --images, the rendered tiny-world images)")
 
     run_ = p.add_argument_group("model and outputs")
-    run_.add_argument("--ckpt", type=Path, default=None,
+    run_.add_argument("--ckpt", type=path_arg, default=None,
                       help=f"SD v1.x weights (default: {DEFAULT_CKPT.relative_to(ROOT)})")
-    run_.add_argument("--out", type=Path, default=Path("outputs") / "inversion", help="output folder")
+    run_.add_argument("--out", type=path_arg, default=Path("outputs") / "inversion", help="output folder")
     run_.add_argument("--save-every", type=positive_int, default=None, help="checkpoint and embedding files every N steps")
     run_.add_argument("--sample-every", type=nonnegative_int, default=0, help="validation grid every N steps (0 = at the end)")
     run_.add_argument("--validation-prompt", action="append", default=[], metavar="TEXT",

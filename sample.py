@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ldm.cli import (CLIError, Parser, check_writable, nonnegative_float, pick_device, pick_dtype, positive_int,
-                     run, seed_int)
+                     path_arg, run, seed_int)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -28,7 +28,7 @@ def build_parser() -> Parser:
     p = Parser(prog="sample.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--prompt", required=True, help="what to draw; learned words (e.g. <cat-toy>) need --embedding")
     p.add_argument("--negative", default="", help="negative prompt: the unconditional half of guidance")
-    p.add_argument("--ckpt", type=Path, default=None,
+    p.add_argument("--ckpt", type=path_arg, default=None,
                    help=f"SD v1.x weights: a CompVis .safetensors/.ckpt file or a diffusers folder "
                         f"(default: {DEFAULT_CKPT.relative_to(ROOT)})")
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (U-Net evaluations)")
@@ -42,19 +42,19 @@ def build_parser() -> Parser:
     p.add_argument("--eta", type=nonnegative_float, default=0.0, help="DDIM noise (0 = deterministic)")
     p.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's)")
     p.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's)")
-    p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs and the grid")
+    p.add_argument("--out", type=path_arg, default=Path("outputs"), help="folder for the PNGs and the grid")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="weights dtype; auto = fp16 on CUDA, fp32 elsewhere")
     p.add_argument("--ema", action="store_true", help="use the EMA U-Net of a full (non-emaonly) checkpoint")
-    p.add_argument("--embedding", type=Path, action="append", default=[], metavar="FILE",
+    p.add_argument("--embedding", type=path_arg, action="append", default=[], metavar="FILE",
                    help="a learned word (ours, diffusers, sd-concepts-library or AUTOMATIC1111 file); repeatable")
-    p.add_argument("--hiper", type=Path, default=None, metavar="FILE",
+    p.add_argument("--hiper", type=path_arg, default=None, metavar="FILE",
                    help="a HiPer tail (invert.py --method hiper): --prompt is the target text, the tail keeps "
                         "the source image's subject")
     p.add_argument("--alpha", type=nonnegative_float, default=0.8,
                    help="with --hiper: the weight α of the tail (the paper's value)")
-    p.add_argument("--neti", type=Path, default=None, metavar="FILE",
+    p.add_argument("--neti", type=path_arg, default=None, metavar="FILE",
                    help="a NeTI mapper (invert.py --method neti); write its placeholder in --prompt")
     p.add_argument("--truncation", type=positive_int, default=None, metavar="K",
                    help="with --neti: keep the mapper's first K hidden units (smaller: more editable, less faithful)")

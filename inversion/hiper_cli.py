@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import CLIError, flags, positive_int
+from ldm.cli import CLIError, flags, path_arg, positive_int
 
 # SD: the paper's recipe (HiPer0/HiPer script.sh: Adam, lr 5e-3, batch 1; tails used at step 1000).
 SD_DEFAULTS = dict(steps=1000, batch=1, lr=5e-3, save_every=100)
@@ -39,7 +39,7 @@ def add_arguments(parser) -> set:
         "HiPer (--method hiper)",
         f"one image and a prompt describing it; also uses {flags(SHARED_OPTIONS)} (SD defaults: 1000 steps, "
         "lr 5e-3, batch 1; tiny model: 300 steps, lr 5e-3, batch 4)")
-    own = [g.add_argument("--image", type=Path, default=None, metavar="IMG",
+    own = [g.add_argument("--image", type=path_arg, default=None, metavar="IMG",
                           help="the source image (default on the tiny model: a rendered tiny-world object)"),
            g.add_argument("--source", default=None, metavar="TEXT",
                           help="the source prompt describing --image, e.g. 'a standing dog'"),

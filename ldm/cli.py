@@ -89,6 +89,22 @@ nonnegative_float = checked_number(float, "a number", lambda v: 0 <= v < float("
 seed_int = checked_number(int, "a whole number", lambda v: 0 <= v < 2 ** 63, "between 0 and 2**63 - 1")
 
 
+def path_arg(text: str) -> Path:
+    """An argparse type for a file or folder: empty text is refused (Path("") would quietly be
+    the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a file or folder")
+    return Path(text)
+
+
+def word_arg(text: str) -> str:
+    """An argparse type for a word or a prompt that must not be empty (empty would quietly
+    mean the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return text
+
+
 def check_writable(out: Path) -> None:
     """--out must be a folder, or a path where one can be made (checked before any work)."""
     if out.exists() and not out.is_dir():

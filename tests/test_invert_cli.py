@@ -365,3 +365,13 @@ def test_a_learning_rate_that_makes_the_values_nan_stops_in_one_line_and_saves_n
     err = cap.err.strip().splitlines()
     assert rc == 2 and "made the learned values NaN or infinite" in err[-1] and "lower --lr" in err[-1], cap.err
     assert not any(p.suffix in (".safetensors", ".pt") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("option", ["--out", "--placeholder", "--init-word", "--ckpt", "--images"])
+def test_an_empty_value_is_refused_not_taken_as_the_default_or_the_current_folder(tmp_path, capsys, monkeypatch,
+                                                                                  option):
+    monkeypatch.chdir(tmp_path)
+    rc, cap = call([f"{option}=", "--steps", "1"], capsys)
+    assert rc == 2 and cap.err.strip().splitlines() == [
+        f"invert.py: error: argument {option}: is empty{'; give a file or folder' * (option in ('--out', '--ckpt', '--images'))} (see --help)"]
+    assert list(tmp_path.iterdir()) == []
