@@ -33,7 +33,7 @@ import torch
 
 from inversion.hook import sub_tokens
 from ldm.load import (TRAINING_CHECKPOINT_HINT, TRAINING_CHECKPOINT_KEYS, LoadError, atomic_write, file_hash,
-                      load_error_reason, unsafe_pickle)
+                      read_failure, unsafe_pickle)
 
 PathLike = Union[str, Path]
 
@@ -149,7 +149,7 @@ def _read(path: Path) -> Tuple[object, Dict[str, str]]:
         except EmbeddingError:
             raise
         except Exception as e:
-            raise EmbeddingError(f"{path}: cannot be read as safetensors ({load_error_reason(e)}); "
+            raise EmbeddingError(f"{path}: cannot be read as safetensors ({read_failure(path, e)}); "
                                  f"the file ({path.stat().st_size:,} bytes) may be truncated") from None
     if path.suffix in PICKLE_SUFFIXES:
         try:
@@ -162,7 +162,7 @@ def _read(path: Path) -> Tuple[object, Dict[str, str]]:
             if name:
                 raise EmbeddingError(f"{path}: refuses to load safely (it pickles {name}, which could "
                                      "run code); convert it to .safetensors with a tool you trust") from None
-            raise EmbeddingError(f"{path}: cannot be read as a PyTorch file ({load_error_reason(e)}); "
+            raise EmbeddingError(f"{path}: cannot be read as a PyTorch file ({read_failure(path, e)}); "
                                  f"the file ({path.stat().st_size:,} bytes) may be truncated or corrupt") from None
     raise EmbeddingError(f"{path}: unknown embedding format '{path.suffix}'; expected .safetensors, .pt or .bin")
 

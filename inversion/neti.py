@@ -52,7 +52,7 @@ from inversion.adam import AdamW
 from inversion.data import image_digest, resume_mismatch
 from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images, noisy_latents
 from inversion.precision import autocast
-from ldm.load import LoadError, atomic_write, load_error_reason
+from ldm.load import LoadError, atomic_write, load_error_reason, read_failure
 
 Layers = List[torch.Tensor]  # one (B, 77, D) text encoding per cross-attention layer
 
@@ -281,7 +281,7 @@ def load_mapper(path: Union[str, Path], model=None, device="cpu") -> Tuple[NeTIM
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()} if CONFIG_KEY in meta else {}
     except Exception as e:
-        raise NeTIError(f"{path}: cannot be read as a NeTI mapper (.safetensors): {load_error_reason(e)}") from None
+        raise NeTIError(f"{path}: cannot be read as a NeTI mapper (.safetensors): {read_failure(Path(path), e)}") from None
     if CONFIG_KEY not in meta or "placeholder" not in meta:
         where = "a HiPer tail goes to --hiper" if meta.get("method") == "hiper" \
             else "a Textual Inversion embedding goes to --embedding"

@@ -16,9 +16,11 @@ tensor is cast and assigned in turn, so the peak memory stays near one model.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -99,7 +101,29 @@ def load_error_reason(error: BaseException) -> str:
     if lines and lines[0].startswith("Weights only load failed"):
         after = [l for l in lines[1:] if not l.startswith(("Please file", "Check the documentation"))]
         return (after[0] if after else "the unpickler refused it")[:120]
-    return (lines[0] if lines else type(error).__name__)[:160]
+    first = lines[0] if lines else type(error).__name__
+    if len(first) <= 160:
+        return first
+    sentence = first[:160].rsplit(". ", 1)[0]  # whole sentences, or whole words, not half a word
+    return sentence + "." if len(sentence) < 160 else first[:160].rsplit(" ", 1)[0] + " ..."
+
+
+def read_failure(path: Path, error: BaseException) -> str:
+    """Why `path` could not be read: that it is not the format its name says, when its first
+    bytes show it (a text file renamed .ckpt, a download's error page), else the error's line."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return load_error_reason(error)
+    if path.suffix == ".safetensors" and len(head) == 9:
+        header = int.from_bytes(head[:8], "little")
+        if header + 8 > size or head[8:9] != b"{":
+            return "it is not a safetensors file: it does not start with a safetensors header"
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin") and head and not head.startswith((b"PK\x03\x04", b"\x80")):
+        return "it is not a PyTorch file: neither a zip archive nor a pickle"
+    return load_error_reason(error)
 
 
 def _read_pickle(path: Path) -> Tuple[dict, Dict[str, str]]:
@@ -114,7 +138,7 @@ def _read_pickle(path: Path) -> Tuple[dict, Dict[str, str]]:
         if name:
             raise LoadError(f"{path}: refuses to load safely (it pickles {name}, which could run code); "
                             "convert it to .safetensors with a tool you trust") from None
-        raise LoadError(f"{path}: cannot be read as a PyTorch checkpoint ({load_error_reason(e)}); "
+        raise LoadError(f"{path}: cannot be read as a PyTorch checkpoint ({read_failure(path, e)}); "
                         "the file may be truncated or corrupt — download it again") from None
     metadata = {}
     if isinstance(obj, dict) and isinstance(obj.get(CONFIG_METADATA_KEY), str):
@@ -137,7 +161,7 @@ def read_tensors(path: Path, skip: Tuple[str, ...] = ()) -> Tuple[Dict[str, torc
                 metadata = f.metadata() or {}
                 return {k: f.get_tensor(k) for k in f.keys() if not (skip and k.startswith(skip))}, metadata
         except Exception as e:
-            raise LoadError(f"{path}: cannot be read as safetensors ({str(e).splitlines()[0][:120]}); "
+            raise LoadError(f"{path}: cannot be read as safetensors ({read_failure(path, e)}); "
                             f"the file ({path.stat().st_size:,} bytes) may be truncated — download it again") from None
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         return _read_pickle(path)
@@ -363,6 +387,19 @@ def file_hash(path) -> str:
     return h.hexdigest()[:16]
 
 
+def write_error(error: BaseException, path: Path) -> Optional[OSError]:
+    """The OSError to report for a failed write of `path`, naming `path` (not the temporary
+    file): OSErrors, and what torch.save (RuntimeError) and safetensors raise when the disk
+    fills up. None for anything else (Ctrl-C, a bug), which is raised as it is."""
+    if isinstance(error, OSError):
+        return OSError(error.errno, error.strerror or str(error), str(path))
+    if isinstance(error, RuntimeError) or type(error).__name__ == "SafetensorError":
+        full = shutil.disk_usage(path.parent).free < 2 ** 20
+        reason = "No space left on device" if full else f"could not be written ({load_error_reason(error)})"
+        return OSError(errno.ENOSPC if full else errno.EIO, reason, str(path))
+    return None
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -374,10 +411,10 @@ def atomic_write(path: Path, write) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        raise write_error(e, path) or e
 
 
 def _cast(sd: Dict[str, torch.Tensor], dtype) -> Dict[str, torch.Tensor]:

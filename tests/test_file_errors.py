@@ -1,0 +1,47 @@
+"""What the tools say when a file cannot be read or written: the file's own name, and the
+reason in words a user can act on."""
+import pytest
+
+from ldm.load import atomic_write, load_error_reason, read_failure
+
+
+def test_a_text_file_named_as_a_checkpoint_is_said_to_be_no_such_file(tmp_path):
+    for name, expected in (("x.ckpt", "not a PyTorch file"), ("x.pt", "not a PyTorch file"),
+                           ("x.safetensors", "not a safetensors file")):
+        path = tmp_path / name
+        path.write_text("<html>not found</html>\n" * 20)
+        assert expected in read_failure(path, KeyError("101"))
+    good = tmp_path / "zip.ckpt"
+    good.write_bytes(b"PK\x03\x04" + bytes(100))  # a zip archive's start: the error's own words are kept
+    assert read_failure(good, RuntimeError("bad zip")) == "bad zip"
+
+
+def test_a_long_reason_ends_at_a_sentence_or_a_word():
+    long = "The file is damaged. " + "If you are seeing this error, there is a high chance " * 5
+    assert load_error_reason(RuntimeError(long)) == "The file is damaged."
+    words = load_error_reason(RuntimeError("word " * 60))
+    assert words.endswith(" ...") and len(words) <= 165 and "wor ..." not in words
+
+
+def test_a_failed_write_names_the_file_and_leaves_nothing(tmp_path):
+    target = tmp_path / "learned.safetensors"
+
+    def fails(tmp):
+        open(tmp, "wb").write(b"half")
+        raise RuntimeError("basic_ios::clear: iostream error")   # what torch.save raises on a full disk
+
+    with pytest.raises(OSError) as e:
+        atomic_write(target, fails)
+    assert e.value.filename == str(target) and "could not be written" in e.value.strerror
+    assert list(tmp_path.iterdir()) == []
+    folder = tmp_path / "grid.png"
+    folder.mkdir()
+    with pytest.raises(OSError) as e:
+        atomic_write(folder, lambda tmp: open(tmp, "wb").write(b"png"))
+    assert e.value.filename == str(folder) and [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+
+
+def test_a_bug_in_the_writer_is_raised_as_it_is(tmp_path):
+    with pytest.raises(ValueError):
+        atomic_write(tmp_path / "x", lambda tmp: (_ for _ in ()).throw(ValueError("a bug")))
+    assert list(tmp_path.iterdir()) == []
