@@ -240,7 +240,12 @@ class TextualInversion:
                             "again, or choose another --out") from None
         if not isinstance(state, dict) or "config" not in state:
             raise LoadError(f"{self.checkpoint_path} is not a checkpoint of this tool; delete it or choose another --out")
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, IndexError, TypeError, RuntimeError) as e:  # a key missing, a tensor of another shape
+            what = f"no {e.args[0]!r}" if isinstance(e, KeyError) else load_error_reason(e)
+            raise LoadError(f"{self.checkpoint_path} is an incomplete or altered checkpoint ({what}); delete it to "
+                            "start again, or choose another --out") from None
         return True
 
     def write_loss_log(self) -> None:

@@ -375,3 +375,24 @@ def test_an_empty_value_is_refused_not_taken_as_the_default_or_the_current_folde
     assert rc == 2 and cap.err.strip().splitlines() == [
         f"invert.py: error: argument {option}: is empty{'; give a file or folder' * (option in ('--out', '--ckpt', '--images'))} (see --help)"]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["ti", "neti", "hiper"])
+@pytest.mark.parametrize("alter", ["no optimizer", "wrong shape"])
+def test_an_altered_checkpoint_on_resume_is_one_line(ckpt, images, tmp_path, capsys, method, alter):
+    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
+            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+    base = ["--method", method, "--ckpt", str(ckpt), *data, "--batch", "1", "--steps", "1", "--out", str(tmp_path)]
+    assert call(base, capsys)[0] == 0
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    if alter == "no optimizer":
+        del state["optimizer"]
+    else:
+        learned = next(k for k in ("vectors", "mapper", "tail") if k in state)
+        state[learned] = ([torch.zeros(7, 3)] if learned == "vectors" else
+                          {k: torch.zeros(3) for k in state[learned]} if learned == "mapper" else torch.zeros(7, 3))
+    torch.save(state, path)
+    rc, cap = call(base[:-4] + ["--steps", "2", "--resume", "--out", str(tmp_path)], capsys)
+    lines = cap.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "is an incomplete or altered checkpoint" in lines[0], cap.err
