@@ -258,7 +258,7 @@ def main(argv=None) -> int:
                    save_every=args.save_every or defaults["save_every"], sample_every=args.sample_every)
     try:  # the words, before any file is written
         check_words(model, cfg)
-        grid_prompts = validation_prompts(placeholder, prop, args.validation_prompt)
+        grid_prompts = validation_prompts(placeholder, prop, args.validation_prompt, model.tokenizer)
     except (TrainingError, DataError) as e:
         raise CLIError(str(e)) from None
     images = training_images(args, model)

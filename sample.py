@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import (CLIError, Parser, check_writable, nonnegative_float, pick_device, pick_dtype, positive_int,
+from ldm.cli import (CLIError, Parser, check_writable, checked_number, nonnegative_float, pick_device, pick_dtype, positive_int,
                      path_arg, run, seed_int)
 
 ROOT = Path(__file__).resolve().parent
@@ -26,7 +26,7 @@ DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
 
 def build_parser() -> Parser:
     p = Parser(prog="sample.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--prompt", required=True, help="what to draw; learned words (e.g. <cat-toy>) need --embedding")
+    p.add_argument("--prompt", required=True, help="what to draw; learned words (e.g. <cat-toy>) need the --embedding or --neti file that defines them")
     p.add_argument("--negative", default="", help="negative prompt: the unconditional half of guidance")
     p.add_argument("--ckpt", type=path_arg, default=None,
                    help=f"SD v1.x weights: a CompVis .safetensors/.ckpt file or a diffusers folder "
@@ -39,7 +39,8 @@ def build_parser() -> Parser:
     p.add_argument("--batch-size", type=positive_int, default=4, help="images per U-Net batch")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
                    help="ddim: deterministic, few steps; ddpm: ancestral, stochastic")
-    p.add_argument("--eta", type=nonnegative_float, default=0.0, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--eta", type=checked_number(float, "a number", lambda v: 0 <= v <= 1, "between 0 and 1"),
+                   default=0.0, help="DDIM noise, 0 to 1 (0 = deterministic, 1 = as much as DDPM's)")
     p.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's)")
     p.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's)")
     p.add_argument("--out", type=path_arg, default=Path("outputs"), help="folder for the PNGs and the grid")
@@ -108,6 +109,9 @@ def main(argv=None) -> int:
         raise CLIError("use --neti or --hiper, not both")
     if args.eta and args.sampler != "ddim":
         raise CLIError(f"--eta is DDIM's noise; --sampler {args.sampler} does not take it")
+    if args.seed + args.n - 1 >= 2 ** 63:
+        raise CLIError(f"--seed {args.seed} with --n {args.n}: image i uses seed + i, and the last would pass "
+                       "2**63 - 1; give a smaller --seed")
     check_writable(args.out)
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
@@ -160,7 +164,16 @@ def main(argv=None) -> int:
         if n > model.tokenizer.context_length:
             print(f"warning: {flag} is {n} tokens; the text encoder reads the first {model.tokenizer.context_length} "
                   "(with the start and end tokens), the rest is ignored", file=sys.stderr)
+    if args.negative and args.scale == 1:
+        print("warning: --negative has no effect at --scale 1, which turns guidance off", file=sys.stderr)
+    if args.scale == 0:
+        print("warning: --scale 0 draws without the prompt (the unconditional model); guidance is usually 3 to 12",
+              file=sys.stderr)
     learned_words = (list(words) if args.embedding else []) + ([neti_word] if neti_word else [])
+    from inversion.data import words_cut_off
+    for word in words_cut_off(model.tokenizer, prompt, learned_words):
+        print(f"warning: the learned word {word!r} comes after the text encoder's {model.tokenizer.context_length} "
+              "tokens and is cut off: it does nothing; shorten the prompt", file=sys.stderr)
     for word in learned_words:
         if word not in args.prompt and word not in args.negative:
             print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)
@@ -210,7 +223,7 @@ def main(argv=None) -> int:
              png_info(dict(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                            scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
                            model=ckpt_name, **extra)))
-    print(f"wrote {len(paths)} images and {grid_path}")
+    print(f"wrote {len(paths)} image{'s' * (len(paths) > 1)} and {grid_path}")
     return 0
 
 

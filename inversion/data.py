@@ -75,14 +75,32 @@ def templates(property: str) -> List[str]:
     return list(lists[property])
 
 
-def validation_prompts(placeholder: str, property: str, given: Sequence[str] = ()) -> List[str]:
+def validation_prompts(placeholder: str, property: str, given: Sequence[str] = (), tokenizer=None) -> List[str]:
     """The prompts of the validation grid: the given ones, each with the placeholder in it
     ("a <my-toy> on the beach"), or the first four training templates."""
     for prompt in given:
         if placeholder not in prompt:
             raise DataError(f"--validation-prompt {prompt!r} does not use the word {placeholder!r}; write it in "
                             f"the prompt, e.g. 'a {placeholder} on the beach'")
+    if tokenizer is not None:
+        for prompt in given:
+            if words_cut_off(tokenizer, prompt, [placeholder]):
+                raise DataError(f"--validation-prompt {prompt[:40]!r}...: the word {placeholder!r} comes after the "
+                                f"text encoder's {tokenizer.context_length} tokens and would be cut off; shorten it")
     return list(given) or [t.format(placeholder) for t in templates(property)[:4]]
+
+
+def words_cut_off(tokenizer, text: str, words: Sequence[str]) -> List[str]:
+    """The learned words that `text` uses only past the text encoder's 77 tokens (start and
+    end included), where they are cut off and do nothing."""
+    ids = tokenizer.encode(text)
+    kept = set(ids[: tokenizer.context_length - 1])
+    cut = []
+    for word in words:
+        word_ids = tokenizer.encode(word)[1:-1]
+        if word_ids and word_ids[0] in ids and word_ids[0] not in kept:
+            cut.append(word)
+    return cut
 
 
 def image_files(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Path]:

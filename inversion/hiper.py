@@ -66,8 +66,10 @@ def check_prompt(tokenizer, text: str, k: int, what: str = "source") -> None:
     """The prompt's tokens (start and end included) must all lie before the tail's K rows."""
     n = len(tokenizer.encode(text))
     if n > CONTEXT_LENGTH - k:
+        remedy = ("shorten the prompt or use a smaller --tail" if what == "source" else
+                  "shorten the prompt; the tail's length was fixed when it was learned")
         raise HiPerError(f"the {what} prompt is {n} tokens with start and end; with a tail of {k} at most "
-                         f"{CONTEXT_LENGTH - k} fit (shorten the prompt or use a smaller --tail)")
+                         f"{CONTEXT_LENGTH - k} fit ({remedy})")
 
 
 def encode(model, prompts: Union[str, List[str]], new_embeddings=None) -> torch.Tensor:

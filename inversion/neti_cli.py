@@ -83,7 +83,7 @@ def main(args) -> int:
     try:  # the words, before any file is written
         check_config(cfg)
         check_words(model, cfg)
-        grid_prompts = validation_prompts(placeholder, prop, args.validation_prompt)
+        grid_prompts = validation_prompts(placeholder, prop, args.validation_prompt, model.tokenizer)
     except (TrainingError, DataError) as e:
         raise CLIError(str(e)) from None
     images = training_images(args, model)

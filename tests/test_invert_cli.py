@@ -306,6 +306,8 @@ def test_validation_prompts_make_the_grid(ckpt, images, tmp_path, capsys, method
         "invert.py: error: --validation-prompt 'a dog' does not use the word '<toy>'; write it in the prompt, "
         "e.g. 'a <toy> on the beach'"]
     assert not (tmp_path / "bad").exists()
+    rc, cap = call(base + ["--out", str(tmp_path / "long"), "--validation-prompt", "red " * 80 + "<toy>"], capsys)
+    assert rc == 2 and "would be cut off" in cap.err and not (tmp_path / "long").exists()
 
 
 def test_a_run_does_not_import_the_compiler_stack(ckpt, images, tmp_path):

@@ -75,6 +75,9 @@ def test_ddpm_sampler_runs(ckpt, tmp_path):
     (["--seed", "-1"], "--seed"),
     (["--scale", "1e309"], "--scale"),
     (["--device", "mps"], "--device mps"),
+    (["--eta", "1.5"], "--eta: must be between 0 and 1"),            # its noise would pass the schedule's
+    (["--seed", str(2 ** 63 - 1), "--n", "2"], "give a smaller --seed"),  # image 2's seed could not be given back
+    (["--out="], "--out: is empty"),                                # would be the current folder
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(ckpt, tmp_path, args, message):
     argv = ["--prompt", "x", "--out", str(tmp_path / "o")]
@@ -187,3 +190,21 @@ def test_a_refused_run_prints_its_error_alone(ckpt, tmp_path, capsys):
                  prog="sample.py")
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and error in err[0], err
+
+
+def test_a_learned_word_past_the_77_tokens_and_guidance_that_ignores_input_are_warned(ckpt, tmp_path):
+    from safetensors.torch import save_file
+    word = tmp_path / "word.safetensors"
+    save_file({"<toy>": torch.randn(1, 32)}, word)
+    base = [sys.executable, "sample.py", "--ckpt", str(ckpt), "--n", "1", "--steps", "1", "--out", str(tmp_path / "o")]
+    proc = subprocess.run(base + ["--embedding", str(word), "--prompt", "red circle " * 40 + "<toy>"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "learned word '<toy>' comes after the text encoder's 77 tokens" in proc.stderr
+    proc = subprocess.run(base + ["--embedding", str(word), "--prompt", "a <toy> " + "red circle " * 40],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "comes after" not in proc.stderr  # the word is read; only the tail is cut
+    proc = subprocess.run(base + ["--prompt", "x", "--negative", "blue", "--scale", "1"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert "--negative has no effect at --scale 1" in proc.stderr and "wrote 1 image and" in proc.stdout
+    proc = subprocess.run(base + ["--prompt", "x", "--scale", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert "--scale 0 draws without the prompt" in proc.stderr
