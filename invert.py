@@ -14,12 +14,14 @@ import importlib
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from inversion.precision import training_dtype
 from ldm.cli import (CLIError, Parser, check_writable, flags, nonnegative_float, nonnegative_int,
-                     path_arg, pick_device, positive_float, positive_int, run, seed_int, word_arg)
+                     path_arg, pick_device, positive_float, positive_int, run, seed_int, shell_command,
+                     word_arg)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -114,8 +116,9 @@ def check_options_used(parser: Parser, args, argv) -> None:
         raise CLIError("--progressive-every adds vectors up to --num-vectors; give --num-vectors 2 or more")
 
 
-def tiny_world_images(concept: str, n: int, seed: int, out: Path) -> torch.Tensor:
-    """Render n images of a held-out concept, save them to out/ to look at, return (n, 3, 32, 32)."""
+def tiny_world_images(concept: str, n: int, seed: int, out: Optional[Path]) -> torch.Tensor:
+    """Render n images of a held-out concept, save them to out/ (if given) to look at, return
+    (n, 3, 32, 32)."""
     from PIL import Image
     from ldm.generate import save_png
     from tinyworld.world import concept_images
@@ -124,7 +127,7 @@ def tiny_world_images(concept: str, n: int, seed: int, out: Path) -> torch.Tenso
         images = concept_images(concept, n, seed=seed)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    for i, im in enumerate(images):
+    for i, im in enumerate(images if out is not None else []):
         save_png(Image.fromarray(im), out / f"{i:02d}.png", upscale=128 // im.shape[0])
     return to_tensor(images)
 
@@ -149,11 +152,13 @@ def the_word(args, tiny: bool):
 
 def training_images(args, model) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1]: the --images folder at the training resolution, or rendered
-    tiny-world images of --concept (saved to --out/train_images to look at)."""
+    tiny-world images of --concept (saved to --out/train_images to look at; a --resume leaves
+    the folder as its first run wrote it, since the checkpoint refuses other images)."""
     from inversion.data import DataError, load_images
     from ldm.generate import latent_shape
     if args.images is None:
-        images = tiny_world_images(args.concept, args.num_images, args.seed, args.out / "train_images")
+        images = tiny_world_images(args.concept, args.num_images, args.seed,
+                                   None if args.resume else args.out / "train_images")
     else:
         resolution = args.resolution or model.config.image_size
         try:
@@ -219,6 +224,9 @@ def train(trainer, learned_file: Path, **callbacks) -> bool:
     stops it: the trainer has written its checkpoint and the learned file before returning. A
     run whose learned values become NaN stops with one line (TrainingError), saving nothing."""
     from inversion.textual_inversion import TrainingError
+    if trainer.step >= trainer.cfg.steps:
+        raise CLIError(f"--resume: the run in {trainer.out} is at step {trainer.step} already; give --steps above "
+                       f"{trainer.step} to train it further")
     try:
         trainer.run(**callbacks)
         return True
@@ -247,12 +255,17 @@ def main(argv=None) -> int:
     ckpt, model, device = load_model(args)
     tiny = model.config.image_size <= 64
     defaults = TINY_DEFAULTS if tiny else SD_DEFAULTS
+    steps = args.steps or defaults["steps"]
+    if args.progressive_every and steps <= (args.num_vectors - 1) * args.progressive_every:
+        print(f"warning: --steps {steps} ends before the word has its {args.num_vectors} vectors (one more every "
+              f"{args.progressive_every} steps: all {args.num_vectors} from step "
+              f"{(args.num_vectors - 1) * args.progressive_every + 1}); the files will hold fewer", file=sys.stderr)
 
     tiny_concept = args.images is None
     placeholder, init_word, prop = the_word(args, tiny)
     cfg = TIConfig(placeholder=placeholder, init_word=init_word, learnable_property=prop, num_vectors=args.num_vectors,
-                   steps=args.steps or defaults["steps"], lr=args.lr or defaults["lr"],
-                   batch=args.batch or defaults["batch"], flip=not args.no_flip,
+                   steps=steps, lr=args.lr or defaults["lr"], batch=args.batch or defaults["batch"],
+                   flip=not args.no_flip,
                    progressive_every=args.progressive_every, reg_weight=args.reg_weight,
                    per_image_tokens=args.per_image_tokens, per_image_prob=args.per_image_prob, seed=args.seed,
                    save_every=args.save_every or defaults["save_every"], sample_every=args.sample_every)
@@ -290,8 +303,9 @@ def main(argv=None) -> int:
     sample_grid(trainer)
     print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {ours}, {a1111_pt.name}, "
           f"{a1111_st.name}, loss.csv and samples/")
-    print(f"sample with: python sample.py --embedding {ours} --prompt \"{templates(prop)[0].format(placeholder)}\""
-          + ("" if args.ckpt is None else f" --ckpt {args.ckpt}"))
+    ckpt_words = [] if args.ckpt is None else ["--ckpt", args.ckpt]
+    print("sample with: " + shell_command("python", "sample.py", "--embedding", ours, "--prompt",
+                                          templates(prop)[0].format(placeholder), *ckpt_words))
     if tiny_concept and not args.no_eval:
         report_tiny_scores(model, trainer, args.concept, placeholder)
     return 0

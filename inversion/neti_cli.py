@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import CLIError, flags, positive_int
+from ldm.cli import CLIError, flags, positive_int, shell_command
 
 # SD: NeTI's recipe (training/config.py of the authors' code): lr 1e-3 scaled by the images
 # per step, batch 2 with 4 accumulated micro-batches, 1000 steps, a checkpoint every 250.
@@ -115,8 +115,8 @@ def main(args) -> int:
     sample_grid(trainer)
     print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {mapper_path}, loss.csv and samples/")
     example = templates(prop)[0].format(placeholder)
-    print(f"sample with: python sample.py --neti {mapper_path} --prompt \"{example}\""
-          + ("" if args.ckpt is None else f" --ckpt {args.ckpt}"))
+    print("sample with: " + shell_command("python", "sample.py", "--neti", mapper_path, "--prompt", example,
+                                          *([] if args.ckpt is None else ["--ckpt", args.ckpt])))
     if tiny_concept and not args.no_eval:
         from tinyworld.concepts import scores_line
         t = time.time()

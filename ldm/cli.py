@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -87,6 +88,12 @@ nonnegative_int = checked_number(int, "a whole number", lambda v: v >= 0, ">= 0"
 positive_float = checked_number(float, "a number", lambda v: 0 < v < float("inf"), "a number > 0")
 nonnegative_float = checked_number(float, "a number", lambda v: 0 <= v < float("inf"), "a number >= 0")
 seed_int = checked_number(int, "a whole number", lambda v: 0 <= v < 2 ** 63, "between 0 and 2**63 - 1")
+
+
+def shell_command(*words) -> str:
+    """A command line to print for the user to paste: each word quoted where the shell needs it
+    (a path with a space, a placeholder with a '$' or a quote)."""
+    return shlex.join(str(w) for w in words)
 
 
 def path_arg(text: str) -> Path:

@@ -148,7 +148,7 @@ def test_invert_hiper_end_to_end_and_sample_py_reads_the_tail(ckpt, image_file, 
     assert meta["base_model_hash"] == base_model_hash(ckpt)
     assert (out / "checkpoint.pt").exists() and (out / "samples" / "reconstruction.png").exists()
     assert len((out / "loss.csv").read_text().splitlines()) == 4
-    assert f'edit with: python sample.py --hiper {out / "hiper_tail.safetensors"} --prompt "{SOURCE}" --ckpt {ckpt}' \
+    assert f"edit with: python sample.py --hiper {out / 'hiper_tail.safetensors'} --prompt '{SOURCE}' --ckpt {ckpt}" \
         in cap.out
 
     s = tmp_path / "s"

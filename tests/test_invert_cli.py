@@ -30,8 +30,9 @@ def test_training_writes_every_output_and_sample_py_reads_them(ckpt, images, tmp
                     "--steps", "4", "--batch", "2", "--save-every", "2", "--out", str(out)], capsys)
     assert rc == 0, cap.err
     assert "effective lr = 0.005 x batch 2 = 0.01" in cap.out
-    hint = f'sample with: python sample.py --embedding {out / "learned_embeds.safetensors"} --prompt "a photo of a <toy>"'
-    assert f"{hint} --ckpt {ckpt}" in cap.out.splitlines()
+    hint = (f"sample with: python sample.py --embedding {out / 'learned_embeds.safetensors'} "
+            f"--prompt 'a photo of a <toy>' --ckpt {ckpt}")  # quoted for the shell, ready to paste
+    assert hint in cap.out.splitlines()
     ours = load_file(out / "learned_embeds.safetensors")
     assert list(ours) == ["<toy>"] and ours["<toy>"].shape == (1, 32)
     # AUTOMATIC1111 calls a word by its file name, and 'toy' is already a word: toy-embedding.pt
@@ -398,3 +399,27 @@ def test_an_altered_checkpoint_on_resume_is_one_line(ckpt, images, tmp_path, cap
     rc, cap = call(base[:-4] + ["--steps", "2", "--resume", "--out", str(tmp_path)], capsys)
     lines = cap.err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "is an incomplete or altered checkpoint" in lines[0], cap.err
+
+
+def test_resume_of_a_finished_run_asks_for_more_steps_and_short_progressive_runs_are_warned(ckpt, images, tmp_path,
+                                                                                            capsys):
+    base = ["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>", "--init-word", "toy",
+            "--batch", "1", "--num-vectors", "3", "--progressive-every", "2", "--out", str(tmp_path / "my run $x")]
+    rc, cap = call(base + ["--steps", "3"], capsys)
+    assert rc == 0 and "warning: --steps 3 ends before the word has its 3 vectors" in cap.err
+    import shlex
+    hint = next(line for line in cap.out.splitlines() if line.startswith("sample with: "))
+    assert shlex.split(hint[len("sample with: "):])[3] == str(tmp_path / "my run $x" / "learned_embeds.safetensors")
+    rc, cap = call(base + ["--steps", "3", "--resume"], capsys)
+    assert rc == 2 and "is at step 3 already; give --steps above 3" in cap.err
+    rc, cap = call(base + ["--steps", "5", "--resume"], capsys)
+    assert rc == 0 and "resuming at step 3" in cap.out and "ends before" not in cap.err
+
+
+def test_a_refused_resume_leaves_the_rendered_training_images_as_they_were(ckpt, tmp_path, capsys):
+    base = ["--ckpt", str(ckpt), "--num-images", "2", "--batch", "1", "--no-eval", "--out", str(tmp_path)]
+    assert call(base + ["--steps", "1"], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "train_images").iterdir()}
+    rc, cap = call(base + ["--steps", "2", "--seed", "1", "--num-images", "3", "--resume"], capsys)
+    assert rc == 2 and "other images" in cap.err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "train_images").iterdir()} == before
