@@ -39,7 +39,8 @@ def build_parser() -> Parser:
                    help="ti: Textual Inversion" + "".join(f"; {k}: see its options below" for k in METHOD_MODULES))
     data = p.add_argument_group("data")
     data.add_argument("--images", type=path_arg, default=None,
-                      help="folder of 3-5 images of the concept (default: a held-out concept of the tiny world)")
+                      help="folder of 3-5 images of the concept, or one image file (default: a held-out concept of the "
+                           "tiny world)")
     data.add_argument("--concept", default="ring",
                       help="without --images: which tiny-world concept to learn (ring, hourglass, checkered)")
     data.add_argument("--num-images", type=positive_int, default=5, help="without --images: how many to render")
@@ -49,11 +50,13 @@ def build_parser() -> Parser:
     data.add_argument("--no-flip", action="store_true", help="turn off the random horizontal flip")
 
     word = p.add_argument_group("the new word")
-    word.add_argument("--placeholder", type=word_arg, default=None, help="the new token, e.g. '<cat-toy>' (default: <concept>)")
+    word.add_argument("--placeholder", type=word_arg, default=None,
+                      help="the new token, e.g. '<cat-toy>' (default: <concept>)")
     word.add_argument("--init-word", type=word_arg, default=None,
                       help="a one-token word the embedding starts from, e.g. 'toy' (default: object/pattern)")
     word.add_argument("--property", choices=("object", "style"), default=None,
-                      help="object: 'a photo of a <x>' templates; style: 'a painting in the style of <x>'")
+                      help="object: 'a photo of a <x>' templates; style: 'a painting in the style of <x>' (default: "
+                           "object; style for the tiny world's checkered)")
     word.add_argument("--num-vectors", type=positive_int, default=1,
                       help="vectors per word: the paper's extended latent")
     word.add_argument("--progressive-every", type=nonnegative_int, default=0,
@@ -77,7 +80,8 @@ def build_parser() -> Parser:
     run_.add_argument("--ckpt", type=path_arg, default=None,
                       help=f"SD v1.x weights (default: {DEFAULT_CKPT.relative_to(ROOT)})")
     run_.add_argument("--out", type=path_arg, default=Path("outputs") / "inversion", help="output folder")
-    run_.add_argument("--save-every", type=positive_int, default=None, help="checkpoint and embedding files every N steps")
+    run_.add_argument("--save-every", type=positive_int, default=None, help="checkpoint and learned files every N steps (default: ti 100 on the tiny model, 500 on SD; "
+                            "neti 100, 250; hiper 50, 100)")
     run_.add_argument("--sample-every", type=nonnegative_int, default=0, help="validation grid every N steps (0 = at the end)")
     run_.add_argument("--validation-prompt", action="append", default=[], metavar="TEXT",
                       help="a prompt of the validation grid, with the word in it, e.g. 'a <my-toy> on the beach'; "
