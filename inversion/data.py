@@ -103,14 +103,22 @@ def words_cut_off(tokenizer, text: str, words: Sequence[str]) -> List[str]:
     return cut
 
 
-def image_files(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Path]:
-    """A folder's images (by extension, sorted by name), or the given list of files."""
+def image_files(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]],
+                warn: Optional[Callable[[str], None]] = None) -> List[Path]:
+    """A folder's images (by extension, sorted by name), or the given list of files. What a
+    folder holds beside them (subfolders, which are not searched, other files) `warn` is told."""
     if isinstance(paths_or_dir, (str, Path)) and Path(paths_or_dir).is_dir():
         folder = Path(paths_or_dir)
-        files = sorted(p for p in folder.iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        others = [p.name + "/" * p.is_dir() for p in entries if p not in files]
         if not files:
-            raise DataError(f"no images found in {folder} (looked for {' '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(f"no images found in {folder} (looked for {' '.join(IMAGE_EXTENSIONS)}"
+                            + (", not in subfolders" if any(n.endswith("/") for n in others) else "") + ")")
+        if others and warn is not None:
+            warn(f"{folder}: skipped {len(others)} entr{'ies' if len(others) > 1 else 'y'} that "
+                 f"{'are' if len(others) > 1 else 'is'} not {' '.join(IMAGE_EXTENSIONS)} images "
+                 f"({', '.join(others[:3])}{', ...' * (len(others) > 3)}; subfolders are not searched)")
         return files
     files = [Path(paths_or_dir)] if isinstance(paths_or_dir, (str, Path)) else [Path(p) for p in paths_or_dir]
     if not files:
@@ -126,7 +134,10 @@ def to_rgb(image):
     from PIL import Image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         grey = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if grey.max() > 255 else 1.0
+        # 16-bit grey (PNG's only integer mode beyond 8 bits) spans 0..65535 whatever its content;
+        # for other 32-bit images, the range is guessed from the values
+        sixteen = image.mode.startswith("I;16") or image.format == "PNG"
+        scale = 255.0 / 65535.0 if sixteen or grey.max() > 255 else 1.0
         image = Image.fromarray(np.clip(grey * scale, 0, 255).round().astype(np.uint8), "L")
     if (image.mode == "P" and "transparency" in image.info) or image.mode in ("PA", "LA", "La", "RGBa"):
         image = image.convert("RGBA")
@@ -151,8 +162,9 @@ def resize_center_crop(image, resolution: int):
 def load_image(path: Union[str, Path], resolution: int,
                warn: Optional[Callable[[str], None]] = None) -> torch.Tensor:
     """One training image -> (3, R, R) float32 in [-1, 1]. An image whose short side is under
-    half of R is enlarged more than twice, into a blurry picture that the word would learn:
-    `warn` is told."""
+    half of R is enlarged more than twice, into a blurry picture that would be learned, and
+    one more than twice as long as wide (or high) loses most of itself to the centre crop:
+    `warn` is told of both."""
     from PIL import Image, ImageOps
     path = Path(path)
     if path.is_dir():
@@ -170,7 +182,11 @@ def load_image(path: Union[str, Path], resolution: int,
     side = min(image.size)
     if warn is not None and 2 * side < resolution:
         warn(f"{path.name} is {image.width}x{image.height} px: its centre square is enlarged {resolution / side:.1f}x "
-             f"to {resolution} px, so the word learns a blurry picture (images of {resolution} px or more work best)")
+             f"to {resolution} px, so what is learned is a blurry picture (images of {resolution} px or more "
+             "work best)")
+    if warn is not None and max(image.size) > 2 * side:
+        warn(f"{path.name} is {image.width}x{image.height} px: only its centre square is used, "
+             f"{1 - side / max(image.size):.0%} of it is cut off (crop it to the subject first)")
     array = np.asarray(resize_center_crop(image, resolution), dtype=np.float32)
     return torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
@@ -180,7 +196,7 @@ def load_images(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]], reso
     """A folder of images or a list of files -> (N, 3, R, R) float32 in [-1, 1]."""
     if resolution <= 0:
         raise DataError(f"resolution must be positive, got {resolution}")
-    return torch.stack([load_image(p, resolution, warn) for p in image_files(paths_or_dir)])
+    return torch.stack([load_image(p, resolution, warn) for p in image_files(paths_or_dir, warn)])
 
 
 def image_digest(images: torch.Tensor) -> str:

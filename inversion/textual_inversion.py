@@ -81,6 +81,10 @@ def check_words(model, cfg: TIConfig) -> torch.Tensor:
     if len(cfg.placeholder) > MAX_PLACEHOLDER:
         raise TrainingError(f"--placeholder is {len(cfg.placeholder)} characters; at most {MAX_PLACEHOLDER} "
                             "(it names the output files)")
+    inside = [t for t in templates(cfg.learnable_property) if cfg.placeholder.lower() in t.format("").lower()]
+    if inside:  # the tokenizer finds a new token anywhere in the text, inside other words too
+        raise TrainingError(f"--placeholder {cfg.placeholder!r} is part of the training prompt {inside[0]!r}, "
+                            "whose words it would replace; choose one such as '<my-toy>'")
     if cfg.num_vectors < 1:
         raise TrainingError("--num-vectors must be at least 1")
     # every prompt must hold all the vectors: 77 positions less start, end and the longest template's words

@@ -25,8 +25,26 @@ def test_an_image_enlarged_more_than_twice_is_warned_of(tmp_path):
     warnings = []
     images = load_images(tmp_path, 512, warn=warnings.append)
     assert images.shape == (2, 3, 512, 512)
-    assert warnings == ["small.png is 300x200 px: its centre square is enlarged 2.6x to 512 px, so the word "
-                        "learns a blurry picture (images of 512 px or more work best)"]
+    assert warnings == ["small.png is 300x200 px: its centre square is enlarged 2.6x to 512 px, so what is "
+                        "learned is a blurry picture (images of 512 px or more work best)"]
+
+
+def test_a_long_image_a_subfolder_and_other_files_are_warned_of(tmp_path):
+    Image.new("RGB", (1800, 600), RED).save(tmp_path / "wide.png")
+    Image.new("RGB", (600, 600), BLUE).save(tmp_path / "square.png")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "more").mkdir()
+    Image.new("RGB", (600, 600), BLUE).save(tmp_path / "more" / "inner.png")
+    warnings = []
+    assert load_images(tmp_path, 64, warn=warnings.append).shape == (2, 3, 64, 64)
+    assert warnings == [f"{tmp_path}: skipped 2 entries that are not .png .jpg .jpeg .webp .bmp images (more/, "
+                        "notes.txt; subfolders are not searched)",
+                        "wide.png is 1800x600 px: only its centre square is used, 67% of it is cut off (crop it to "
+                        "the subject first)"]
+    only_sub = tmp_path / "only"
+    (only_sub / "sub").mkdir(parents=True)
+    with pytest.raises(DataError, match="not in subfolders"):
+        load_images(only_sub, 64)
 
 
 def test_exif_rotated_jpeg_comes_out_upright(tmp_path):
@@ -171,3 +189,11 @@ def test_settings_difference_names_what_a_resume_would_change():
 def test_settings_difference_runs_no_code_from_a_checkpoint():
     for saved in ("__import__('os').system('false')", "{'lr': ", "[1, 2]", ""):
         assert settings_difference(saved, str({"lr": 0.005})) == "other settings"
+
+
+def test_a_dark_16_bit_grey_png_stays_dark(tmp_path):
+    from inversion.data import to_rgb
+    for value in (200, 51400):   # of 65535: near black, and bright
+        Image.fromarray(np.full((4, 4), value, np.uint16)).save(tmp_path / f"{value}.png")
+    with Image.open(tmp_path / "200.png") as dark, Image.open(tmp_path / "51400.png") as bright:
+        assert np.asarray(to_rgb(dark)).max() == 1 and np.asarray(to_rgb(bright)).min() == 200

@@ -90,6 +90,8 @@ def bad_cases(ckpt, images, tmp_path):
         (["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<a>", "--init-word", "gold fish tank"],
          "one token"),
         (["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "cat", "--init-word", "toy"], "already a word"),
+        (["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "hoto", "--init-word", "toy"],
+         "part of the training prompt 'a photo of a {}'"),     # would turn 'photo' into 'p' + the new word
         (["--ckpt", str(ckpt), "--images", str(images)], "--placeholder"),
         (["--ckpt", str(ckpt), "--init-word", "gold fish tank"], "one token"),   # tiny world: nothing rendered
         (common + ["--steps", "0"], "--steps"),
