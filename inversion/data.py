@@ -211,6 +211,15 @@ SWITCHED_OFF_BY = {"flip": "--no-flip", "bypass": "--no-bypass"}
 OTHER_PIXELS = {"images": "other images", "image": "another image"}
 
 
+def method_of(settings: dict) -> str:
+    """Which method wrote a checkpoint's settings, by a setting only it has ('' if none)."""
+    for key, method in (("tail", "HiPer (--method hiper)"), ("sigma_t", "NeTI (--method neti)"),
+                        ("num_vectors", "Textual Inversion (--method ti)")):
+        if key in settings:
+            return method
+    return ""
+
+
 def settings_difference(saved: str, now: str) -> str:
     """What differs between a checkpoint's settings and this run's, both `str(dict)` as the
     trainers' `settings()` write them: "--lr 0.005 in the checkpoint, 0.01 now; other images".
@@ -222,7 +231,7 @@ def settings_difference(saved: str, now: str) -> str:
     if not isinstance(old, dict) or not isinstance(new, dict):
         return "other settings"
     if len(old.keys() ^ new.keys()) > 3:
-        return "another method's settings"
+        return f"a {method_of(old)} run's settings" if method_of(old) else "another method's settings"
     shown = lambda d, key: repr(d[key]) if key in d else "unset"
     parts = []
     for key in sorted(old.keys() | new.keys()):

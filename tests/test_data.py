@@ -183,7 +183,10 @@ def test_settings_difference_names_what_a_resume_would_change():
     many = {f"setting_{i}": i for i in range(6)}
     assert settings_difference(str(many), str({k: v + 1 for k, v in many.items()})).endswith("; 3 more")
     other_method = str({"source": "a red circle", "tail": 5, "image": "ef56", "lr": 0.005})
-    assert settings_difference(saved, other_method) == "another method's settings"
+    assert settings_difference(saved, other_method) == "another method's settings"  # saved: no telling key
+    assert settings_difference(other_method, saved) == "a HiPer (--method hiper) run's settings"
+    neti = str({"sigma_t": 0.03, "sigma_l": 2.0, "nested_dropout": 0.5, "bypass": True, "lr": 0.001})
+    assert settings_difference(neti, other_method) == "a NeTI (--method neti) run's settings"
 
 
 def test_settings_difference_runs_no_code_from_a_checkpoint():
