@@ -6,7 +6,9 @@
     python sample.py --neti outputs/inversion/neti_mapper.safetensors --prompt "a <ring>" --truncation 32
     python sample.py --hiper outputs/inversion/hiper_tail.safetensors --prompt "a red circle on the right" --alpha 0.8
 
-Writes one PNG per image (prompt, seed and settings in its text metadata) and a grid.
+Writes one PNG per image, NNNNN-<seed>.png (prompt, seed and settings in its text metadata),
+numbered on from what --out already holds, and their grid, grid-NNNNN.png (NNNNN: the first image's
+number).
 """
 from __future__ import annotations
 
@@ -81,6 +83,13 @@ def unlearned_words(text: str, learned) -> list:
     """Words written like a learned word, '<cat-toy>', that no loaded file defines: the text
     encoder would read them as ordinary text, a likely mistake (a forgotten --embedding)."""
     return [w for w in dict.fromkeys(re.findall(r"<[^<>\s]+>", text)) if w not in learned]
+
+
+def next_number(folder: Path) -> int:
+    """The number of the next image in `folder`: one past the highest 'NNNNN-<seed>.png' there (0 in
+    a new folder), so that a second run into the same --out adds its images beside the first's."""
+    numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"(\d{5,})-", p.name))]
+    return max(numbers, default=-1) + 1
 
 
 def png_info(settings: dict):
@@ -196,6 +205,7 @@ def main(argv=None) -> int:
         extra.update(neti=args.neti.name, **({"truncation": args.truncation} if args.truncation else {}))
     images, paths = [], []
     seeds = [args.seed + i for i in range(args.n)]
+    first = next_number(args.out)
     bar = tqdm(total=args.n * args.steps, desc="sampling", unit="step", disable=None)
 
     def progress(steps):
@@ -209,21 +219,22 @@ def main(argv=None) -> int:
                          steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta,
                          height=height, width=width, new_embeddings=new_embeddings, cond=cond, progress=progress,
                          uncond=uncond, value_cond=value_cond, value_uncond=value_uncond)
-        for seed, image in zip(batch_seeds, to_pil(batch)):
+        for i, (seed, image) in enumerate(zip(batch_seeds, to_pil(batch)), start=first + start):
             settings = dict(prompt=args.prompt, negative_prompt=args.negative, seed=seed, steps=args.steps,
                             scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
                             model=ckpt_name, **extra)
-            path = args.out / f"{seed:06d}.png"
+            path = args.out / f"{i:05d}-{seed}.png"
             save_png(image, path, png_info(settings))
             images.append(image)
             paths.append(path)
     bar.close()
-    grid_path = args.out / "grid.png"
+    grid_path = args.out / f"grid-{first:05d}.png"  # the grid of the images from number `first` on
     save_png(make_grid(images), grid_path,
              png_info(dict(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                            scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
                            model=ckpt_name, **extra)))
-    print(f"wrote {len(paths)} image{'s' * (len(paths) > 1)} and {grid_path}")
+    names = paths[0].name + (f" to {paths[-1].name}" if len(paths) > 1 else "")
+    print(f"wrote {len(paths)} image{'s' * (len(paths) > 1)} ({names}) and {grid_path}")
     return 0
 
 

@@ -276,7 +276,7 @@ def test_sample_cli_with_two_embeddings(tmp_path, ckpt, capsys):
                       "--out", str(out), "--embedding", str(f1), "--embedding", str(f2),
                       "--prompt", "a <a> next to a <b>"])
     assert rc == 0 and "warning" not in capsys.readouterr().err
-    for name in ("000000.png", "000001.png", "grid.png"):
+    for name in ("00000-0.png", "00001-1.png", "grid-00000.png"):
         im = Image.open(out / name)
         assert im.text["embeddings"] == "a.safetensors, <b>.pt"
         assert im.text["prompt"] == "a <a> next to a <b>"

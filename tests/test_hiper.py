@@ -154,10 +154,10 @@ def test_invert_hiper_end_to_end_and_sample_py_reads_the_tail(ckpt, image_file, 
     s = tmp_path / "s"
     assert sample.main(["--ckpt", str(ckpt), "--hiper", str(out / "hiper_tail.safetensors"), "--prompt", TARGET,
                         "--n", "1", "--steps", "2", "--out", str(s)]) == 0
-    hiper = np.asarray(Image.open(s / "000000.png"))
-    assert Image.open(s / "000000.png").text["alpha"] == "0.8"
+    hiper = np.asarray(Image.open(s / "00000-0.png"))
+    assert Image.open(s / "00000-0.png").text["alpha"] == "0.8"
     sample.main(["--ckpt", str(ckpt), "--prompt", TARGET, "--n", "1", "--steps", "2", "--out", str(tmp_path / "p")])
-    assert not np.array_equal(hiper, np.asarray(Image.open(tmp_path / "p" / "000000.png")))  # the tail is used
+    assert not np.array_equal(hiper, np.asarray(Image.open(tmp_path / "p" / "00000-0.png")))  # the tail is used
 
 
 def test_tiny_world_demo_runs_without_an_image(ckpt, tmp_path, capsys):

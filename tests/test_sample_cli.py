@@ -22,13 +22,20 @@ def test_writes_pngs_with_metadata_and_a_grid(ckpt, tmp_path):
                       "--batch-size", "2", "--seed", "5", "--out", str(out)])
     assert rc == 0
     files = sorted(p.name for p in out.glob("*.png"))
-    assert files == ["000005.png", "000006.png", "000007.png", "grid.png"]
-    im = Image.open(out / "000006.png")
+    assert files == ["00000-5.png", "00001-6.png", "00002-7.png", "grid-00000.png"]
+    im = Image.open(out / "00001-6.png")
     assert im.size == (32, 32) and im.mode == "RGB"
     assert im.text["prompt"] == "a red circle" and im.text["seed"] == "6" and im.text["steps"] == "3"
     assert "Seed: 6" in im.text["parameters"]
-    assert Image.open(out / "grid.png").size == (64, 64)  # 3 images on a 2x2 grid
+    assert Image.open(out / "grid-00000.png").size == (64, 64)  # 3 images on a 2x2 grid
     assert not list(out.glob(".*tmp"))
+    first_run = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    rc = sample.main(["--prompt", "a blue square", "--ckpt", str(ckpt), "--steps", "2", "--n", "2", "--seed", "5",
+                      "--out", str(out)])  # a second run into the same folder adds, and overwrites nothing
+    assert rc == 0 and sorted(p.name for p in out.glob("*.png")) == sorted(
+        [*first_run, "00003-5.png", "00004-6.png", "grid-00003.png"])
+    assert all((out / name).read_bytes() == data for name, data in first_run.items())
+    assert Image.open(out / "00003-5.png").text["prompt"] == "a blue square"
 
 
 def batch_of_two_and_one(ckpt, out, device):
@@ -38,7 +45,7 @@ def batch_of_two_and_one(ckpt, out, device):
     sample.main(["--prompt", "a", "--ckpt", str(ckpt), "--steps", "2", "--n", "1", "--seed", "1",
                  "--device", device, "--out", str(out / "b")])
     read = lambda path: np.asarray(Image.open(path), dtype=np.int16)
-    return read(out / "a" / "000001.png"), read(out / "b" / "000001.png"), read(out / "a" / "000000.png")
+    return read(out / "a" / "00001-1.png"), read(out / "b" / "00000-1.png"), read(out / "a" / "00000-0.png")
 
 
 def test_same_seed_same_image_whatever_the_batch(ckpt, tmp_path):
@@ -59,7 +66,7 @@ def test_same_seed_same_image_on_the_default_device(ckpt, tmp_path):
 def test_ddpm_sampler_runs(ckpt, tmp_path):
     assert sample.main(["--prompt", "a", "--ckpt", str(ckpt), "--steps", "4", "--n", "1", "--sampler", "ddpm",
                         "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "000000.png").exists()
+    assert (tmp_path / "00000-0.png").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -119,7 +126,7 @@ def test_ema_samples_with_the_files_ema_unet(tmp_path):
         out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
         assert sample.main(["--prompt", "a", "--ckpt", str(ckpt), "--steps", "2", "--n", "1", "--out", str(out),
                             *flags]) == 0
-        return np.asarray(Image.open(out / "000000.png"))
+        return np.asarray(Image.open(out / "00000-0.png"))
 
     ema, plain = draw(full, "--ema"), draw(full)
     assert np.array_equal(ema, draw(mixed_file)) and not np.array_equal(ema, plain)
@@ -205,6 +212,6 @@ def test_a_learned_word_past_the_77_tokens_and_guidance_that_ignores_input_are_w
     assert proc.returncode == 0 and "comes after" not in proc.stderr  # the word is read; only the tail is cut
     proc = subprocess.run(base + ["--prompt", "x", "--negative", "blue", "--scale", "1"], cwd=ROOT,
                           capture_output=True, text=True)
-    assert "--negative has no effect at --scale 1" in proc.stderr and "wrote 1 image and" in proc.stdout
+    assert "--negative has no effect at --scale 1" in proc.stderr and "wrote 1 image (" in proc.stdout
     proc = subprocess.run(base + ["--prompt", "x", "--scale", "0"], cwd=ROOT, capture_output=True, text=True)
     assert "--scale 0 draws without the prompt" in proc.stderr
