@@ -275,6 +275,9 @@ def load_mapper(path: Union[str, Path], model=None, device="cpu") -> Tuple[NeTIM
         raise NeTIError(f"{path}: is a folder; give the file in it (neti_mapper.safetensors)")
     if not path.is_file():
         raise NeTIError(f"{path}: no such file")
+    if path.suffix.lower() in (".pt", ".ckpt", ".bin", ".pth"):  # invert.py writes mappers as .safetensors only
+        raise NeTIError(f"{path}: a NeTI mapper is a .safetensors file (neti_mapper.safetensors); a .pt or .bin "
+                        "learned word (Textual Inversion, AUTOMATIC1111) goes to --embedding")
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:

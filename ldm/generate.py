@@ -50,6 +50,10 @@ def generate(model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if len(prompts) != len(seeds):
         raise ValueError("give one seed per prompt")
+    if not all(0 <= int(s) < 2 ** 63 for s in seeds):
+        raise ValueError("seeds must be between 0 and 2**63 - 1")
+    if not (0 <= scale < float("inf")):  # also refuses nan, which would give black images
+        raise ValueError(f"scale must be a number >= 0, got {scale}")
     height = height or model.config.image_size
     width = width or model.config.image_size
     shape = latent_shape(model, height, width)

@@ -122,7 +122,7 @@ def bad_cases(ckpt, images, tmp_path):
         (common + ["--seed", "-1"], "--seed"),
         (common + ["--reg-weight", "inf"], "--reg-weight"),
         (common + ["--resolution", "100000"], "--resolution"),
-        (common[:4] + ["--placeholder", " ", "--init-word", "toy"], "without spaces"),
+        (common[:4] + ["--placeholder", " ", "--init-word", "toy"], "is empty"),  # blank: refused as it is parsed
         (common[:4] + ["--placeholder", "<" + "q" * 300 + ">", "--init-word", "toy"], "at most 64"),
         (common + ["--num-vectors", "100"], "has room for"),
         (common + ["--placeholder", "<a\udcffb>"], "not valid UTF-8"),

@@ -297,6 +297,9 @@ def test_save_and_load_round_trip(model, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
     with pytest.raises(NeTIError, match="cannot be read"):
         load_mapper(tmp_path / "junk.safetensors", model)
+    torch.save({"string_to_param": {"*": torch.zeros(1, 32)}}, tmp_path / "word.pt")
+    with pytest.raises(NeTIError, match=r"\.pt or \.bin learned word .* goes to --embedding"):
+        load_mapper(tmp_path / "word.pt", model)
 
 
 # ----------------------------------------------------------------------------- command lines

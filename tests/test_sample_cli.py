@@ -215,3 +215,13 @@ def test_a_learned_word_past_the_77_tokens_and_guidance_that_ignores_input_are_w
     assert "--negative has no effect at --scale 1" in proc.stderr and "wrote 1 image (" in proc.stdout
     proc = subprocess.run(base + ["--prompt", "x", "--scale", "0"], cwd=ROOT, capture_output=True, text=True)
     assert "--scale 0 draws without the prompt" in proc.stderr
+
+
+def test_generate_refuses_a_scale_or_seed_that_would_give_nonsense():
+    from types import SimpleNamespace
+    from ldm.generate import generate
+    model = SimpleNamespace()  # refused before the model is used
+    for kw, message in ((dict(seeds=[0], scale=float("nan")), "scale"), (dict(seeds=[-1]), "seeds"),
+                        (dict(seeds=[2 ** 63]), "seeds")):
+        with pytest.raises(ValueError, match=message):
+            generate(model, ["a"], **kw)
