@@ -348,9 +348,9 @@ def test_invert_writes_a_mapper_that_sample_py_reads(ckpt, image_dir, tmp_path, 
         rc, cap = sample(["--ckpt", str(ckpt), "--prompt", "a photo of <toy>", "--neti",
                           str(out / "neti_mapper.safetensors"), "--n", "2", "--steps", "2", "--out",
                           str(tmp_path / "s"), *extra], capsys)
-        assert rc == 0 and (tmp_path / "s" / "000001.png").exists(), cap.err
+        assert rc == 0 and (tmp_path / "s" / "00001-1.png").exists(), cap.err
         assert "looks like a learned word" not in cap.err  # the mapper defines <toy>
-    assert Image.open(tmp_path / "s" / "00000-0.png").text["truncation"] == "8"
+    assert Image.open(tmp_path / "s" / "00002-0.png").text["truncation"] == "8"  # the second run's first image
     mapper_file = str(out / "neti_mapper.safetensors")
     rc, cap = sample(["--ckpt", str(ckpt), "--prompt", "a red circle", "--neti", mapper_file, "--n", "1",
                       "--steps", "1", "--out", str(tmp_path / "u")], capsys)
