@@ -264,10 +264,9 @@ class TextualInversion:
     def check_finite(self) -> None:
         """Stop, before anything is saved, if a step has made the learned numbers NaN or infinite
         (a learning rate far too large): the last checkpoint keeps the last good ones."""
-        for p in self.optimizer.params:
-            if not torch.isfinite(p).all():
-                raise TrainingError(f"step {self.step} made the learned values NaN or infinite (learning rate "
-                                    f"{self.optimizer.lr:g}); nothing of it was saved: lower --lr and start again")
+        if not torch.stack([torch.isfinite(p).all() for p in self.optimizer.params]).all():  # one sync on a GPU
+            raise TrainingError(f"step {self.step} made the learned values NaN or infinite (learning rate "
+                                f"{self.optimizer.lr:g}); nothing of it was saved: lower --lr and start again")
 
     def run(self, on_save: Callable[["TextualInversion"], None] = lambda t: None,
             on_sample: Callable[["TextualInversion"], None] = lambda t: None, progress: bool = True) -> None:
