@@ -32,8 +32,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 
 from inversion.hook import sub_tokens
-from ldm.load import (TRAINING_CHECKPOINT_HINT, TRAINING_CHECKPOINT_KEYS, LoadError, atomic_write, file_hash,
-                      read_failure, unsafe_pickle)
+from ldm.load import (PICKLE_SUFFIXES, TRAINING_CHECKPOINT_HINT, TRAINING_CHECKPOINT_KEYS, LoadError, atomic_write,
+                      file_hash, read_failure, unsafe_pickle)
 
 PathLike = Union[str, Path]
 
@@ -46,7 +46,6 @@ MAX_WORDS = 16                        # more tensors than this: some network's w
 MAX_FILE_BYTES = 256 << 20            # an embedding is KBs, but diffusers' example, trained on a CPU, pickles
                                       # its rows as a view that drags the whole 49408 x 768 table (152 MB)
 KNOWN_WIDTHS = {768: "an SD 1.x embedding", 1024: "an SD 2.x embedding", 1280: "an SDXL embedding"}
-PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
 
 Embeddings = List[Tuple[str, torch.Tensor]]
 

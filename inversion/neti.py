@@ -52,7 +52,7 @@ from inversion.adam import AdamW
 from inversion.data import image_digest, resume_mismatch
 from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images, noisy_latents
 from inversion.precision import autocast
-from ldm.load import LoadError, atomic_write, load_error_reason, read_failure
+from ldm.load import PICKLE_SUFFIXES, LoadError, atomic_write, load_error_reason, read_failure
 
 Layers = List[torch.Tensor]  # one (B, 77, D) text encoding per cross-attention layer
 
@@ -275,7 +275,7 @@ def load_mapper(path: Union[str, Path], model=None, device="cpu") -> Tuple[NeTIM
         raise NeTIError(f"{path}: is a folder; give the file in it (neti_mapper.safetensors)")
     if not path.is_file():
         raise NeTIError(f"{path}: no such file")
-    if path.suffix.lower() in (".pt", ".ckpt", ".bin", ".pth"):  # invert.py writes mappers as .safetensors only
+    if path.suffix.lower() in PICKLE_SUFFIXES:  # invert.py writes mappers as .safetensors only
         raise NeTIError(f"{path}: a NeTI mapper is a .safetensors file (neti_mapper.safetensors); a .pt or .bin "
                         "learned word (Textual Inversion, AUTOMATIC1111) goes to --embedding")
     from safetensors import safe_open
@@ -284,7 +284,7 @@ def load_mapper(path: Union[str, Path], model=None, device="cpu") -> Tuple[NeTIM
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()} if CONFIG_KEY in meta else {}
     except Exception as e:
-        raise NeTIError(f"{path}: cannot be read as a NeTI mapper (.safetensors): {read_failure(Path(path), e)}") from None
+        raise NeTIError(f"{path}: cannot be read as a NeTI mapper (.safetensors): {read_failure(path, e)}") from None
     if CONFIG_KEY not in meta or "placeholder" not in meta:
         where = "a HiPer tail goes to --hiper" if meta.get("method") == "hiper" \
             else "a Textual Inversion embedding goes to --embedding"

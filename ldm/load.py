@@ -32,6 +32,7 @@ from ldm.config import ModelConfig
 from ldm.model import StableDiffusion
 
 CONFIG_METADATA_KEY = "ldm_config"   # our single files carry their ModelConfig as JSON here
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # PyTorch's own files, read with weights_only=True
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
                     "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
@@ -121,7 +122,7 @@ def read_failure(path: Path, error: BaseException) -> str:
         header = int.from_bytes(head[:8], "little")
         if header + 8 > size or head[8:9] != b"{":
             return "it is not a safetensors file: it does not start with a safetensors header"
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin") and head and not head.startswith((b"PK\x03\x04", b"\x80")):
+    if path.suffix in PICKLE_SUFFIXES and head and not head.startswith((b"PK\x03\x04", b"\x80")):
         return "it is not a PyTorch file: neither a zip archive nor a pickle"
     return load_error_reason(error)
 
@@ -163,7 +164,7 @@ def read_tensors(path: Path, skip: Tuple[str, ...] = ()) -> Tuple[Dict[str, torc
         except Exception as e:
             raise LoadError(f"{path}: cannot be read as safetensors ({read_failure(path, e)}); "
                             f"the file ({path.stat().st_size:,} bytes) may be truncated — download it again") from None
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+    if path.suffix in PICKLE_SUFFIXES:
         return _read_pickle(path)
     raise LoadError(f"{path}: unknown format '{path.suffix}'; expected .safetensors, .ckpt, .pt, .bin "
                     "or a diffusers folder")
