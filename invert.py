@@ -80,9 +80,11 @@ def build_parser() -> Parser:
     run_.add_argument("--ckpt", type=path_arg, default=None,
                       help=f"SD v1.x weights (default: {DEFAULT_CKPT.relative_to(ROOT)})")
     run_.add_argument("--out", type=path_arg, default=Path("outputs") / "inversion", help="output folder")
-    run_.add_argument("--save-every", type=positive_int, default=None, help="checkpoint and learned files every N steps (default: ti 100 on the tiny model, 500 on SD; "
-                            "neti 100, 250; hiper 50, 100)")
-    run_.add_argument("--sample-every", type=nonnegative_int, default=0, help="validation grid every N steps (0 = at the end)")
+    run_.add_argument("--save-every", type=positive_int, default=None,
+                      help="checkpoint and learned files every N steps (default: ti 100 on the tiny model, 500 on "
+                           "SD; neti 100, 250; hiper 50, 100)")
+    run_.add_argument("--sample-every", type=nonnegative_int, default=0,
+                      help="validation grid every N steps (0 = at the end)")
     run_.add_argument("--validation-prompt", action="append", default=[], metavar="TEXT",
                       help="a prompt of the validation grid, with the word in it, e.g. 'a <my-toy> on the beach'; "
                            "repeatable (default: the first four training templates)")
@@ -131,8 +133,9 @@ def tiny_world_images(concept: str, n: int, seed: int, out: Optional[Path]) -> t
         images = concept_images(concept, n, seed=seed)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    for i, im in enumerate(images if out is not None else []):
-        save_png(Image.fromarray(im), out / f"{i:02d}.png", upscale=128 // im.shape[0])
+    if out is not None:
+        for i, im in enumerate(images):
+            save_png(Image.fromarray(im), out / f"{i:02d}.png", upscale=128 // im.shape[0])
     return to_tensor(images)
 
 
@@ -260,10 +263,11 @@ def main(argv=None) -> int:
     tiny = model.config.image_size <= 64
     defaults = TINY_DEFAULTS if tiny else SD_DEFAULTS
     steps = args.steps or defaults["steps"]
-    if args.progressive_every and steps <= (args.num_vectors - 1) * args.progressive_every:
+    last_added = (args.num_vectors - 1) * args.progressive_every  # progressive: the step after it has them all
+    if args.progressive_every and steps <= last_added:
         print(f"warning: --steps {steps} ends before the word has its {args.num_vectors} vectors (one more every "
-              f"{args.progressive_every} steps: all {args.num_vectors} from step "
-              f"{(args.num_vectors - 1) * args.progressive_every + 1}); the files will hold fewer", file=sys.stderr)
+              f"{args.progressive_every} steps: all {args.num_vectors} from step {last_added + 1}); the files will "
+              "hold fewer", file=sys.stderr)
 
     tiny_concept = args.images is None
     placeholder, init_word, prop = the_word(args, tiny)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import (CLIError, Parser, check_writable, checked_number, nonnegative_float, pick_device, pick_dtype, positive_int,
-                     path_arg, run, seed_int)
+from ldm.cli import (CLIError, Parser, check_writable, checked_number, nonnegative_float, path_arg, pick_device,
+                     pick_dtype, positive_int, run, seed_int)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -28,7 +28,9 @@ DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
 
 def build_parser() -> Parser:
     p = Parser(prog="sample.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--prompt", required=True, help="what to draw; learned words (e.g. <cat-toy>) need the --embedding or --neti file that defines them")
+    p.add_argument("--prompt", required=True,
+                   help="what to draw; learned words (e.g. <cat-toy>) need the --embedding or --neti file that "
+                        "defines them")
     p.add_argument("--negative", default="", help="negative prompt: the unconditional half of guidance")
     p.add_argument("--ckpt", type=path_arg, default=None,
                    help=f"SD v1.x weights: a CompVis .safetensors/.ckpt file or a diffusers folder "
@@ -203,6 +205,9 @@ def main(argv=None) -> int:
         extra.update(hiper=args.hiper.name, alpha=args.alpha)
     if args.neti is not None:
         extra.update(neti=args.neti.name, **({"truncation": args.truncation} if args.truncation else {}))
+    settings = dict(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
+                    scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
+                    model=ckpt_name, **extra)  # the grid's; each image's with its own seed
     images, paths = [], []
     seeds = [args.seed + i for i in range(args.n)]
     first = next_number(args.out)
@@ -220,19 +225,13 @@ def main(argv=None) -> int:
                          height=height, width=width, new_embeddings=new_embeddings, cond=cond, progress=progress,
                          uncond=uncond, value_cond=value_cond, value_uncond=value_uncond)
         for i, (seed, image) in enumerate(zip(batch_seeds, to_pil(batch)), start=first + start):
-            settings = dict(prompt=args.prompt, negative_prompt=args.negative, seed=seed, steps=args.steps,
-                            scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
-                            model=ckpt_name, **extra)
             path = args.out / f"{i:05d}-{seed}.png"
-            save_png(image, path, png_info(settings))
+            save_png(image, path, png_info({**settings, "seed": seed}))
             images.append(image)
             paths.append(path)
     bar.close()
     grid_path = args.out / f"grid-{first:05d}.png"  # the grid of the images from number `first` on
-    save_png(make_grid(images), grid_path,
-             png_info(dict(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
-                           scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
-                           model=ckpt_name, **extra)))
+    save_png(make_grid(images), grid_path, png_info(settings))
     names = paths[0].name + (f" to {paths[-1].name}" if len(paths) > 1 else "")
     print(f"wrote {len(paths)} image{'s' * (len(paths) > 1)} ({names}) and {grid_path}")
     return 0

@@ -82,11 +82,9 @@ def validation_prompts(placeholder: str, property: str, given: Sequence[str] = (
         if placeholder not in prompt:
             raise DataError(f"--validation-prompt {prompt!r} does not use the word {placeholder!r}; write it in "
                             f"the prompt, e.g. 'a {placeholder} on the beach'")
-    if tokenizer is not None:
-        for prompt in given:
-            if words_cut_off(tokenizer, prompt, [placeholder]):
-                raise DataError(f"--validation-prompt {prompt[:40]!r}...: the word {placeholder!r} comes after the "
-                                f"text encoder's {tokenizer.context_length} tokens and would be cut off; shorten it")
+        if tokenizer is not None and words_cut_off(tokenizer, prompt, [placeholder]):
+            raise DataError(f"--validation-prompt {prompt[:40]!r}...: the word {placeholder!r} comes after the "
+                            f"text encoder's {tokenizer.context_length} tokens and would be cut off; shorten it")
     return list(given) or [t.format(placeholder) for t in templates(property)[:4]]
 
 
