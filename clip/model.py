@@ -131,7 +131,8 @@ class CLIPTextModel(nn.Module):
     """ids (B, 77) -> hidden states (B, 77, D), the `context` of the U-Net.
 
     `layer=-1` is the last layer (SD v1); `layer=-2` the penultimate one
-    ("CLIP skip 2" of community models). Both go through the final LayerNorm.
+    ("CLIP skip 2" of community models); a positive `layer=k` is the output of block k,
+    counted from 1 (so k = n is -1). All go through the final LayerNorm.
     """
 
     def __init__(self, cfg: CLIPTextConfig):

@@ -49,12 +49,17 @@ class LearnedEmbeddings(nn.Module):
         return [self.tokenizer.added_tokens[t] for t in sub_tokens(word, n)]
 
     def expand(self, prompt: str) -> str:
-        """Write every multi-vector word as its sub-tokens: "a <x>" -> "a <x> <x>_1 <x>_2"."""
-        for word, vec in sorted(zip(self.words, self.vectors), key=lambda wv: -len(wv[0])):
-            if len(vec) > 1:
-                expanded = " ".join(sub_tokens(word, len(vec)))
-                prompt = re.sub(rf"{re.escape(word)}(?!_\d)", lambda _: expanded, prompt)
-        return prompt
+        """Write every multi-vector word as its sub-tokens: "a <x>" -> "a <x> <x>_1 <x>_2".
+
+        One pass over the prompt that finds the added tokens as the tokenizer does, longest
+        first, so that `<cat>` inside `<cat>-toy`, or a sub-token `<x>_1` written out, is left as is."""
+        expanded = {word: " ".join(sub_tokens(word, len(vec)))
+                    for word, vec in zip(self.words, self.vectors) if len(vec) > 1}
+        if not expanded:
+            return prompt
+        tokens = sorted(self.tokenizer.added_tokens, key=len, reverse=True)
+        pattern = "|".join(map(re.escape, tokens))
+        return re.sub(pattern, lambda m: expanded.get(m.group(), m.group()), prompt)
 
     def ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids (B, 77) of the prompts, with the learned words expanded."""

@@ -100,7 +100,7 @@ class FourierFeatures(nn.Module):
         self.register_buffer("w", w)
 
     def forward(self, t: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
-        # W x, written elementwise so that it stays float32 under autocast (t reaches 999)
+        # W x, written elementwise: angles reach 999 × σ_t, so they need float32 whatever calls it
         angles = t.float()[:, None] * self.w[:, 0] + layer.float()[:, None] * self.w[:, 1]  # (N, F)
         code = torch.cat([angles.sin(), angles.cos()], dim=-1)      # (N, 2F)
         return code / math.sqrt(self.w.shape[0])                    # |code| = 1 since sin² + cos² = 1
@@ -199,7 +199,9 @@ def space_time_conditioning(text_encoder, mapper: NeTIMapper, ids: torch.Tensor,
     (layer-major: rows l·B ... l·B + B-1 are layer l), so the text encoder runs once."""
     B, L = ids.shape[0], mapper.config.num_layers
     layers = torch.arange(L, device=ids.device).repeat_interleave(B)           # (L·B,) 0..0 1..1 ...
-    word, bypass = mapper(t.to(ids.device).repeat(L), layers, keep)
+    steps = t.to(ids.device).repeat(L)                                          # (L·B,) t_0..t_B-1 t_0..
+    with torch.autocast(ids.device.type, enabled=False):  # the mapper computes in float32, in training too
+        word, bypass = mapper(steps, layers, keep)
     keys, values = encode_with_bypass(text_encoder, ids.repeat(L, 1), token_id, word, bypass,
                                       mapper.config.bypass_scale, new_embeddings)
     return list(keys.split(B)), (list(values.split(B)) if values is not None else None)

@@ -1,8 +1,9 @@
 """Text to image: encode the prompt, denoise from Gaussian noise, decode the latents.
 
-Each image i starts from noise drawn with its own seed, on the CPU, so the same
-seed gives the same picture whatever the batch size or device: bit for bit on the CPU; on a
-GPU the kernels chosen for each batch size round differently, so pixels can differ slightly
+Each image i has its own CPU generator, seeded with its seed, which draws its starting noise
+and then any noise the sampler adds (DDPM, or DDIM with eta > 0), so the same seed
+gives the same picture whatever the batch size, the rest of the batch or the device: bit for
+bit on the CPU; on a GPU the kernels chosen for each batch size round differently, so pixels can differ slightly
 (tests/test_sample_cli.py allows two levels of 255).
 """
 from __future__ import annotations
@@ -27,10 +28,9 @@ def latent_shape(model: StableDiffusion, height: int, width: int) -> tuple:
     return (model.config.vae.embed_dim, height // f, width // f)
 
 
-def initial_noise(shape: tuple, seeds: Sequence[int]) -> torch.Tensor:
-    """x_T (B, C, h, w): one CPU generator per image, so a seed always gives the same noise."""
-    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s)))
-                      for s in seeds])
+def initial_noise(shape: tuple, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """x_T (B, C, h, w): image i's noise drawn by generators[i] alone."""
+    return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
 
 
 @torch.no_grad()
@@ -61,9 +61,9 @@ def generate(model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int
         cond = model.encode_prompts(list(prompts), new_embeddings)
     if uncond is None and scale != 1.0:
         uncond = model.encode_prompts([negative_prompt], new_embeddings)
-    x_T = initial_noise(shape, seeds).to(model.device, model.dtype)
+    generator = [torch.Generator().manual_seed(int(s)) for s in seeds]  # one per image, on the CPU
+    x_T = initial_noise(shape, generator).to(model.device, model.dtype)
     denoiser = guided_denoiser(model.unet, cond, uncond, scale, value_cond=value_cond, value_uncond=value_uncond)
-    generator = torch.Generator().manual_seed(int(seeds[0]))
     if sampler == "ddim":
         z = ddim_sample(denoiser, x_T, model.schedule, steps, eta=eta, generator=generator, progress=progress)
     else:

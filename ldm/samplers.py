@@ -7,6 +7,8 @@ Numerics: the running sample and all coefficients are kept in float32 (coefficie
 in float64 from the float32 schedule); the denoiser sees x in x_T's dtype (e.g. fp16 on CUDA) and
 the result is returned in that dtype. Noise is drawn on the CPU (or on `generator`'s device) in
 float32 and moved to x's device, so a seeded CPU generator gives the same samples on any device.
+`generator` is one generator for the whole batch, or a list with one per image, which makes each
+image's noise its own: the same picture whatever else is in the batch (`ldm.generate` does that).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch import Tensor
 from ldm.schedule import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]  # one for the batch, or one per image
 """eps = denoiser(x_t, t): x_t (B, C, H, W), t LongTensor (B,) of timesteps in [0, T)."""
 
 Context = Union[Tensor, Sequence[Tensor]]
@@ -69,6 +72,9 @@ def guided_denoiser(unet: Callable[[Tensor, Tensor, Context], Tensor], cond: Con
                     value_uncond: Optional[Conditioning] = None) -> Denoiser:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): eps = eps_u + s * (eps_c - eps_u).
 
+    The paper writes (1 + w) eps_c - w eps_u, so s = 1 + w: s = 1 is no guidance (eps_c alone),
+    and SD's usual 7.5 is w = 6.5.
+
     `unet(x, t, context) -> eps`. Both halves run as one batch [uncond; cond]. A callable `cond` /
     `uncond` is called once per denoiser call with the step's integer timestep `int(t[0])`.
     Context tensors with batch 1 are expanded to the batch of x. With scale == 1 (or uncond None)
@@ -105,7 +111,10 @@ def guided_denoiser(unet: Callable[[Tensor, Tensor, Context], Tensor], cond: Con
 
 
 # --------------------------------------------------------------------------- helpers
-def _randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+def _randn_like(x: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise shaped like x, float32, drawn on the generator's device."""
+    if isinstance(generator, (list, tuple)):  # one generator per image: (1, ...) each, stacked
+        return torch.cat([_randn_like(x[i:i + 1], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else torch.device("cpu")
     noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
     return noise.to(x.device)
@@ -118,11 +127,11 @@ def _t_batch(t: int, x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- samplers
 @torch.no_grad()
 def ddim_sample(denoiser: Denoiser, x_T: Tensor, schedule: NoiseSchedule, num_steps: int = 50,
-                eta: float = 0.0, generator: Optional[torch.Generator] = None,
+                eta: float = 0.0, generator: Generators = None,
                 progress: Optional[Progress] = None) -> Tensor:
-    """DDIM (Song et al. 2021, eq. 12; sigma from eq. 16 scaled by eta) on ldm's timestep grid.
+    """DDIM (Song et al. 2021, eq. 12; sigma from eq. 16 scaled by eta) on S = num_steps timesteps.
 
-    Grid `schedule.ddim_timesteps(num_steps)`; alpha_prev of a step is alphas_cumprod of the next
+    Grid `schedule.ddim_timesteps(num_steps)` (ldm's grid when S divides T); alpha_prev of a step is alphas_cumprod of the next
     (less noisy) grid point, and alphas_cumprod[0] for the last step (ldm / diffusers with
     set_alpha_to_one=False). eta = 0 is deterministic; eta > 0 draws fresh noise every step.
     """
@@ -148,16 +157,16 @@ def ddim_sample(denoiser: Denoiser, x_T: Tensor, schedule: NoiseSchedule, num_st
 
 @torch.no_grad()
 def ddpm_sample(denoiser: Denoiser, x_T: Tensor, schedule: NoiseSchedule,
-                num_steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                num_steps: Optional[int] = None, generator: Generators = None,
                 progress: Optional[Progress] = None) -> Tensor:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) with sigma_t^2 = posterior variance (eq. 7).
 
     num_steps None (or == T) runs all T steps T-1..0. Fewer steps use the `ddim_timesteps` grid and
     the posterior of the respaced chain: between consecutive grid points t > s,
     beta = 1 - abar_t / abar_s and abar_s = 1 for the last step (= diffusers DDPMScheduler,
-    "leading" spacing, steps_offset=1, variance "fixed_small", clip_sample=False, whenever
-    num_steps divides T; otherwise the grid is ldm's, see `ddim_timesteps`). No noise is added on
-    the last step (z = 0 in Algorithm 2).
+    "leading" spacing, steps_offset=1, variance "fixed_small", clip_sample=False; the grid is
+    ldm's too when num_steps divides T, see `ddim_timesteps`). No noise is added on the last step
+    (z = 0 in Algorithm 2).
     """
     T = schedule.num_timesteps
     if num_steps is None or num_steps == T:

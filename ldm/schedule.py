@@ -86,7 +86,9 @@ class NoiseSchedule:
         grid would get an extra step (31 for S = 30); like diffusers we take exactly S, so
         `--steps` always means the number of U-Net evaluations. For S = T the grid is 999..0.
         """
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+        if isinstance(num_steps, bool):  # True == 1, but it is not a number of steps
+            raise ValueError(f"num_steps must be an integer, got {num_steps!r}")
+        if not isinstance(num_steps, int):
             try:
                 as_int = int(num_steps)
             except (TypeError, ValueError):

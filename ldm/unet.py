@@ -154,7 +154,7 @@ class SpatialTransformer(nn.Module):
                  layer_index: int):
         super().__init__()
         self.layer_index = layer_index
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)  # CompVis `Normalize`: eps 1e-6, not GroupNorm32
         self.proj_in = Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth))

@@ -188,6 +188,20 @@ def test_pickle_with_code_is_refused(tmp_path):
     one_line_error(tmp_path / "evil.pt", ["refuses to load safely"])
 
 
+def test_expand_reads_the_words_as_the_tokenizer_does(model):
+    learned = LearnedEmbeddings(model.tokenizer)
+    learned.add("<cat>", vectors(2))
+    learned.add("<cat>-toy", vectors(1))  # begins with another word, as per-image tokens <x>-img0 do
+    learned.add("<x>", vectors(3))
+    prompt = "a <cat>-toy on a <cat>, <x> and <x>_1"
+    assert learned.expand(prompt) == "a <cat>-toy on a <cat> <cat>_1, <x> <x>_1 <x>_2 and <x>_1"
+    tok = model.tokenizer  # every word becomes its own tokens, and <cat>-toy stays one token
+    assert learned.ids([prompt])[0, 1:14].tolist() == [
+        *tok.encode("a")[1:2], tok.added_tokens["<cat>-toy"], *tok.encode("on a")[1:3],
+        *learned.token_ids("<cat>"), *tok.encode(",")[1:2], *learned.token_ids("<x>"),
+        *tok.encode("and")[1:2], tok.added_tokens["<x>_1"], tok.END_ID]
+
+
 def test_ordinary_word_is_refused_and_nothing_is_added(tmp_path, model):
     good = save_embeddings(tmp_path / "good.safetensors", {"<good>": vectors(1)})
     bad = save_a1111(tmp_path / "cat.pt", "<cat>", vectors(1), step=1)  # A1111 word = file stem = "cat"

@@ -118,6 +118,24 @@ def test_without_bypass_and_dropout_a_constant_mapper_is_textual_inversion(model
     assert not torch.allclose(neti_eps, model.unet(z, t, model.text_encoder(ids, {token: v * 0.5})), atol=1e-4)
 
 
+def test_the_mapper_computes_in_float32_under_the_training_autocast(model, monkeypatch):
+    # Training runs the frozen networks under bf16 autocast; the mapper must give the word and
+    # bypass it gives at sampling time, which runs without autocast.
+    m = mapper_for(model)
+    seen = []
+    forward = m.forward
+    monkeypatch.setattr(m, "forward", lambda *a: seen.append(forward(*a)) or seen[-1])
+    token = model.tokenizer.add_token("<x>")
+    ids = model.tokenizer(["a photo of a <x>"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        space_time_conditioning(model.text_encoder, m, ids, token, torch.tensor([500]))
+    with torch.no_grad():
+        space_time_conditioning(model.text_encoder, m, ids, token, torch.tensor([500]))
+    (word, bypass), (word_fp32, bypass_fp32) = seen
+    assert word.dtype == bypass.dtype == torch.float32
+    assert torch.equal(word, word_fp32) and torch.equal(bypass, bypass_fp32)
+
+
 def test_bypass_changes_only_the_values_at_the_word(model):
     m = mapper_for(model)
     token = model.tokenizer.add_token("<x>")

@@ -38,19 +38,22 @@ def test_writes_pngs_with_metadata_and_a_grid(ckpt, tmp_path):
     assert Image.open(out / "00003-5.png").text["prompt"] == "a blue square"
 
 
-def batch_of_two_and_one(ckpt, out, device):
+def batch_of_two_and_one(ckpt, out, device, sampler=()):
     """Image 1 of a batch of 2 (seeds 0, 1) and the image of seed 1 alone: (pixels, pixels, image 0's)."""
     sample.main(["--prompt", "a", "--ckpt", str(ckpt), "--steps", "2", "--n", "2", "--batch-size", "2",
-                 "--device", device, "--out", str(out / "a")])
+                 "--device", device, "--out", str(out / "a"), *sampler])
     sample.main(["--prompt", "a", "--ckpt", str(ckpt), "--steps", "2", "--n", "1", "--seed", "1",
-                 "--device", device, "--out", str(out / "b")])
+                 "--device", device, "--out", str(out / "b"), *sampler])
     read = lambda path: np.asarray(Image.open(path), dtype=np.int16)
     return read(out / "a" / "00001-1.png"), read(out / "b" / "00000-1.png"), read(out / "a" / "00000-0.png")
 
 
-def test_same_seed_same_image_whatever_the_batch(ckpt, tmp_path):
-    # On the CPU, bit for bit: each image's noise comes from its own seed.
-    in_batch, alone, other = batch_of_two_and_one(ckpt, tmp_path, "cpu")
+@pytest.mark.parametrize("sampler", [(), ("--eta", "1"), ("--sampler", "ddpm")])
+def test_same_seed_same_image_whatever_the_batch(ckpt, tmp_path, sampler):
+    # On the CPU, bit for bit: each image's noise, the starting noise and the noise that DDPM and
+    # DDIM with eta > 0 add at each step, comes from its own seed (the step noise was the first
+    # image's, so an image changed with the seed before it in its batch).
+    in_batch, alone, other = batch_of_two_and_one(ckpt, tmp_path, "cpu", sampler)
     assert np.array_equal(in_batch, alone)
     assert not np.array_equal(in_batch, other)
 

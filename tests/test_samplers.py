@@ -170,7 +170,7 @@ def test_ddim_timesteps_always_has_the_asked_number_of_steps(schedule):
     assert schedule.ddim_timesteps(1000).tolist() == list(range(999, -1, -1))
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1001])
+@pytest.mark.parametrize("bad", [0, -1, 1001, 2.5, True])  # True == 1 once passed as one step
 def test_invalid_steps_raise(schedule, bad):
     with pytest.raises(ValueError, match="num_steps"):
         schedule.ddim_timesteps(bad)
