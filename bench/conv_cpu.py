@@ -11,7 +11,6 @@ and backward to the text) with ldm.conv's choice against every layer on PyTorch'
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -32,13 +31,14 @@ def best_ms(fn, repeats):
     return 1000 * min(times)
 
 
-def main():
-    from ldm.cli import positive_int
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    from ldm.cli import Parser, positive_int
+    p = Parser(prog="python bench/conv_cpu.py", description=__doc__.split("\n\n")[0],
+               epilog="examples:\n" + __doc__.split("\n\n")[1])
     p.add_argument("--resolution", type=positive_int, default=256, help="image size in pixels (latent: /8)")
-    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1, help="latents per U-Net call")
     p.add_argument("--repeats", type=positive_int, default=5, help="timings per layer and way; the best is kept")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.resolution % 64:
         p.error(f"--resolution must be a multiple of 64 (the U-Net halves the 1/8-size latent three times), "
                 f"got {args.resolution}")
@@ -99,4 +99,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from ldm.cli import run
+    sys.exit(run(main, prog="conv_cpu"))

@@ -267,10 +267,12 @@ def measure(side, name, steps, precision, device):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
-    from ldm.cli import positive_int
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=list(CONFIGS), default=None)
+def main(argv=None):
+    from ldm.cli import CLIError, Parser, positive_int
+    p = Parser(prog="python bench/ti_step.py", description=__doc__.split("\n\n")[0],
+               epilog="examples:\n" + __doc__.split("\n\n")[1])
+    p.add_argument("--only", choices=list(CONFIGS), default=None,
+                   help=f"one configuration (default: {' and '.join(CPU_CONFIGS)} on the CPU, all on CUDA)")
     p.add_argument("--steps", type=positive_int, default=6,
                    help="timed steps after one warm-up step; the median is printed (fewer: noisier ratios)")
     p.add_argument("--repeats", type=positive_int, default=1,
@@ -278,16 +280,16 @@ def main():
                         "both; prints the medians and each run's time ratio")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="dtype of the frozen weights on both sides (bf16: the example's --mixed_precision bf16)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run")
     p.add_argument("--child", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         child(args.child, args.only, args.steps, args.precision, args.device)
         return
     import torch
     if args.device == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda was asked for but no CUDA GPU is available")
+            raise CLIError("--device cuda was asked for but no CUDA GPU is available")
         where, memory = torch.cuda.get_device_name(), "peak GPU memory"
     else:
         where, memory = f"{torch.get_num_threads()} threads, CPU", "peak RSS"
@@ -321,4 +323,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from ldm.cli import run
+    sys.exit(run(main, prog="ti_step"))

@@ -112,6 +112,33 @@ def word_arg(text: str) -> str:
     return text
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_path_arg(text: str) -> Path:
+    """An argparse type for an image to write (a grid of samples): a .png, .jpg or .webp name."""
+    path = path_arg(text)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text}: name a {', '.join(IMAGE_SUFFIXES)} file")
+    return path
+
+
+def check_file_writable(path: Path, option: str) -> None:
+    """A file that a long run writes at its end: checked before any work, so that hours of work are
+    not lost to a folder that cannot be made (its folder is made when it is written)."""
+    if path.is_dir():
+        raise CLIError(f"{option} {path}: is a folder; name a file")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {path}: cannot write there ({parent} is not a writable folder)")
+
+
+def distinct_seeds(seeds, option: str = "--seeds") -> None:
+    """Each seed once: a repeated seed would count the same run twice in a mean."""
+    if len(set(seeds)) != len(seeds):
+        raise CLIError(f"{option} {' '.join(map(str, seeds))}: give each seed once")
+
+
 def check_writable(out: Path) -> None:
     """--out must be a folder, or a path where one can be made (checked before any work)."""
     if out.exists() and not out.is_dir():

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from conftest import ROOT, write_random_checkpoint
+from ldm.cli import CLIError
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +173,8 @@ def test_ti_results_lr_reaches_every_trainer_and_a_bad_one_is_refused(ckpt32, tm
                             "--seeds", "0", "--lr", "2.5e-3", "--out", str(tmp_path / "o")]) == 0
     assert "base lr 0.0025" in capsys.readouterr().out
     assert len(seen) == len(ti_results.ROWS) and set(seen) == {2.5e-3}
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(CLIError, match="argument --lr: must be a number > 0"):
         ti_results.main(["--ckpt", str(ckpt32), "--lr", "0", "--out", str(tmp_path / "bad")])
-    assert info.value.code == 2 and "argument --lr: must be a number > 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -196,15 +196,30 @@ def test_neti_results_lr_reaches_the_mapper_only_and_a_bad_one_is_refused(ckpt32
     assert "NeTI's base lr 0.003" in capsys.readouterr().out
     assert seen["start_neti"] == 3e-3
     assert seen["start_ti"] != 3e-3 and TINY_DEFAULTS["lr"] != 3e-3
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(CLIError, match="argument --neti-lr: must be a number > 0"):
         neti_results.main(["--ckpt", str(ckpt32), "--neti-lr", "-1", "--out", str(tmp_path / "bad")])
-    assert info.value.code == 2 and "argument --neti-lr: must be a number > 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("module, argv, message", [
     ("tinyworld.train", ["--lr", "0"], "argument --lr: must be a number > 0"),
     ("tinyworld.train", ["--batch", "0"], "argument --batch: must be at least 1"),
+    ("tinyworld.train", ["--ema", "-5"], "argument --ema: must be between 0 and 1"),    # exported inf and NaN
+    # were tracebacks, or errors found only after all the work
+    ("tinyworld.ti_results", ["--seeds", "-1"], "argument --seeds: must be between 0 and 2**63 - 1"),
+    ("tinyworld.ti_results", ["--seeds", "0", "0"], "give each seed once"),
+    ("tinyworld.ti_results", ["--n", "1"], "--no-baseline"),
+    ("tinyworld.ti_results", ["--rows", "ring-context", "--lr", "1e-3"], "--context-lr"),
+    ("tinyworld.ti_results", ["--out", "a-file/ti"], "--out a-file/ti: cannot make a folder there"),
+    ("tinyworld.neti_results", ["--seeds", "-1"], "argument --seeds"),
+    ("tinyworld.neti_results", ["--grid", "g.txt"], "argument --grid: g.txt: name a .png"),
+    ("tinyworld.neti_results", ["--grid", "a-file/g.png"], "--grid a-file/g.png: cannot write there"),
+    ("tinyworld.evaluate", ["--grid", "g.txt"], "argument --grid: g.txt: name a .png"),
+    ("tinyworld.evaluate", ["--grid", "."], "argument --grid: .: name a .png"),
+    ("tinyworld.hiper_eval", ["--grid", "a-file/g.png"], "--grid a-file/g.png: cannot write there"),
+    ("tinyworld.hiper_eval", ["--tail", "100"], "--tail must be between 1 and 75"),
+    ("tinyworld.hiper_eval", ["--alphas", "0.5,nan"], "each α must be a number >= 0"),
+    ("tinyworld.world", ["--grid", "g.txt"], "argument --grid: g.txt: name a .png"),
     ("tinyworld.evaluate", ["--n", "0"], "argument --n: must be at least 1"),        # was a traceback
     ("tinyworld.evaluate", ["--steps", "0"], "argument --steps: must be at least 1"),  # was a traceback
     ("tinyworld.ti_results", ["--n", "0"], "argument --n: must be at least 1"),      # was a traceback
@@ -224,13 +239,12 @@ def test_research_commands_refuse_bad_numbers_and_useless_options(module, argv, 
     import importlib
     from ldm.cli import run
     monkeypatch.chdir(tmp_path)           # were the input let through, its outputs land here
+    (tmp_path / "a-file").write_text("")  # a file where a folder is asked for
     main = importlib.import_module(module).main
-    try:                                  # argparse stops before anything is loaded or trained
-        rc = run(main, argv, prog=module)
-    except SystemExit as e:
-        rc = e.code
+    rc = run(main, argv, prog=module)     # refused before anything is loaded or trained
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err and message in err[-1]
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # and nothing written
 
 
 def test_ti_results_runs_only_the_rows_asked_for(ckpt32, tmp_path, monkeypatch, capsys):
@@ -248,5 +262,5 @@ def test_ti_results_runs_only_the_rows_asked_for(ckpt32, tmp_path, monkeypatch, 
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and l.endswith(" s |")]
     assert trained == [("ring", 3), ("hourglass", 1)]
     assert len(rows) == 2 and "multi-vector (3)" in rows[0] and rows[1].startswith("| hourglass |")
-    with pytest.raises(SystemExit):
+    with pytest.raises(CLIError, match="invalid choice: 'square'"):
         ti_results.main(["--ckpt", str(ckpt32), "--rows", "square"])

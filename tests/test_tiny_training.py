@@ -7,6 +7,7 @@ import torch
 
 from conftest import ROOT
 import ldm
+from ldm.load import read_metadata
 from tinyworld import train
 
 SHIPPED = ROOT / "weights" / "tiny.safetensors"
@@ -25,8 +26,11 @@ def test_training_smoke_run_exports_a_loadable_model_and_resumes(tmp_path):
     assert state["step"] == 2
     # a second run refuses to overwrite, and --resume continues to more steps
     assert train.main(argv) == 2
-    assert train.main([*argv, "--resume", "--steps", "3"]) == 0
+    # ... and a resume on other images would pair the cached latents with other captions
+    assert train.main([*argv, "--resume", "--steps", "3", "--images", "65"]) == 2
+    assert train.main([*argv, "--resume", "--steps", "3", "--warmup", "0"]) == 0  # 0: no warm-up
     assert torch.load(tmp_path / "run" / "diffusion.pt", weights_only=True)["step"] == 3
+    assert json.loads(read_metadata(out)["training"])["vae_steps"] == 3
 
     # --init continues from that model: with no steps in either stage it comes back unchanged,
     # and the new file records where it came from
@@ -36,9 +40,9 @@ def test_training_smoke_run_exports_a_loadable_model_and_resumes(tmp_path):
                        "--vae-steps", "0", "--steps", "0", *small]) == 0
     before, after = ldm.load(out).state_dict(), ldm.load(again).state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    from ldm.load import read_metadata
     training = json.loads(read_metadata(again)["training"])
     assert training["init_file"] == out.name and training["init"]["diffusion_steps"] == 3
+    assert training["vae_steps"] == 0  # the steps it ran
     # with steps, the autoencoder and the U-Net move
     moved = tmp_path / "moved.safetensors"
     assert train.main(["--init", str(out), "--run", str(tmp_path / "run3"), "--out", str(moved),
@@ -130,7 +134,8 @@ def test_max_timestep_trains_on_the_low_noise_steps_only(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["not a model", "wrong size", "max timestep", "anchor", "anchor without init",
-                                  "minutes", "device"])
+                                  "minutes", "device", "out suffix", "out is init", "out folder not new",
+                                  "out under a file", "resume nothing", "run is a file"])
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     from conftest import write_random_checkpoint
     bad = tmp_path / "bad.safetensors"
@@ -142,14 +147,23 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, cas
             "anchor": ["--anchor", "-1", "--init", str(write_random_checkpoint(tmp_path / "m32", image_size=32))],
             "anchor without init": ["--anchor", "2"],   # was ignored
             "minutes": ["--minutes", "0"],
-            "device": ["--device", "tpu"]}[case]
+            "device": ["--device", "tpu"],
+            # were found only after the training, or not at all
+            "out suffix": ["--out", str(tmp_path / "model.txt")],
+            "out is init": ["--init", str(bad), "--out", str(bad)],
+            "out folder not new": ["--out", str(tmp_path / "m32")],
+            "out under a file": ["--out", str(bad / "model.safetensors")],
+            "resume nothing": ["--resume"],
+            "run is a file": ["--run", str(bad)]}[case]
     small = ["--images", "16", "--vae-steps", "1", "--vae-batch", "2", "--steps", "1", "--batch", "2",
              "--eval-every", "0", "--threads", "1"]  # a short run, were the input let through
-    assert train.main([*argv, *small, "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out.safetensors")]) == 2
+    default = ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out.safetensors")]
+    (tmp_path / "m32" / "keep.txt").write_text("")
+    assert train.main([*small, *default, *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
-    if case.startswith("anchor"):
-        assert "--anchor" in err, err
+    if case.startswith(("anchor", "out", "resume", "run")):
+        assert "--" + case.split()[0] in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "out.safetensors").exists()
 
 

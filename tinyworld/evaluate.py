@@ -11,14 +11,14 @@ decoded, read back), which is where the tiny model loses textures.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ldm.cli import HelpFormatter, nonnegative_float, positive_int, seed_int
+from ldm.cli import (Parser, check_file_writable, image_path_arg, nonnegative_float, path_arg, positive_int,
+                     seed_int)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORED = ("shape", "color", "size", "position", "background")
@@ -38,10 +38,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def sample_prompts(model, prompts, seeds, steps=50, scale=7.5, batch=64, **kw) -> np.ndarray:
+def sample_prompts(model, prompts, seeds, steps=50, scale=7.5, batch=64, desc=None, **kw) -> np.ndarray:
+    """uint8 (N, H, W, 3) samples, one per (prompt, seed), `batch` at a time; with `desc`, a
+    progress bar of the batches on stderr."""
     from ldm.generate import generate
     out = []
-    for i in range(0, len(prompts), batch):
+    starts = range(0, len(prompts), batch)
+    if desc is not None:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    for i in starts:
         out.append(to_uint8(generate(model, prompts[i:i + batch], seeds[i:i + batch], steps=steps,
                                      scale=scale, **kw)))
     return np.concatenate(out)
@@ -66,7 +72,8 @@ def print_table(title: str, acc: dict) -> None:
 
 def evaluate_model(model, n=240, steps=50, scale=7.5, seed=0, quiet=False, grid=None) -> dict:
     attrs, prompts = eval_prompts(n, seed)
-    images = sample_prompts(model, prompts, [seed + i for i in range(n)], steps=steps, scale=scale)
+    images = sample_prompts(model, prompts, [seed + i for i in range(n)], steps=steps, scale=scale,
+                            desc=None if quiet else "held-out prompts")
     acc = accuracy(images, attrs)
     if grid is not None:
         from tinyworld.world import save_grid
@@ -76,13 +83,13 @@ def evaluate_model(model, n=240, steps=50, scale=7.5, seed=0, quiet=False, grid=
     return acc
 
 
-def texture_word_accuracy(model, n=64, steps=50, scale=7.5, seed=0) -> dict:
+def texture_word_accuracy(model, n=64, steps=50, scale=7.5, seed=0, desc=None) -> dict:
     """Share of prompts naming "striped" or "dotted" whose samples the analyzer reads so."""
     from tinyworld.world import prompt, sample_attributes
     rng = np.random.default_rng([seed, 98])
     attrs = [sample_attributes(rng, "eval", textures=("striped", "dotted")) for _ in range(n)]
     prompts = [prompt(a, include=("size", "color", "texture", "shape", "position", "background")) for a in attrs]
-    images = sample_prompts(model, prompts, [seed + i for i in range(n)], steps=steps, scale=scale)
+    images = sample_prompts(model, prompts, [seed + i for i in range(n)], steps=steps, scale=scale, desc=desc)
     return accuracy(images, attrs, ("texture", "shape", "color"))
 
 
@@ -114,16 +121,18 @@ def autoencoder_accuracy(model, n=256, seed=0) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tinyworld.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors")
+    p = Parser(prog="python -m tinyworld.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", type=path_arg, default=ROOT / "weights" / "tiny.safetensors",
+                   help="a tiny-world model (.safetensors, .ckpt or a diffusers folder)")
     p.add_argument("--n", type=positive_int, default=240, help="number of prompts (one image each)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
     p.add_argument("--scale", type=nonnegative_float, default=7.5, help="guidance scale")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--grid", type=Path, default=None, help="write the first 32 samples with their prompts")
+    p.add_argument("--seed", type=seed_int, default=0, help="picks the prompts; image i is sampled with seed + i")
+    p.add_argument("--grid", type=image_path_arg, default=None, help="write the first 32 samples with their prompts")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto: a GPU if there is one")
     args = p.parse_args(argv)
+    if args.grid is not None:
+        check_file_writable(args.grid, "--grid")
     import ldm
     from ldm.cli import pick_device
     device = pick_device(args.device)  # a bad name: one line, from ldm.cli.run
@@ -135,7 +144,8 @@ def main(argv=None) -> int:
     evaluate_model(model, n=args.n, steps=args.steps, scale=args.scale, seed=args.seed, grid=args.grid)
     n_tex = max(1, args.n // 4)
     print_table(f"\n{n_tex} prompts naming a texture (striped or dotted)",
-                texture_word_accuracy(model, n=n_tex, steps=args.steps, scale=args.scale, seed=args.seed))
+                texture_word_accuracy(model, n=n_tex, steps=args.steps, scale=args.scale, seed=args.seed,
+                                      desc="texture prompts"))
     print_table("\nThe autoencoder alone: 256 rendered images encoded, decoded and read back",
                 autoencoder_accuracy(model, seed=args.seed))
     return 0

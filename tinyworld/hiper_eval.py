@@ -264,11 +264,11 @@ CEILING_OPTIONS = {"ckpt", "device", "sample_steps", "scale", "texture_ceiling"}
 
 
 def build_parser():
-    from ldm.cli import Parser, nonnegative_float, positive_float, positive_int, seed_int
+    from ldm.cli import Parser, image_path_arg, nonnegative_float, path_arg, positive_float, positive_int, seed_int
     from inversion.hiper_cli import TINY_DEFAULTS
     from invert import TINY_DEFAULTS as TI_DEFAULTS
     p = Parser(prog="python -m tinyworld.hiper_eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors", help="a tiny-world model")
+    p.add_argument("--ckpt", type=path_arg, default=ROOT / "weights" / "tiny.safetensors", help="a tiny-world model")
     p.add_argument("--n", type=positive_int, default=20, help="source images")
     p.add_argument("--steps", type=positive_int, default=TINY_DEFAULTS["steps"], help="HiPer steps per image")
     p.add_argument("--batch", type=positive_int, default=TINY_DEFAULTS["batch"], help="HiPer batch")
@@ -281,10 +281,10 @@ def build_parser():
     p.add_argument("--samples", type=positive_int, default=2, help="images per (source, edit, method)")
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps")
     p.add_argument("--scale", type=nonnegative_float, default=7.5, help="guidance scale")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--grid", type=Path, default=Path("outputs") / "hiper_eval.png",
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the source images, training and sampling")
+    p.add_argument("--grid", type=image_path_arg, default=Path("outputs") / "hiper_eval.png",
                    help="before/after grid of the first 8 sources")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto: a GPU if there is one")
     p.add_argument("--texture-ceiling", action="store_true",
                    help="instead of the tables: how often any conditioning learned with the same loss gets each "
                         f"texture drawn (the whole context learned on 5 images of it, seeds "
@@ -293,7 +293,8 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from ldm.cli import CLIError, flags, pick_device
+    from inversion.hiper import HiPerError, check_tail_size
+    from ldm.cli import CLIError, check_file_writable, flags, pick_device
     parser = build_parser()
     args = parser.parse_args(argv)
     given = parser.given_options(argv)
@@ -305,6 +306,14 @@ def main(argv=None) -> int:
         alphas = sorted({float(a) for a in args.alphas.split(",") if a.strip()} | {ALPHA})
     except ValueError:
         raise CLIError(f"--alphas {args.alphas!r}: expected numbers separated by commas") from None
+    if not all(0 <= a < float("inf") for a in alphas):  # also refuses nan
+        raise CLIError(f"--alphas {args.alphas!r}: each α must be a number >= 0 (the paper's are 0 to 1)")
+    try:
+        check_tail_size(args.tail)
+    except HiPerError as e:
+        raise CLIError(str(e)) from None
+    if not args.texture_ceiling:
+        check_file_writable(args.grid, "--grid")
     if args.no_ti and given & {"ti_steps", "ti_batch"}:
         raise CLIError("--ti-steps and --ti-batch set the Textual Inversion baseline, which --no-ti skips")
     if not args.ckpt.exists():

@@ -35,7 +35,6 @@ independent: --jobs N runs N of them at once in worker processes, with the same 
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -44,7 +43,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ldm.cli import HelpFormatter, given_options, nonnegative_int, positive_float, positive_int
+from ldm.cli import (Parser, check_file_writable, check_writable, distinct_seeds, given_options, image_path_arg,
+                     nonnegative_int, path_arg, positive_float, positive_int, seed_int)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUNCATIONS = (2, 4, 8, 16, 32, 64, 128)
@@ -256,9 +256,8 @@ def write_grid(model, ti, neti, concept: str, path: Path, truncation: int, sampl
 # ----------------------------------------------------------------------------- the command
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tinyworld.neti_results", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors")
+    p = Parser(prog="python -m tinyworld.neti_results", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", type=path_arg, default=ROOT / "weights" / "tiny.safetensors", help="a tiny-world model")
     p.add_argument("--concept", default="ring", help="a held-out concept of the tiny world")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps of both methods; None: invert.py's tiny default, 400")
     p.add_argument("--every", type=nonnegative_int, default=100,
@@ -267,15 +266,16 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps when scoring")
     p.add_argument("--truncations", type=int, nargs="+", default=list(TRUNCATIONS),
                    help="hidden units K kept in the truncation sweep")
-    p.add_argument("--grid", type=Path, default=None, help="write a PNG of TI / NeTI / NeTI-truncated samples")
+    p.add_argument("--grid", type=image_path_arg, default=None,
+                   help="write a PNG of TI / NeTI / NeTI-truncated samples")
     p.add_argument("--grid-truncation", type=int, default=16, help="with --grid: K of its truncated row")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2],
                    help="one run of each method per seed (its own 5 images, training noise and sampling seeds)")
     p.add_argument("--neti-lr", type=positive_float, default=None,
                    help="NeTI's base learning rate, x batch (default: invert.py --method neti's tiny default)")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="seeds run at once, each in its own process (the scores do not change)")
-    p.add_argument("--out", type=Path, default=Path("outputs") / "neti_results", help="trainers' checkpoints")
+    p.add_argument("--out", type=path_arg, default=Path("outputs") / "neti_results", help="trainers' checkpoints")
     args = p.parse_args(argv)
 
     import ldm
@@ -296,11 +296,11 @@ def main(argv=None) -> int:
         if not 1 <= k <= hidden:
             p.error(f"--truncations and --grid-truncation must be between 1 and {hidden} (the mapper's hidden "
                     f"units), got {k}")
-    try:  # also with --jobs, where each worker loads its own: a bad --ckpt fails here, before any start
-        model = ldm.load(args.ckpt)
-    except ldm.LoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    distinct_seeds(args.seeds)
+    check_writable(args.out)
+    if args.grid is not None:
+        check_file_writable(args.grid, "--grid")
+    model = ldm.load(args.ckpt)  # also with --jobs, where each worker loads its own: a bad --ckpt fails here
     args.steps = args.steps or TINY_DEFAULTS["steps"]
     t_all = time.time()
 
@@ -309,8 +309,9 @@ def main(argv=None) -> int:
     print(f"# NeTI vs Textual Inversion on the tiny world: <{args.concept}>\n\n5 images per seed, seeds "
           f"{', '.join(map(str, seeds))} (each seed: its own images, training noise and sampling seeds), "
           f"{args.steps} steps each (8 images a step; NeTI's base lr {args.neti_lr or NETI_TINY['lr']:g}), "
-          f"DDIM {args.sample_steps}, guidance 7.5; {args.n} samples per final score, {args.n // 2} at the "
-          f"checkpoints every {args.every} steps; scores are means over the seeds\n", flush=True)
+          f"DDIM {args.sample_steps}, guidance 7.5; {args.n} samples per final score"
+          + (f", {args.n // 2} at the checkpoints every {args.every} steps" if args.every else "")
+          + "; scores are means over the seeds\n", flush=True)
     results = run_seeds(model, args)
     timing = {key: sum(r["timing"].get(key, 0.0) for r in results) for key in results[0]["timing"]}
     marks = checkpoints(args.steps, args.every)

@@ -16,12 +16,12 @@ seeds: one run's score depends much on its images and training noise on this tin
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-from ldm.cli import HelpFormatter, given_options, nonnegative_float, positive_float, positive_int
+from ldm.cli import (Parser, check_writable, distinct_seeds, given_options, nonnegative_float, path_arg,
+                     positive_float, positive_int, seed_int)
 from tinyworld.whole_context import CONTEXT_LR
 
 
@@ -72,16 +72,20 @@ def learn_context(model, concept: str, steps: int, seed: int, lr: float = CONTEX
                                batch=TINY_DEFAULTS["batch"])
 
 
+def status(line: str) -> None:
+    """What is running now, on stderr (the table, on stdout, gets a line per finished row)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tinyworld.ti_results", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", type=Path, default=ROOT / "weights" / "tiny.safetensors")
+    p = Parser(prog="python -m tinyworld.ti_results", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", type=path_arg, default=ROOT / "weights" / "tiny.safetensors", help="a tiny-world model")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: invert.py's tiny default)")
     p.add_argument("--lr", type=positive_float, default=None, help="base learning rate, x batch (default: invert.py's tiny default)")
     p.add_argument("--n", type=positive_int, default=64, help="samples per score")
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps when scoring")
     p.add_argument("--scale", type=nonnegative_float, default=7.5, help="guidance scale when scoring")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2],
                    help="one run per seed (its own 5 images, training noise and sampling seeds); scores are means")
     p.add_argument("--rows", nargs="+", choices=[*ROWS, *CONTEXT_ROWS], default=[*ROWS, *CONTEXT_ROWS],
                    help="which rows of the table to run (for a sweep of one of them); the -context rows learn "
@@ -89,18 +93,27 @@ def main(argv=None) -> int:
     p.add_argument("--context-lr", type=positive_float, default=CONTEXT_LR,
                    help="Adam learning rate of the -context rows, not scaled by the batch")
     p.add_argument("--no-baseline", action="store_true", help="skip the best-plain-word rows")
-    p.add_argument("--out", type=Path, default=Path("outputs") / "ti_results")
+    p.add_argument("--out", type=path_arg, default=Path("outputs") / "ti_results",
+                   help="the trainers' folders (learned words, checkpoints, loss logs)")
     args = p.parse_args(argv)
-    if not set(args.rows) & set(CONTEXT_ROWS) and "context_lr" in given_options(p, argv):
+    given = given_options(p, argv)
+    if not set(args.rows) & set(CONTEXT_ROWS) and "context_lr" in given:
         p.error(f"--context-lr sets the {' and '.join(CONTEXT_ROWS)} rows, which --rows leaves out")
+    if not set(args.rows) - set(CONTEXT_ROWS) and "lr" in given:
+        p.error(f"--lr sets the words' rows; the {' and '.join(CONTEXT_ROWS)} rows take --context-lr")
+    if args.n < 2 and not args.no_baseline:
+        p.error("--n: the baseline picks its word on n/2 samples, so it needs at least 2 (or pass --no-baseline)")
+    distinct_seeds(args.seeds)
+    check_writable(args.out)
     import ldm
     from invert import TINY_DEFAULTS
     from tinyworld.concepts import best_plain_caption, evaluate_context, evaluate_word, mean_scores
     model = ldm.load(args.ckpt)
     steps = args.steps or TINY_DEFAULTS["steps"]
     seeds = args.seeds
+    words = set(args.rows) - set(CONTEXT_ROWS)
     print(f"Textual Inversion on the tiny world: 5 images per concept and seed, {steps} steps, "
-          f"base lr {args.lr or TINY_DEFAULTS['lr']:g}, {args.n} samples "
+          + (f"base lr {args.lr or TINY_DEFAULTS['lr']:g}, " if words else "") + f"{args.n} samples "
           f"per score, DDIM {args.sample_steps}, guidance {args.scale:g}; means over seeds {', '.join(map(str, seeds))}"
           + (f"; the whole context: Adam, lr {args.context_lr:g}" if set(args.rows) & set(CONTEXT_ROWS) else "")
           + "\n")
@@ -121,6 +134,7 @@ def main(argv=None) -> int:
             runs, seconds = [], 0.0
             for seed in seeds:
                 t = time.time()
+                status(f"{name}, seed {seed}: learning the context, then scoring")
                 context = learn_context(model, concept, steps, seed, args.context_lr)
                 seconds += time.time() - t
                 runs.append(evaluate_context(model, concept, context, n=args.n, steps=args.sample_steps,
@@ -129,6 +143,7 @@ def main(argv=None) -> int:
             continue
         label, concept, overrides = ROWS[name]
         if concept not in done and not args.no_baseline:  # the baseline: the best ordinary word, on the first seed's samples
+            status(f"{concept} baseline: choosing the best plain word, then scoring it")
             word, _ = best_plain_caption(model, concept, n=args.n // 2, steps=args.sample_steps,
                                               scale=args.scale, seed=seeds[0])
             row(concept, f"baseline: best plain word \"{word}\"",
@@ -138,6 +153,7 @@ def main(argv=None) -> int:
         runs, seconds = [], 0.0
         for seed in seeds:
             t = time.time()
+            status(f"{name}, seed {seed}: learning the word, then scoring")
             trainer = learn(model, concept, steps, seed, args.out / f"{concept}-{label.split()[0]}-seed{seed}",
                             **({"lr": args.lr} if args.lr else {}), **overrides)
             seconds += time.time() - t

@@ -1,12 +1,12 @@
-"""Train the tiny Stable Diffusion of the tiny world, on a CPU or a GPU, in two stages.
+r"""Train the tiny Stable Diffusion of the tiny world, on a CPU or a GPU, in two stages.
 
     python -m tinyworld.train                # both stages, then export weights/tiny.safetensors
     python -m tinyworld.train --resume       # continue an interrupted run from its last checkpoint
     python -m tinyworld.train --device cuda --batch 256 --minutes 60   # on a GPU, for an hour
     python -m tinyworld.train --init weights/tiny.safetensors --run runs/texture \
-        --vae-steps 5000 --steps 1500        # continue training a model: both stages, from it
+        --vae-steps 5000 --steps 1500 --out runs/texture/tiny.safetensors   # continue a model: both stages
     python -m tinyworld.train --init runs/texture/tiny.safetensors --run runs/decoder \
-        --vae-steps 0 --decoder-steps 3000 --steps 0     # fine-tune its decoder alone
+        --vae-steps 0 --decoder-steps 3000 --steps 0 --out runs/decoder/tiny.safetensors  # its decoder alone
 
 Stage 1, the autoencoder: AutoencoderKL (f = 4: 32×32×3 images -> 8×8×4 latents), an L1
 reconstruction loss weighted ×5 on the object's pixels (the object is what must survive)
@@ -38,10 +38,10 @@ its bottleneck can tell left from right, and the text encoder is 64 wide, since 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
-from ldm.cli import HelpFormatter, given_options, nonnegative_int, positive_float, positive_int, seed_int
+from ldm.cli import (CLIError, Parser, checked_number, given_options, nonnegative_int, path_arg, positive_float,
+                     positive_int, seed_int)
 from ldm.load import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +263,7 @@ def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path, 
             # linear warm-up, then cosine decay to 10 % over the steps or the minutes, whichever runs out first
             progress = min(1.0, max(step / args.steps, seconds / (args.minutes * 60)))
             for group in opt.param_groups:
-                warm = min(1.0, (step + 1) / args.warmup)
+                warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
                 cos = 0.55 + 0.45 * math.cos(math.pi * progress)
                 group["lr"] = args.lr * warm * cos
             opt.step()
@@ -303,23 +304,29 @@ def quick_eval(model, ema, step, n: int = 48):
 
 # ----------------------------------------------------------------------------- main
 
+EXAMPLES = __doc__.split("\n\n")[1]
+SAME_ON_RESUME = ("images", "seed", "init")  # what the cached latents and the captions depend on
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m tinyworld.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("--run", type=Path, default=ROOT / "runs" / "tiny", help="folder for checkpoints and logs")
-    p.add_argument("--out", type=Path, default=ROOT / "weights" / "tiny.safetensors", help="exported model")
+    p = Parser(prog="python -m tinyworld.train", description=__doc__.split("\n\n")[0],
+               epilog="examples:\n" + EXAMPLES)
+    p.add_argument("--run", type=path_arg, default=ROOT / "runs" / "tiny", help="folder for checkpoints and logs")
+    p.add_argument("--out", type=path_arg, default=ROOT / "weights" / "tiny.safetensors",
+                   help="the exported model (EMA weights, fp16): name.safetensors or name.ckpt, or a new folder "
+                        "for the diffusers layout")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run")
-    p.add_argument("--init", type=Path, default=None,
+    p.add_argument("--init", type=path_arg, default=None,
                    help="continue training this model (both stages) instead of starting from scratch")
     p.add_argument("--anchor", type=float, default=1.0,
                    help="with --init: weight of the loss keeping encoder means at the starting model's (default: 1.0)")
     p.add_argument("--images", type=positive_int, default=60000, help="training images (rendered once)")
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--vae-steps", type=nonnegative_int, default=2000)
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the rendered images and of every training draw")
+    p.add_argument("--vae-steps", type=nonnegative_int, default=2000, help="stage 1: autoencoder steps")
     p.add_argument("--vae-minutes", type=float, default=0, help="stop the autoencoder stage after this "
                                                                      "much time (0 = run all --vae-steps)")
-    p.add_argument("--vae-batch", type=positive_int, default=32)
-    p.add_argument("--vae-lr", type=positive_float, default=1e-3)
+    p.add_argument("--vae-batch", type=positive_int, default=32, help="images per autoencoder step")
+    p.add_argument("--vae-lr", type=positive_float, default=1e-3, help="Adam learning rate of stage 1")
     p.add_argument("--decoder-steps", type=nonnegative_int, default=0,
                    help="stage 1b: fine-tune the decoder alone, the encoder (so the latents) frozen")
     p.add_argument("--decoder-lr", type=positive_float, default=3e-4, help="Adam learning rate of stage 1b")
@@ -327,14 +334,17 @@ def build_parser():
     p.add_argument("--minutes", type=float, default=120.0,
                    help="stop diffusion training after this much time (the learning rate decays over "
                         "the steps or the minutes, whichever runs out first)")
-    p.add_argument("--batch", type=positive_int, default=64)
-    p.add_argument("--lr", type=positive_float, default=5e-4)
-    p.add_argument("--warmup", type=nonnegative_int, default=300)
-    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--batch", type=positive_int, default=64, help="latents per diffusion step")
+    p.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW peak learning rate of stage 2")
+    p.add_argument("--warmup", type=nonnegative_int, default=300,
+                   help="diffusion steps of linear learning-rate warm-up (0 = none)")
+    p.add_argument("--ema", type=checked_number(float, "a number", lambda v: 0 <= v < 1, "between 0 and 1 (< 1)"),
+                   default=0.999, help="decay of the moving average of the weights, which is what gets exported")
     p.add_argument("--max-timestep", type=int, default=0,
                    help="train on t < this only (0 = all 1000): a fine-tune of the low-noise steps, "
                         "where fine detail such as texture is drawn")
-    p.add_argument("--checkpoint-every", type=positive_int, default=250)
+    p.add_argument("--checkpoint-every", type=positive_int, default=250,
+                   help="steps between checkpoints in --run (one is also saved when a stage ends or stops)")
     p.add_argument("--eval-every", type=nonnegative_int, default=1000, help="quick accuracy check (0 = never)")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
@@ -356,18 +366,53 @@ def check_args(args, cfg: ModelConfig, given: set) -> str:
     return ""
 
 
+def check_out(out: Path, init) -> str:
+    """What is wrong with --out, in one line ('' if nothing): checked before hours of training."""
+    if out.suffix not in (".safetensors", ".ckpt", ""):
+        return f"--out {out}: cannot save as '{out.suffix}'; use name.safetensors, name.ckpt or a folder name"
+    if init is not None and out.resolve() == init.resolve():
+        return f"--out {out} is the --init model itself; write the continued model to another file"
+    if out.suffix == "" and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return f"--out {out}: already exists; the diffusers layout needs a new folder"
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        return f"--out {out}: cannot write there ({parent} is not a writable folder)"
+    return ""
+
+
+def check_run(args) -> str:
+    """What is wrong with --run and --resume, in one line ('' if nothing)."""
+    run = args.run
+    if run.exists() and not run.is_dir():
+        return f"--run {run}: is a file, not a folder"
+    holds_run = run.exists() and any(run.iterdir())
+    if holds_run and not args.resume:
+        return f"{run} already holds a run; pass --resume to continue it or choose another --run"
+    if args.resume and not holds_run:
+        return f"--resume: {run} holds no run to continue; leave out --resume to start one"
+    saved = run / "config.json"
+    if args.resume and saved.exists():
+        before = json.loads(saved.read_text())
+        now = json.loads(json.dumps(vars(args), default=str))
+        changed = [k for k in SAME_ON_RESUME if before.get(k) != now.get(k)]
+        if changed:
+            return ("--resume: this run was started with " + ", ".join(f"--{k} {before.get(k)}" for k in changed)
+                    + "; its cached latents and captions need the same (other options may change)")
+    return ""
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     run = args.run
-    if run.exists() and any(run.iterdir()) and not args.resume:
-        print(f"error: {run} already holds a run; pass --resume to continue it or choose another --run",
-              file=sys.stderr)
+    problem = check_run(args) or check_out(args.out, args.init)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     import ldm
-    from ldm.cli import CLIError, pick_device
+    from ldm.cli import pick_device
     from ldm.load import read_metadata
     from ldm.model import StableDiffusion
     from tinyworld.world import IMAGE_SIZE
@@ -416,10 +461,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
 
+    steps_of = lambda stage: load_checkpoint(run / stage)["step"] if (run / stage).exists() else 0  # as run
     training = {"diffusion_steps": steps, "diffusion_minutes": round(seconds / 60, 1),
-                "vae_steps": args.vae_steps, "images": args.images, "seed": args.seed}
+                "vae_steps": steps_of("vae.pt"), "images": args.images, "seed": args.seed}
     if args.decoder_steps:
-        training["decoder_steps"] = args.decoder_steps
+        training["decoder_steps"] = steps_of("decoder.pt")
     if args.max_timestep:
         training["max_timestep"] = args.max_timestep
     if start is not None:

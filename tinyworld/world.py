@@ -65,10 +65,10 @@ Run ``python -m tinyworld.world --grid out.png`` to write a grid of samples with
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 from dataclasses import dataclass, fields
 from functools import lru_cache
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -635,19 +635,24 @@ def save_grid(path: str, images: np.ndarray, captions: Sequence[str] | None = No
             lines.append(line)
             draw.multiline_text((x, y + cell + 1), "\n".join(lines[:4]) or "''",
                                 fill=(255, 255, 255), spacing=0)
-    canvas.save(path)
+    from ldm.generate import save_png
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_png(canvas, path)  # through a temporary file: no half-written grid
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from ldm.cli import seed_int
-    ap = argparse.ArgumentParser(description="Write a grid of tiny-world samples.")
-    ap.add_argument("--grid", default="tinyworld_grid.png")
-    ap.add_argument("-n", type=int, default=48)
-    ap.add_argument("--seed", type=seed_int, default=0)
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--concept", default=None, help="draw one held-out concept instead")
-    ap.add_argument("--scale", type=int, default=4)
+def main(argv: Sequence[str] | None = None) -> int:
+    from ldm.cli import Parser, check_file_writable, image_path_arg, positive_int, seed_int
+    ap = Parser(prog="python -m tinyworld.world", description="Write a grid of tiny-world samples.")
+    ap.add_argument("--grid", type=image_path_arg, default=Path("tinyworld_grid.png"), help="the PNG to write")
+    ap.add_argument("-n", type=positive_int, default=48, help="images in the grid")
+    ap.add_argument("--seed", type=seed_int, default=0, help="seed of the rendered images")
+    ap.add_argument("--split", choices=("train", "eval", "any"), default="train",
+                    help="train: the training images; eval: held-out combinations only; any: no restriction")
+    ap.add_argument("--concept", choices=(*HELDOUT_SHAPES, *HELDOUT_TEXTURES), default=None,
+                    help="draw one held-out concept instead")
+    ap.add_argument("--scale", type=positive_int, default=4, help="each pixel drawn as scale x scale")
     args = ap.parse_args(argv)
+    check_file_writable(args.grid, "--grid")
     if args.concept:
         images, attrs = concept_images(args.concept, args.n, args.seed, return_attrs=True)
         captions = [f"[{args.concept}] " + prompt(a, include=ATTRIBUTE_NAMES) for a in attrs]
@@ -656,7 +661,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         captions = [c if c else "''" for c in captions]
     save_grid(args.grid, images, captions, scale=args.scale)
     print(f"wrote {args.grid}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    from ldm.cli import run
+    sys.exit(run(main, prog="tinyworld.world"))
