@@ -1,10 +1,10 @@
 """Text to image: encode the prompt, denoise from Gaussian noise, decode the latents.
 
 Each image i has its own CPU generator, seeded with its seed, which draws its starting noise
-and then any noise the sampler adds (DDPM, or DDIM with eta > 0), so the same seed
-gives the same picture whatever the batch size, the rest of the batch or the device: bit for
-bit on the CPU; on a GPU the kernels chosen for each batch size round differently, so pixels can differ slightly
-(tests/test_sample_cli.py allows two levels of 255).
+and then any noise the sampler adds (DDPM, or DDIM with eta > 0), so the same seed gives the
+same picture whatever the batch size, the rest of the batch or the device: bit for bit on the
+CPU; on a GPU the kernels chosen for each batch size round differently, so pixels can differ
+slightly (tests/test_sample_cli.py allows two levels of 255).
 """
 from __future__ import annotations
 
@@ -61,13 +61,13 @@ def generate(model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int
         cond = model.encode_prompts(list(prompts), new_embeddings)
     if uncond is None and scale != 1.0:
         uncond = model.encode_prompts([negative_prompt], new_embeddings)
-    generator = [torch.Generator().manual_seed(int(s)) for s in seeds]  # one per image, on the CPU
-    x_T = initial_noise(shape, generator).to(model.device, model.dtype)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # one per image, on the CPU
+    x_T = initial_noise(shape, generators).to(model.device, model.dtype)
     denoiser = guided_denoiser(model.unet, cond, uncond, scale, value_cond=value_cond, value_uncond=value_uncond)
     if sampler == "ddim":
-        z = ddim_sample(denoiser, x_T, model.schedule, steps, eta=eta, generator=generator, progress=progress)
+        z = ddim_sample(denoiser, x_T, model.schedule, steps, eta=eta, generator=generators, progress=progress)
     else:
-        z = ddpm_sample(denoiser, x_T, model.schedule, steps, generator=generator, progress=progress)
+        z = ddpm_sample(denoiser, x_T, model.schedule, steps, generator=generators, progress=progress)
     images = model.decode_latents(z)
     return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
