@@ -1,6 +1,6 @@
 """The Textual Inversion results table of the README, on the tiny world.
 
-    python -m tinyworld.ti_results                 # about 30 minutes on 2 CPU cores (3 seeds)
+    python -m tinyworld.ti_results                 # about 40 minutes on 2 CPU cores (3 seeds)
     python -m tinyworld.ti_results --seeds 0       # one seed: about 10 minutes
     python -m tinyworld.ti_results --rows ring --no-baseline --lr 2.5e-3 --steps 800   # one row of a sweep
 
