@@ -25,14 +25,15 @@ def test_tiny_bench_row(precision, repeats):
     assert seconds_ours > 0 and seconds_ref > 0 and len(each_run) == repeats
     assert ratio == pytest.approx(sum(each_run) / repeats, abs=0.011)  # the median of 1 or 2 runs
     if repeats == 1:
-        assert ratio == pytest.approx(seconds_ours / seconds_ref, abs=0.01)
+        assert ratio == pytest.approx(seconds_ours / seconds_ref, rel=0.05, abs=0.01)
     # the U-Net alone: its seconds on both sides, their ratio, and its share of each side's step
     alone_ours, alone_ref, unet_ratio, share_ours, share_ref = (float(c) for c in unet.strip("|").split("|")[1:])
     assert alone_ours > 0 and alone_ref > 0
-    assert unet_ratio == pytest.approx(alone_ours / alone_ref, abs=0.03)
+    # ratios of seconds printed to 3 decimals: a few percent off the printed ratio, which used the exact ones
+    assert unet_ratio == pytest.approx(alone_ours / alone_ref, rel=0.05, abs=0.03)
     if repeats == 1:
-        assert share_ours == pytest.approx(alone_ours / seconds_ours, abs=0.03)
-        assert share_ref == pytest.approx(alone_ref / seconds_ref, abs=0.03)
+        assert share_ours == pytest.approx(alone_ours / seconds_ours, rel=0.05, abs=0.03)
+        assert share_ref == pytest.approx(alone_ref / seconds_ref, rel=0.05, abs=0.03)
 
 
 def test_conv_bench_lists_every_convolution_of_sd_and_the_way_ldm_conv_takes(tmp_path):

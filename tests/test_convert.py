@@ -4,6 +4,7 @@ The SD v1.5 tests run on meta tensors built from the key/shape manifests in test
 small-config tests build real (tiny) diffusers / transformers models from the configs we write.
 """
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -316,28 +317,30 @@ def test_sd2_text_encoder_is_rejected():
         read_diffusers_configs(unet, vae, text)
 
 
-@pytest.mark.parametrize("part, change", [
-    ("unet", {"time_cond_proj_dim": 256}),                      # LCM-distilled U-Net
-    ("unet", {"class_embed_type": "timestep", "num_class_embeds": 1000}),
-    ("unet", {"up_block_types": ["UpBlock2D"] * 4}),            # halves must mirror
-    ("unet", {"block_out_channels": [320, 640, 1280, 1000]}),
-    ("unet", {"mid_block_type": None}),
-    ("unet", {"_class_name": "UNet2DModel"}),
-    ("vae", {"use_quant_conv": False, "shift_factor": 0.1159}),
-    ("vae", {"down_block_types": ["DownEncoderBlock2D"] * 3}),
-    ("text", {"hidden_act": "gelu"}),
+@pytest.mark.parametrize("part, change, message", [
+    ("unet", {"time_cond_proj_dim": 256}, "time_cond_proj_dim=256"),      # LCM-distilled U-Net
+    ("unet", {"class_embed_type": "timestep"}, "class_embed_type='timestep'"),
+    ("unet", {"num_class_embeds": 1000}, "num_class_embeds=1000"),
+    ("unet", {"up_block_types": ["UpBlock2D"] * 4}, "do not mirror"),    # halves must mirror
+    ("unet", {"block_out_channels": [320, 640, 1280, 1000]}, "not multiples of 320"),
+    ("unet", {"mid_block_type": None}, "mid_block_type=None"),
+    ("unet", {"_class_name": "UNet2DModel"}, "'UNet2DModel', expected 'UNet2DConditionModel'"),
+    ("vae", {"use_quant_conv": False}, "use_quant_conv=False"),
+    ("vae", {"shift_factor": 0.1159}, "shift_factor=0.1159"),
+    ("vae", {"down_block_types": ["DownEncoderBlock2D"] * 3}, "vae block types"),
+    ("text", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
 ])
-def test_unrepresentable_configs_raise_value_error(part, change):
+def test_unrepresentable_configs_raise_value_error(part, change, message):
     unet, vae, text = manifest_configs()
     {"unet": unet, "vae": vae, "text": text}[part].update(change)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape(message)):
         read_diffusers_configs(unet, vae, text)
 
 
 def test_write_rejects_what_diffusers_cannot_express():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="attention_resolutions"):
         write_diffusers_configs(ModelConfig(unet=UNetConfig(attention_resolutions=(3,))))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="embed_dim 8 != z_channels 4"):
         write_diffusers_configs(ModelConfig(vae=VAEConfig(embed_dim=8)))
 
 

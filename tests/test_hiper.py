@@ -157,7 +157,11 @@ def test_invert_hiper_end_to_end_and_sample_py_reads_the_tail(ckpt, image_file, 
     hiper = np.asarray(Image.open(s / "00000-0.png"))
     assert Image.open(s / "00000-0.png").text["alpha"] == "0.8"
     sample.main(["--ckpt", str(ckpt), "--prompt", TARGET, "--n", "1", "--steps", "2", "--out", str(tmp_path / "p")])
-    assert not np.array_equal(hiper, np.asarray(Image.open(tmp_path / "p" / "00000-0.png")))  # the tail is used
+    assert not np.array_equal(hiper, np.asarray(Image.open(tmp_path / "p" / "00000-0.png")))
+    # the learned tail is used, not only the target's last rows dropped: α = 0 zeroes those rows
+    sample.main(["--ckpt", str(ckpt), "--hiper", str(out / "hiper_tail.safetensors"), "--prompt", TARGET,
+                 "--n", "1", "--steps", "2", "--alpha", "0", "--out", str(tmp_path / "a0")])
+    assert not np.array_equal(hiper, np.asarray(Image.open(tmp_path / "a0" / "00000-0.png")))
 
 
 def test_tiny_world_demo_runs_without_an_image(ckpt, tmp_path, capsys):

@@ -49,11 +49,16 @@ def test_training_writes_every_output_and_sample_py_reads_them(ckpt, images, tmp
 
     rc = sample.main(["--ckpt", str(ckpt), "--prompt", "a photo of <toy>", "--embedding",
                       str(out / "learned_embeds.safetensors"), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s")])
-    assert rc == 0 and (tmp_path / "s" / "00000-0.png").exists()
+    assert rc == 0
+    pixels = lambda folder: np.asarray(Image.open(tmp_path / folder / "00000-0.png"))
+    learned = pixels("s")
     for a1111_file in ("toy-embedding.pt", "toy-embedding.safetensors"):  # sample.py reads them, by that name
         rc = sample.main(["--ckpt", str(ckpt), "--prompt", "a photo of toy-embedding", "--embedding",
                           str(out / a1111_file), "--n", "1", "--steps", "2", "--out", str(tmp_path / a1111_file)])
-        assert rc == 0 and (tmp_path / a1111_file / "00000-0.png").exists()
+        assert rc == 0 and np.array_equal(pixels(a1111_file), learned)  # the same vector in every file
+    sample.main(["--ckpt", str(ckpt), "--prompt", "a photo of toy", "--n", "1", "--steps", "2",
+                 "--out", str(tmp_path / "init")])
+    assert not np.array_equal(pixels("init"), learned)  # the word moved from its init word's embedding
 
 
 def test_resume_continues_to_the_same_result(ckpt, images, tmp_path, capsys):

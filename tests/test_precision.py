@@ -1,5 +1,6 @@
 """The frozen networks' precision while training: bf16 under autocast on a CUDA GPU that has it,
 fp32 elsewhere, and no autocast for fp32 weights."""
+import importlib
 import types
 
 import pytest
@@ -32,10 +33,14 @@ def test_no_autocast_off_the_gpu(dtype):
     assert y.dtype == torch.float32
 
 
-def test_invert_runs_with_bf16_weights_on_the_cpu(tmp_path):
+def test_invert_runs_with_bf16_weights_on_the_cpu(tmp_path, monkeypatch):
     import invert
+    loader = importlib.import_module("ldm.load")  # the module: `ldm.load` is also its function
+    loaded, load = [], loader.load
+    monkeypatch.setattr(loader, "load", lambda *a, **kw: loaded.append(load(*a, **kw)) or loaded[-1])
     assert invert.main(["--steps", "2", "--no-eval", "--precision", "bf16", "--num-images", "2",
                         "--out", str(tmp_path / "run")]) == 0
+    assert loaded[0].dtype == torch.bfloat16  # the frozen model trained in bf16
     from safetensors.torch import load_file
     learned = load_file(tmp_path / "run" / "learned_embeds.safetensors")
     (vector,) = learned.values()

@@ -66,10 +66,16 @@ def test_same_seed_same_image_on_the_default_device(ckpt, tmp_path):
     assert np.abs(in_batch - other).max() > 2
 
 
-def test_ddpm_sampler_runs(ckpt, tmp_path):
-    assert sample.main(["--prompt", "a", "--ckpt", str(ckpt), "--steps", "4", "--n", "1", "--sampler", "ddpm",
-                        "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "00000-0.png").exists()
+def test_ddpm_sampler_and_negative_prompt_change_the_image(ckpt, tmp_path):
+    def image(name, *options):
+        assert sample.main(["--prompt", "a red circle", "--ckpt", str(ckpt), "--steps", "4", "--n", "1",
+                            "--out", str(tmp_path / name), *options]) == 0
+        return np.asarray(Image.open(tmp_path / name / "00000-0.png"))
+    ddim = image("ddim")
+    assert np.array_equal(ddim, image("ddim-again"))
+    assert not np.array_equal(ddim, image("ddpm", "--sampler", "ddpm"))       # ancestral: other steps, fresh noise
+    assert not np.array_equal(ddim, image("negative", "--negative", "blue"))  # the guidance pushes away from it
+    assert Image.open(tmp_path / "negative" / "00000-0.png").text["negative_prompt"] == "blue"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -342,7 +342,7 @@ def test_low_precision_input_uses_fp32_math(schedule):
     ref = ddim_sample(denoiser, x_T, schedule, num_steps=10)
     out = ddim_sample(denoiser, x_T.to(torch.bfloat16), schedule, num_steps=10)
     assert out.dtype == torch.bfloat16 and dtypes[-1] == torch.bfloat16
-    assert (out.float() - ref).abs().max() < 0.1
+    assert (out.float() - ref).abs().max() < 0.02  # bf16's rounding of x_T and of the result; bf16 math: 0.03
     out = ddpm_sample(denoiser, x_T.half(), schedule, num_steps=10, generator=torch.Generator().manual_seed(0))
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
 

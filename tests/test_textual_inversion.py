@@ -1,4 +1,5 @@
 """Textual Inversion: only the new vectors learn, the frozen model never changes, resume is exact."""
+import numpy as np
 import pytest
 import torch
 
@@ -78,8 +79,11 @@ def test_resume_with_other_settings_is_refused(model, images, tmp_path):
 
 def test_progressive_extension_adds_vectors(model, images, tmp_path):
     t = make(model, images, tmp_path, num_vectors=3, progressive_every=2)
+    words = lambda: t.prompts(np.random.default_rng(0), np.array([0]))[0].split()
+    assert "<x>" in words() and "<x>_1" not in words()   # the prompts hold only the active vectors
     t.run(progress=False)
     assert t.active == 3 and t.embedding().shape == (3, 32)
+    assert "<x>_1" in words() and "<x>_2" in words()
     t2 = make(model, images, tmp_path / "b", num_vectors=3, progressive_every=4)
     t2.run(progress=False)
     assert t2.active == 2
@@ -145,6 +149,11 @@ def test_the_cached_posteriors_and_a_training_batch_carry_no_graph(model, images
     assert any(p.requires_grad for p in model.parameters())
     means, stds = encode_images(model, images)
     assert means.shape[0] == 2 * len(images) and not means.requires_grad and not stds.requires_grad
+    n = len(images)  # rows N..2N-1: the mirror images, the random flip's other half
+    with torch.no_grad():
+        assert torch.allclose(means[:n], model.vae.encode(images).mean, atol=1e-5)
+        assert torch.allclose(means[n:], model.vae.encode(images.flip(-1)).mean, atol=1e-5)
+    assert not torch.allclose(means[:n], means[n:], atol=1e-3)
     rows = torch.tensor([0, 3, 1])
     z_t, noise, t = noisy_latents(model, means, stds, rows, torch.Generator().manual_seed(5))
     again = noisy_latents(model, means, stds, rows, torch.Generator().manual_seed(5))
