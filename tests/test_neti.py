@@ -362,13 +362,18 @@ def test_invert_writes_a_mapper_that_sample_py_reads(ckpt, image_dir, tmp_path, 
                       "--steps", "3", "--batch", "2", "--out", str(out), "--resume"], capsys)
     assert rc == 0 and "resuming at step 2" in cap.out, cap.err
 
-    for extra in ([], ["--truncation", "8", "--negative", "a blurry <toy>"]):
+    drawn = {}
+    for name, extra in (("full", []), ("truncated", ["--truncation", "8"]),
+                        ("negative", ["--truncation", "8", "--negative", "a blurry <toy>"])):
         rc, cap = sample(["--ckpt", str(ckpt), "--prompt", "a photo of <toy>", "--neti",
                           str(out / "neti_mapper.safetensors"), "--n", "2", "--steps", "2", "--out",
-                          str(tmp_path / "s"), *extra], capsys)
-        assert rc == 0 and (tmp_path / "s" / "00001-1.png").exists(), cap.err
-        assert "looks like a learned word" not in cap.err  # the mapper defines <toy>
-    assert Image.open(tmp_path / "s" / "00002-0.png").text["truncation"] == "8"  # the second run's first image
+                          str(tmp_path / name), *extra], capsys)
+        assert rc == 0 and (tmp_path / name / "00001-1.png").exists(), cap.err
+        assert "looks like a learned word" not in cap.err  # the mapper defines <toy> (in the negative too)
+        drawn[name] = np.asarray(Image.open(tmp_path / name / "00000-0.png"))
+    assert Image.open(tmp_path / "truncated" / "00000-0.png").text["truncation"] == "8"
+    assert not np.array_equal(drawn["full"], drawn["truncated"])       # 8 of the 128 hidden units: another word
+    assert not np.array_equal(drawn["truncated"], drawn["negative"])
     mapper_file = str(out / "neti_mapper.safetensors")
     rc, cap = sample(["--ckpt", str(ckpt), "--prompt", "a red circle", "--neti", mapper_file, "--n", "1",
                       "--steps", "1", "--out", str(tmp_path / "u")], capsys)

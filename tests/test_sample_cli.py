@@ -78,6 +78,33 @@ def test_ddpm_sampler_and_negative_prompt_change_the_image(ckpt, tmp_path):
     assert Image.open(tmp_path / "negative" / "00000-0.png").text["negative_prompt"] == "blue"
 
 
+def test_width_and_height_and_precision(ckpt, tmp_path):
+    assert sample.main(["--prompt", "a red circle", "--ckpt", str(ckpt), "--steps", "2", "--n", "1",
+                        "--width", "64", "--height", "32", "--out", str(tmp_path / "wide")]) == 0
+    wide = Image.open(tmp_path / "wide" / "00000-0.png")
+    assert wide.size == (64, 32) and wide.text["width"] == "64" and wide.text["height"] == "32"
+    fp32 = sample.main(["--prompt", "a red circle", "--ckpt", str(ckpt), "--steps", "2", "--n", "1",
+                        "--out", str(tmp_path / "fp32")])
+    bf16 = sample.main(["--prompt", "a red circle", "--ckpt", str(ckpt), "--steps", "2", "--n", "1",
+                        "--precision", "bf16", "--out", str(tmp_path / "bf16")])
+    assert fp32 == bf16 == 0
+    a, b = (np.asarray(Image.open(tmp_path / d / "00000-0.png"), dtype=np.int16) for d in ("fp32", "bf16"))
+    assert not np.array_equal(a, b) and np.abs(a - b).mean() < 4  # bf16 weights: the same picture, rounded (0.5)
+
+
+def test_auto_device_and_precision(monkeypatch):
+    from ldm.cli import CLIError, pick_device, pick_dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto").type in ("cpu", "mps")
+    with pytest.raises(CLIError, match="no CUDA GPU"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda")
+    assert pick_dtype("auto", torch.device("cuda")) == torch.float16   # sampling: fp16 weights on a GPU
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
 @pytest.mark.parametrize("args, message", [
     (["--ckpt", "missing.safetensors"], "no such file"),
     (["--steps", "0"], "--steps"),
@@ -234,3 +261,16 @@ def test_generate_refuses_a_scale_or_seed_that_would_give_nonsense():
                         (dict(seeds=[2 ** 63]), "seeds")):
         with pytest.raises(ValueError, match=message):
             generate(model, ["a"], **kw)
+
+
+def test_validation_row_is_each_prompt_with_its_seed(ckpt, tmp_path):
+    import ldm
+    from ldm.generate import generate, save_prompt_row, to_pil
+    model = ldm.load(ckpt)
+    prompts = ["a red circle", "a blue square on the left"]
+    save_prompt_row(model, prompts, tmp_path / "row.png", steps=2, upscale=2)
+    row = np.asarray(Image.open(tmp_path / "row.png"))
+    assert row.shape == (64, 128, 3)  # two 32-px images side by side, each pixel drawn 2 x 2
+    for i, prompt in enumerate(prompts):  # image i: prompt i with seed i
+        alone = np.asarray(to_pil(generate(model, [prompt], [i], steps=2))[0])
+        assert np.array_equal(row[::2, 64 * i:64 * (i + 1):2], alone)

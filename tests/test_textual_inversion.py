@@ -159,3 +159,22 @@ def test_the_cached_posteriors_and_a_training_batch_carry_no_graph(model, images
     again = noisy_latents(model, means, stds, rows, torch.Generator().manual_seed(5))
     assert z_t.shape == noise.shape == (3, *means.shape[1:]) and t.shape == (3,)
     assert all(torch.equal(a, b) for a, b in zip((z_t, noise, t), again))
+
+
+def test_whole_context_learns_the_images_with_the_frozen_model(model, images):
+    """The results tables' comparison row: the 77 × D context itself, learned with TI's loss."""
+    import torch.nn.functional as F
+    from inversion.textual_inversion import encode_images, noisy_latents
+    from tinyworld import whole_context
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    start = model.encode_prompts(["a photo of a object"])[0]
+    context = whole_context.learn(model, images, "a photo of a object", steps=30, seed=0, lr=5e-2, batch=4)
+    assert context.shape == start.shape and not torch.equal(context, start)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    means, stds = encode_images(model, images)
+    g = torch.Generator().manual_seed(9)  # the same 32 noisy latents for both contexts
+    z_t, noise, t = noisy_latents(model, means, stds, torch.arange(6).repeat(6)[:32], g)
+    with torch.no_grad():
+        loss = lambda c: F.mse_loss(model.unet(z_t, t, c.expand(32, -1, -1)), noise).item()
+        assert loss(context) < loss(start)
