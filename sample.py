@@ -193,7 +193,7 @@ def main(argv=None) -> int:
             print(f"warning: {word!r} in {flag} looks like a learned word, but no --embedding or --neti file "
                   "defines it; it is read as ordinary text", file=sys.stderr)
 
-    from tqdm import tqdm
+    from ldm.cli import progress_bar
     from ldm.generate import generate, make_grid, save_png, to_pil
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     images, paths = [], []
     seeds = [args.seed + i for i in range(args.n)]
     first = next_number(args.out)
-    bar = tqdm(total=args.n * args.steps, desc="sampling", unit="step", disable=None)
+    bar = progress_bar(args.n * args.steps, "sampling")
 
     def progress(steps):
         for s in steps:

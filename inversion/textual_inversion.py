@@ -278,17 +278,16 @@ class TextualInversion:
             on_sample: Callable[["TextualInversion"], None] = lambda t: None, progress: bool = True) -> None:
         """Train until cfg.steps; checkpoint and call `on_save` every save_every steps and at the
         end; on Ctrl-C, save what was learned and re-raise."""
-        from tqdm import tqdm
+        from ldm.cli import progress_bar
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.progress_label, unit="step",
-                   disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(cfg.steps, self.progress_label, initial=self.step, disable=not progress)
         try:
             while self.step < cfg.steps:
                 loss = self.train_step()
                 self.check_finite()
                 if loss is not None:
                     self.losses.append((self.step, loss))
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 bar.update(1)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()

@@ -90,6 +90,14 @@ nonnegative_float = checked_number(float, "a number", lambda v: 0 <= v < float("
 seed_int = checked_number(int, "a whole number", lambda v: 0 <= v < 2 ** 63, "between 0 and 2**63 - 1")
 
 
+def progress_bar(total: int, desc: str, initial: int = 0, unit: str = "step", disable: bool = False, **kwargs):
+    """A tqdm bar on stderr. Redirected to a log file, it writes a line every 30 s rather than ten a
+    second (set its postfix with refresh=False, or each call writes one)."""
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30, **kwargs)
+
+
 def shell_command(*words) -> str:
     """A command line to print for the user to paste: each word quoted where the shell needs it
     (a path with a space, a placeholder with a '$' or a quote)."""

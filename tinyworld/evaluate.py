@@ -45,8 +45,8 @@ def sample_prompts(model, prompts, seeds, steps=50, scale=7.5, batch=64, desc=No
     out = []
     starts = range(0, len(prompts), batch)
     if desc is not None:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+        from ldm.cli import progress_bar
+        starts = progress_bar(len(starts), desc, unit="batch", iterable=starts, leave=False)
     for i in starts:
         out.append(to_uint8(generate(model, prompts[i:i + batch], seeds[i:i + batch], steps=steps,
                                      scale=scale, **kw)))

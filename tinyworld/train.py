@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from ldm.cli import (CLIError, Parser, checked_number, given_options, nonnegative_int, path_arg, positive_float,
-                     positive_int, seed_int)
+                     positive_int, progress_bar, seed_int)
 from ldm.load import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,13 +90,6 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def progress_bar(total, initial, desc):
-    from tqdm import tqdm
-    # redirected to a log file, the bar still prints, every 30 s
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-                mininterval=0.1 if sys.stderr.isatty() else 30)
-
-
 # ----------------------------------------------------------------------------- stage 1: VAE
 
 def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +111,7 @@ def fit_autoencoder(vae, params, loss_of_batch, images: np.ndarray, args, steps:
     if step >= steps:
         return vae.eval()
     vae.train()
-    bar = progress_bar(steps, step, desc)
+    bar = progress_bar(steps, desc, initial=step)
     start, first = time.time(), step
     try:
         while step < steps and (not minutes or time.time() - start < minutes * 60):
@@ -244,7 +237,7 @@ def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path, 
         step, seconds = state["step"], state["seconds"]
     tokenize, schedule = CaptionIds(model.tokenizer), model.schedule
     log = open(run / "diffusion_log.csv", "a")
-    bar = progress_bar(args.steps, step, "diffusion")
+    bar = progress_bar(args.steps, "diffusion", initial=step)
     t_last = time.time()
     try:
         while step < args.steps and seconds < args.minutes * 60:
