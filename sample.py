@@ -211,14 +211,15 @@ def main(argv=None) -> int:
     images, paths = [], []
     seeds = [args.seed + i for i in range(args.n)]
     first = next_number(args.out)
-    bar = progress_bar(args.n * args.steps, "sampling")
+    batches = range(0, args.n, args.batch_size)
+    bar = progress_bar(len(batches) * args.steps, "sampling")  # a step: one denoising step of one batch
 
     def progress(steps):
         for s in steps:
             yield s
             bar.update(1)
 
-    for start in range(0, args.n, args.batch_size):
+    for start in batches:
         batch_seeds = seeds[start:start + args.batch_size]
         batch = generate(model, [prompt] * len(batch_seeds), batch_seeds, negative_prompt=negative,
                          steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta,

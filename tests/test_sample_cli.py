@@ -274,3 +274,11 @@ def test_validation_row_is_each_prompt_with_its_seed(ckpt, tmp_path):
     for i, prompt in enumerate(prompts):  # image i: prompt i with seed i
         alone = np.asarray(to_pil(generate(model, [prompt], [i], steps=2))[0])
         assert np.array_equal(row[::2, 64 * i:64 * (i + 1):2], alone)
+
+
+def test_progress_bar_counts_every_batch_and_ends_full(ckpt, tmp_path, capsys):
+    # 5 images in batches of 2: 3 batches of 4 denoising steps (it stopped at 4/20 when it counted images)
+    assert sample.main(["--prompt", "a red circle", "--ckpt", str(ckpt), "--steps", "4", "--n", "5",
+                        "--batch-size", "2", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "sampling: 100%" in err and "12/12" in err
