@@ -20,8 +20,8 @@ from torch import Tensor
 from ldm.schedule import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
-Generators = Union[None, torch.Generator, Sequence[torch.Generator]]  # one for the batch, or one per image
 """eps = denoiser(x_t, t): x_t (B, C, H, W), t LongTensor (B,) of timesteps in [0, T)."""
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]  # one for the batch, or one per image
 
 Context = Union[Tensor, Sequence[Tensor]]
 Conditioning = Union[Context, Callable[[int], Context]]
@@ -131,9 +131,10 @@ def ddim_sample(denoiser: Denoiser, x_T: Tensor, schedule: NoiseSchedule, num_st
                 progress: Optional[Progress] = None) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12; sigma from eq. 16 scaled by eta) on S = num_steps timesteps.
 
-    Grid `schedule.ddim_timesteps(num_steps)` (ldm's grid when S divides T); alpha_prev of a step is alphas_cumprod of the next
-    (less noisy) grid point, and alphas_cumprod[0] for the last step (ldm / diffusers with
-    set_alpha_to_one=False). eta = 0 is deterministic; eta > 0 draws fresh noise every step.
+    Grid `schedule.ddim_timesteps(num_steps)` (ldm's grid when S divides T); alpha_prev of a
+    step is alphas_cumprod of the next (less noisy) grid point, and alphas_cumprod[0] for the
+    last step (ldm / diffusers with set_alpha_to_one=False). eta = 0 is deterministic; eta > 0
+    draws fresh noise every step.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")

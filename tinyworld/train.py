@@ -368,7 +368,8 @@ def check_out(out: Path, init) -> str:
     if out.suffix == "" and out.exists() and (not out.is_dir() or any(out.iterdir())):
         return f"--out {out}: already exists; the diffusers layout needs a new folder"
     parent = next(p for p in out.absolute().parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+    writable = os.access(parent, os.W_OK | os.X_OK) and (not out.exists() or os.access(out, os.W_OK))
+    if not parent.is_dir() or not writable:
         return f"--out {out}: cannot write there ({parent} is not a writable folder)"
     return ""
 
