@@ -268,11 +268,14 @@ def ema_key(key: str) -> str:
 
 def _take_ema(sd: Dict[str, torch.Tensor]) -> None:
     """Replace the U-Net weights by their EMA copies."""
+    if not any(k.startswith("model_ema.") for k in sd):
+        raise LoadError("asked for EMA weights but the file has no EMA copy (no model_ema.* keys): it is an emaonly "
+                        "or pruned file, whose U-Net weights already are the EMA ones (leave out --ema)")
     for key in [k for k in sd if k.startswith(convert.PREFIX_UNET)]:
         ema = ema_key(key)
         if ema not in sd:
-            raise LoadError(f"asked for EMA weights but the file has no '{ema}': it is an emaonly or pruned "
-                            "file, whose U-Net weights already are the EMA ones (leave out --ema)")
+            raise LoadError(f"asked for EMA weights but the file's EMA copy lacks '{ema}' (the U-Net's {key}); "
+                            "leave out --ema to use the U-Net weights as they are")
         sd[key] = sd[ema]
 
 

@@ -127,6 +127,13 @@ def test_ema_weights_are_taken_when_asked(model, tmp_path):
         ldm.load(compvis_file_with(model, tmp_path, lambda sd: None, "plain.safetensors"), ema=True)
     with pytest.raises(ldm.LoadError, match="no separate EMA copy"):
         ldm.load(ldm.save(model, tmp_path / "folder"), ema=True)
+    # an EMA copy with a tensor missing is named by that tensor
+    def add_most_ema(sd):
+        add_ema(sd)
+        del sd["model_ema.diffusion_modelout2bias"]
+    with pytest.raises(ldm.LoadError, match=r"lacks 'model_ema.diffusion_modelout2bias' \(the U-Net's "
+                                            r"model.diffusion_model.out.2.bias\)"):
+        ldm.load(compvis_file_with(model, tmp_path, add_most_ema, "partial.safetensors"), ema=True)
 
 
 def test_the_ema_copy_is_not_read_unless_asked_for(model, tmp_path, monkeypatch):
