@@ -19,13 +19,13 @@ from typing import Optional
 import torch
 
 from inversion.precision import training_dtype
-from ldm.cli import (CLIError, Parser, check_writable, flags, nonnegative_float, nonnegative_int,
+from ldm.cli import (CLIError, Parser, check_writable, checked_number, flags, nonnegative_float, nonnegative_int,
                      path_arg, pick_device, positive_float, positive_int, run, seed_int, shell_command,
                      word_arg)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
-# Measured on the tiny model (see README, "Textual Inversion results"); SD uses the paper's recipe.
+# Measured on the tiny model (see README, "Results on the tiny world"); SD uses the paper's recipe.
 TINY_DEFAULTS = dict(steps=400, batch=8, lr=5e-3, save_every=100)
 SD_DEFAULTS = dict(steps=5000, batch=4, lr=5e-3, save_every=500)
 # Methods beside Textual Inversion live in their own modules, each with
@@ -65,14 +65,20 @@ def build_parser() -> Parser:
                       help="L2 regularization toward the init word's embedding")
     word.add_argument("--per-image-tokens", action="store_true",
                       help="an extra token per training image, mixed into prompts with --per-image-prob")
-    word.add_argument("--per-image-prob", type=float, default=0.5,
+    word.add_argument("--per-image-prob", type=checked_number(float, "a number", lambda v: 0 <= v <= 1,
+                                                               "between 0 and 1"), default=0.5,
                       help="with --per-image-tokens: the share of prompts that carry the image's own token, "
                            "'a photo of a <x> with <x>-img2' (default: 0.5)")
 
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--steps", type=positive_int, default=None, help="training steps (tiny model: 400; SD: 5000)")
-    opt.add_argument("--lr", type=positive_float, default=None, help="base learning rate, multiplied by --batch (5e-3)")
-    opt.add_argument("--batch", type=positive_int, default=None, help="batch size (tiny: 8; SD: 4)")
+    opt.add_argument("--steps", type=positive_int, default=None,
+                     help="training steps (tiny model / SD: ti 400 / 5000; neti 400 / 1000; hiper 300 / 1000)")
+    opt.add_argument("--lr", type=positive_float, default=None,
+                     help="base learning rate (ti 5e-3 and neti 1e-3, each multiplied by the images per step; "
+                          "hiper 5e-3 as it is)")
+    opt.add_argument("--batch", type=positive_int, default=None,
+                     help="images per step (tiny model / SD: ti 8 / 4; neti 8 / 2, with --grad-accum 4 on SD; "
+                          "hiper 4 / 1)")
     opt.add_argument("--seed", type=seed_int, default=0,
                      help="seeds the training noise (and, without --images, the rendered tiny-world images)")
 
@@ -256,8 +262,6 @@ def main(argv=None) -> int:
     from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError, check_words
 
     check_paths(args)
-    if not 0 <= args.per_image_prob <= 1:
-        raise CLIError("--per-image-prob must be between 0 and 1")
     t_start = time.time()
     ckpt, model, device = load_model(args)
     tiny = model.config.image_size <= 64
@@ -308,7 +312,6 @@ def main(argv=None) -> int:
 
     if not train(trainer, ours, on_save=save, on_sample=sample_grid):
         return 130
-    sample_grid(trainer)
     print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {ours}, {a1111_pt.name}, "
           f"{a1111_st.name}, loss.csv and samples/")
     ckpt_words = [] if args.ckpt is None else ["--ckpt", args.ckpt]

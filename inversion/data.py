@@ -92,7 +92,7 @@ def words_cut_off(tokenizer, text: str, words: Sequence[str]) -> List[str]:
     """The learned words that `text` uses only past the text encoder's 77 tokens (start and
     end included), where they are cut off and do nothing."""
     ids = tokenizer.encode(text)
-    kept = set(ids[: tokenizer.context_length - 1])
+    kept = set(ids[: tokenizer.context_length - 1])  # the encoder keeps 76 ids; its end token takes the last place
     cut = []
     for word in words:
         word_ids = tokenizer.encode(word)[1:-1]
@@ -127,14 +127,15 @@ def image_files(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]],
     return files
 
 
-def to_rgb(image):
-    """Any PIL mode -> RGB; transparency is laid over white, 16-bit grey is scaled to 8 bits."""
+def to_rgb(image, png: bool = False):
+    """Any PIL mode -> RGB; transparency is laid over white, 16-bit grey is scaled to 8 bits.
+    `png`: the image was read from a PNG file (whose "I" images are 16-bit grey)."""
     from PIL import Image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         grey = np.asarray(image, dtype=np.float64)
-        # 16-bit grey (PNG's only integer mode beyond 8 bits) spans 0..65535 whatever its content;
-        # for other 32-bit images, the range is guessed from the values
-        sixteen = image.mode.startswith("I;16") or image.format == "PNG"
+        # 16-bit grey (PNG's only integer mode beyond 8 bits; older Pillows open it as "I") spans
+        # 0..65535 whatever its content; for other 32-bit images, the range is guessed from the values
+        sixteen = image.mode.startswith("I;16") or png
         scale = 255.0 / 65535.0 if sixteen or grey.max() > 255 else 1.0
         image = Image.fromarray(np.clip(grey * scale, 0, 255).round().astype(np.uint8), "L")
     if (image.mode == "P" and "transparency" in image.info) or image.mode in ("PA", "LA", "La", "RGBa"):
@@ -170,7 +171,7 @@ def load_image(path: Union[str, Path], resolution: int,
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so a truncated file fails here
-            image = to_rgb(ImageOps.exif_transpose(im))
+            image = to_rgb(ImageOps.exif_transpose(im), png=im.format == "PNG")  # the copy has no format
     except Image.DecompressionBombError:  # PIL's guard against images of hundreds of megapixels
         raise DataError(f"cannot read {path}: it has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, "
                         "too many to open safely; resize it first") from None
@@ -238,6 +239,7 @@ def settings_difference(saved: str, now: str) -> str:
                 parts.append(OTHER_PIXELS[key])
             elif isinstance(old.get(key), bool) and isinstance(new.get(key), bool):  # a switch, given or not
                 switch = SWITCHED_OFF_BY.get(key, "--" + key.replace("_", "-"))
+                # a --no-X switch was given when its setting is False, a plain switch when it is True
                 given_before = old[key] != (key in SWITCHED_OFF_BY)
                 parts.append(f"{switch} in the checkpoint, not now" if given_before
                              else f"{switch} now, not in the checkpoint")

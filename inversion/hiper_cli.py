@@ -6,8 +6,9 @@
     python sample.py --hiper outputs/inversion/hiper_tail.safetensors --prompt "a sitting dog"
 
 Writes hiper_tail.safetensors (the tail, with K, the source prompt and the base model's hash),
-checkpoint.pt, loss.csv and samples/reconstruction.png (the source image, then the model's
-drawings from [e_src[:77-K]; e_hiper]).
+checkpoint.pt, loss.csv, source.png (the image as the model sees it) and
+samples/reconstruction.png (the source image, then the model's drawings from
+[e_src[:77-K]; e_hiper]).
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@
                      [--truncation 32]
 
 Writes neti_mapper.safetensors (the mapper's weights, its configuration, the placeholder, the
-init word and the base model's hash), checkpoint.pt, loss.csv and samples/step-N.png.
+init word and the base model's hash), checkpoint.pt, loss.csv and validation grids
+samples/step-000100.png (every --sample-every steps and at the end).
 """
 from __future__ import annotations
 
@@ -112,7 +113,6 @@ def main(args) -> int:
 
     if not train(trainer, mapper_path, on_save=save, on_sample=sample_grid):
         return 130
-    sample_grid(trainer)
     print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {mapper_path}, loss.csv and samples/")
     example = templates(prop)[0].format(placeholder)
     print("sample with: " + shell_command("python", "sample.py", "--neti", mapper_path, "--prompt", example,

@@ -277,7 +277,8 @@ class TextualInversion:
     def run(self, on_save: Callable[["TextualInversion"], None] = lambda t: None,
             on_sample: Callable[["TextualInversion"], None] = lambda t: None, progress: bool = True) -> None:
         """Train until cfg.steps; checkpoint and call `on_save` every save_every steps and at the
-        end; on Ctrl-C, save what was learned and re-raise."""
+        end, `on_sample` every sample_every steps and at the end (once, when the two meet); on
+        Ctrl-C, save what was learned and re-raise."""
         from ldm.cli import progress_bar
         cfg = self.cfg
         bar = progress_bar(cfg.steps, self.progress_label, initial=self.step, disable=not progress)
@@ -293,7 +294,7 @@ class TextualInversion:
                     self.save_checkpoint()
                     self.write_loss_log()
                     on_save(self)
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == cfg.steps:
                     on_sample(self)
         except KeyboardInterrupt:
             bar.close()

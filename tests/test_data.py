@@ -200,3 +200,6 @@ def test_a_dark_16_bit_grey_png_stays_dark(tmp_path):
         Image.fromarray(np.full((4, 4), value, np.uint16)).save(tmp_path / f"{value}.png")
     with Image.open(tmp_path / "200.png") as dark, Image.open(tmp_path / "51400.png") as bright:
         assert np.asarray(to_rgb(dark)).max() == 1 and np.asarray(to_rgb(bright)).min() == 200
+        as_older_pillows_open_it = dark.convert("I")  # mode "I": the file's format tells it is 16-bit
+        assert np.asarray(to_rgb(as_older_pillows_open_it, png=True)).max() == 1
+        assert np.asarray(to_rgb(as_older_pillows_open_it)).max() == 200  # otherwise read as 8-bit values

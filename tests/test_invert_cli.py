@@ -1,4 +1,6 @@
 """invert.py end to end on a tiny random checkpoint: outputs, interop with sample.py, bad input."""
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,19 @@ def test_training_writes_every_output_and_sample_py_reads_them(ckpt, images, tmp
     sample.main(["--ckpt", str(ckpt), "--prompt", "a photo of toy", "--n", "1", "--steps", "2",
                  "--out", str(tmp_path / "init")])
     assert not np.array_equal(pixels("init"), learned)  # the word moved from its init word's embedding
+
+
+@pytest.mark.parametrize("method", ["ti", "neti"])
+def test_each_validation_grid_is_drawn_once(ckpt, images, tmp_path, capsys, monkeypatch, method):
+    # --sample-every dividing --steps: the last grid was drawn by the loop and again at the end
+    module = invert if method == "ti" else importlib.import_module("inversion.neti_cli")
+    drawn, draw = [], module.write_validation_grid
+    monkeypatch.setattr(module, "write_validation_grid", lambda *a: drawn.append(a[3].name) or draw(*a))
+    rc, cap = call(["--method", method, "--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>",
+                    "--init-word", "toy", "--steps", "2", "--batch", "2", "--sample-every", "1",
+                    "--out", str(tmp_path / method)], capsys)
+    assert rc == 0, cap.err
+    assert drawn == ["step-000001.png", "step-000002.png"]
 
 
 def test_resume_continues_to_the_same_result(ckpt, images, tmp_path, capsys):
@@ -122,6 +137,7 @@ def bad_cases(ckpt, images, tmp_path):
         (common + ["--concept", "hourglass"], "with --images they have nothing to do"),
         (common + ["--method", "neti", "--num-images", "3"], "with --images they have nothing to do"),
         (common + ["--per-image-prob", "0.3"], "needs --per-image-tokens"),
+        (common + ["--per-image-tokens", "--per-image-prob", "1.5"], "--per-image-prob: must be between 0 and 1"),
         (common + ["--progressive-every", "10"], "--num-vectors 2 or more"),
         # were tracebacks, or failed only after training
         (common + ["--seed", "-1"], "--seed"),

@@ -61,8 +61,6 @@ PLAIN_AMPLITUDE = 0.15   # texture contrast (fraction of second shade) below thi
 TEXTURE_MIN_R2 = 0.40
 
 SHARPEN = 2.0
-REFINE_TOP = 0           # shapes whose best template is polished by continuous search
-REFINE_STEPS = (0.25, 0.125)
 MASS_RATIO = 1.4         # only templates whose area is within this factor of the object's
 _TPL = 24                # template window (pixels)
 _PAD = 24
@@ -155,7 +153,7 @@ def _fit_shape(alpha: np.ndarray):
     """Best template of each shape for the soft object mask `alpha` (32x32 in [0, 1]) by
     soft IoU (Tanimoto: sum a*t / (sum a^2 + sum t^2 - sum a*t), 1 iff a = t), each
     template aligned on the mask's centroid.
-    Returns (shape index, size, center x, center y, IoU, best IoU of each shape)."""
+    Returns, per shape of ALL_SHAPES, (IoU, size, center x, center y) of its best template."""
     masks, meta = _templates()
     alpha = _sharpen(alpha)
     yy, xx = np.mgrid[0:W.IMAGE_SIZE, 0:W.IMAGE_SIZE] + 0.5
@@ -199,42 +197,10 @@ def _fit_shape(alpha: np.ndarray):
     return best
 
 
-def _refine(shape: str, alpha: np.ndarray, sq: float, s: float, cx: float, cy: float):
-    """Polish a template fit by pattern search over continuous (center, size); returns
-    (IoU, size, center x, center y)."""
-    def score(s, cx, cy):
-        p, q = W.coverage(shape, cx, cy, s)
-        t = _sharpen(p + q)
-        inter = float((t * alpha).sum())
-        return inter / (sq + float((t * t).sum()) - inter)
-
-    cur = (s, cx, cy)
-    val = score(*cur)
-    for step in REFINE_STEPS:
-        for _ in range(4):
-            moved = False
-            for d in range(3):
-                for sign in (-1.0, 1.0):
-                    cand = list(cur)
-                    cand[d] += sign * step
-                    v = score(*cand)
-                    if v > val + 1e-6:
-                        cur, val, moved = tuple(cand), v, True
-            if not moved:
-                break
-    return val, cur[0], cur[1], cur[2]
-
-
 def _best_shape(alpha: np.ndarray):
-    """(shape index, IoU, size, center x, center y, IoU of each shape): coarse template
-    search for all shapes, then the :data:`REFINE_TOP` best polished."""
+    """(shape index, IoU, size, center x, center y, IoU of each shape): the best of the
+    template search over all shapes (a grid of sizes and sub-pixel offsets)."""
     best = _fit_shape(alpha)
-    sharp = _sharpen(alpha)
-    sq = float((sharp * sharp).sum())
-    order = np.argsort([-b[0] for b in best])
-    for si in order[:REFINE_TOP]:
-        _, s, cx, cy = best[si]
-        best[si] = _refine(W.ALL_SHAPES[si], sharp, sq, s, cx, cy)
     si = int(np.argmax([b[0] for b in best]))
     return (si,) + tuple(best[si]) + ([b[0] for b in best],)
 

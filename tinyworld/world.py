@@ -29,7 +29,7 @@ Colors are six hues 60 degrees apart (red 0, yellow 60, green 120, teal 180, blu
 purple 300), all strongly saturated, so hue alone identifies them under small color shifts.
 Every color word and background word is a single CLIP BPE token (that is why "teal" and not
 "cyan").  A (color, background) pair whose colors are closer than :data:`MIN_CONTRAST` (RGB
-distance) is never drawn: blue on navy and yellow on beige (:func:`compatible`).
+distance) is never drawn: of the palette, only yellow on beige (:func:`compatible`).
 
 Textures mix the object color ("primary") with a second shade of the same hue: a darker
 shade (40 % of the color) on light backgrounds, a lighter tint (mixed 55 % towards white) on
@@ -39,7 +39,7 @@ checkered (3x3-px checkerboard: 2-px cells would blur into a uniform color).
 
 Every shape fits in an s x s box (s = size across): circle / ring diameter s (ring hole
 s/2), square side 0.94 s, triangle base and height s, cross arms s long and 0.36 s thick,
-hourglass s wide at top and bottom, 0.2 s at the waist.  Even at the largest size (14 px)
+hourglass s wide at top and bottom, 0.2 s at the waist and 0.95 s high.  Even at the largest size (14 px)
 and jitter, the footprints of "left" (x <= 16) and "right" (x >= 16) never share a pixel.
 
 Rendering supersamples 4x4 per pixel and box-filters (anti-aliased edges).  With
@@ -57,7 +57,8 @@ appear in the ``"train"`` split; the ``"eval"`` split draws only from them.
 Captions (:func:`caption`): empty with probability 0.1 (for classifier-free guidance);
 otherwise one of several templates, with size / position / background / texture each
 dropped with some probability.  The color word is dropped with probability 0.1, and the
-named shape word (replaced by a generic noun) with probability 0.1, never both.  "plain" is
+named shape word (replaced by a generic noun) with probability 0.1 when the color is kept
+(0.09 in all), never both.  "plain" is
 said for plain objects with probability 0.15.  :func:`prompt` builds the canonical full
 evaluation prompt ``"a large red circle on the left on a black background"``.
 
@@ -312,9 +313,9 @@ def _sample_coords(n0: int, n1: int) -> np.ndarray:
 
 
 def _window(c: float, s: float) -> tuple:
-    lo = max(0, int(np.floor(c - 0.6 * s - 1)))
-    hi = min(IMAGE_SIZE, int(np.ceil(c + 0.6 * s + 1)))
-    return lo, hi
+    """Pixels lo..hi-1 around centre c that a shape of size s can touch (the caller clips them
+    to its image)."""
+    return int(np.floor(c - 0.6 * s - 1)), int(np.ceil(c + 0.6 * s + 1))
 
 
 def coverage(shape: str, cx: float, cy: float, s: float, texture: str = "plain",
@@ -431,11 +432,13 @@ def caption(attrs: Attributes, rng: np.random.Generator, p_empty: float = P_EMPT
     """A random training caption of `attrs` (never names held-out shapes or textures)."""
     if rng.random() < p_empty:
         return ""
+    # one draw per choice, always all 8 and in this order, so a seed gives the same captions:
+    # 0 color, 1 shape, 2 size, 3 texture, 4 position, 5 background, 6 template, 7 phrase order
     u = rng.random(8)
     named_shape = attrs.shape in SHAPES
     generic = _choice(rng, GENERIC_NOUNS)
     say_color = u[0] >= P_DROP["color"]
-    if named_shape and (not say_color or u[1] >= P_DROP["shape"]):
+    if named_shape and (not say_color or u[1] >= P_DROP["shape"]):  # without its color, never without its shape
         noun = attrs.shape
     else:
         noun = generic
