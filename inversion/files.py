@@ -25,6 +25,7 @@ Every write goes through a temporary file and a rename; pickled files are read w
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -32,8 +33,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 
 from inversion.hook import sub_tokens
-from ldm.load import (PICKLE_SUFFIXES, TRAINING_CHECKPOINT_HINT, TRAINING_CHECKPOINT_KEYS, LoadError, atomic_write,
-                      file_hash, read_failure, unsafe_pickle)
+from ldm.load import (TRAINING_CHECKPOINT_HINT, TRAINING_CHECKPOINT_KEYS, LoadError, atomic_write,
+                      file_format, file_hash, read_failure, unsafe_pickle)
 
 PathLike = Union[str, Path]
 
@@ -136,7 +137,8 @@ def _read(path: Path) -> Tuple[object, Dict[str, str]]:
     if size > MAX_FILE_BYTES:  # checked before reading: a 4 GB model must not be loaded to say no
         raise EmbeddingError(f"{path}: is {size / 2**20:,.0f} MB, far too big for a textual-inversion embedding "
                              "(a few KB); it looks like a full model or a LoRA")
-    if path.suffix == ".safetensors":
+    form = file_format(path)
+    if form == "safetensors":
         from safetensors import safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -150,7 +152,7 @@ def _read(path: Path) -> Tuple[object, Dict[str, str]]:
         except Exception as e:
             raise EmbeddingError(f"{path}: cannot be read as safetensors ({read_failure(path, e)}); "
                                  f"the file ({path.stat().st_size:,} bytes) may be truncated") from None
-    if path.suffix in PICKLE_SUFFIXES:
+    if form == "pickle":
         try:
             # The original Textual Inversion code pickles its vectors in an nn.ParameterDict: allowed
             # (it is rebuilt from its __dict__, no code runs); anything else unknown is refused.
@@ -177,6 +179,10 @@ def _refuse_other_method(path: Path, metadata: Mapping[str, str]) -> None:
         raise EmbeddingError(f"{path}: is not a textual-inversion embedding but {OTHER_METHODS[method]}")
 
 
+# A network's tensor names ("proj.0.weight"), which a word such as "<toy-v1.5>" is not.
+MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.\w+)+")
+
+
 def _not_an_embedding(path: Path, keys: Sequence[str]) -> EmbeddingError:
     keys = list(keys)
     if any("lora" in k.lower() for k in keys):
@@ -199,6 +205,10 @@ def _classify(path: Path, obj, metadata: Dict[str, str]) -> Tuple[Embeddings, Di
         raise EmbeddingError(f"{path}: holds a {type(obj).__name__}, not an embedding")
     if not obj:
         raise EmbeddingError(f"{path}: is empty")
+    odd_key = next((k for k in obj if not isinstance(k, str)), None)
+    if odd_key is not None:
+        raise EmbeddingError(f"{path}: has a key {odd_key!r} ({type(odd_key).__name__}) that is not a word; "
+                             "an embedding file maps each word to its vectors")
     if isinstance(obj.get("state_dict"), dict) and obj["state_dict"]:  # a CompVis checkpoint
         raise _not_an_embedding(path, obj["state_dict"])
     if TRAINING_CHECKPOINT_KEYS <= obj.keys():
@@ -239,7 +249,7 @@ def _classify(path: Path, obj, metadata: Dict[str, str]) -> Tuple[Embeddings, Di
         raise EmbeddingError(f"{path}: is not an embedding file ({odd!r} holds a {type(obj[odd]).__name__}, "
                              "not a tensor)")
     if len(tensors) > MAX_WORDS or any(v.dim() not in (1, 2) for v in tensors.values()) \
-            or any("." in k for k in tensors):
+            or any(MODULE_PATH.fullmatch(k) for k in tensors):
         raise _not_an_embedding(path, tensors)
     return list(tensors.items()), metadata
 

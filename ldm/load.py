@@ -109,6 +109,22 @@ def load_error_reason(error: BaseException) -> str:
     return sentence + "." if len(sentence) < 160 else first[:160].rsplit(" ", 1)[0] + " ..."
 
 
+def file_format(path: Path) -> str:
+    """"safetensors" or "pickle": from the first bytes where they show a safetensors header (a
+    safetensors file named .bin, as diffusers' textual-inversion script once wrote them), else
+    from the suffix, in any case (.CKPT); "" for neither."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        head, size = b"", 0
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= size:
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    suffix = path.suffix.lower()
+    return "safetensors" if suffix == ".safetensors" else "pickle" if suffix in PICKLE_SUFFIXES else ""
+
+
 def read_failure(path: Path, error: BaseException) -> str:
     """Why `path` could not be read: that it is not the format its name says, when its first
     bytes show it (a text file renamed .ckpt, a download's error page), else the error's line."""
@@ -118,11 +134,12 @@ def read_failure(path: Path, error: BaseException) -> str:
         size = path.stat().st_size
     except OSError:
         return load_error_reason(error)
-    if path.suffix == ".safetensors" and len(head) == 9:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors" and len(head) == 9:
         header = int.from_bytes(head[:8], "little")
         if header + 8 > size or head[8:9] != b"{":
             return "it is not a safetensors file: it does not start with a safetensors header"
-    if path.suffix in PICKLE_SUFFIXES and head and not head.startswith((b"PK\x03\x04", b"\x80")):
+    if suffix in PICKLE_SUFFIXES and head and not head.startswith((b"PK\x03\x04", b"\x80")):
         return "it is not a PyTorch file: neither a zip archive nor a pickle"
     return load_error_reason(error)
 
@@ -155,7 +172,8 @@ def read_tensors(path: Path, skip: Tuple[str, ...] = ()) -> Tuple[Dict[str, torc
     """Every tensor of a .safetensors/.ckpt/.pt/.bin file, and the safetensors metadata.
     Keys starting with `skip` are not read from a .safetensors file (pickles are memory-mapped)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    form = file_format(path)
+    if form == "safetensors":
         from safetensors import safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -164,7 +182,7 @@ def read_tensors(path: Path, skip: Tuple[str, ...] = ()) -> Tuple[Dict[str, torc
         except Exception as e:
             raise LoadError(f"{path}: cannot be read as safetensors ({read_failure(path, e)}); "
                             f"the file ({path.stat().st_size:,} bytes) may be truncated — download it again") from None
-    if path.suffix in PICKLE_SUFFIXES:
+    if form == "pickle":
         return _read_pickle(path)
     raise LoadError(f"{path}: unknown format '{path.suffix}'; expected .safetensors, .ckpt, .pt, .bin "
                     "or a diffusers folder")
@@ -173,7 +191,7 @@ def read_tensors(path: Path, skip: Tuple[str, ...] = ()) -> Tuple[Dict[str, torc
 def read_metadata(path) -> Dict[str, str]:
     """The metadata of a weights file alone (a safetensors header is read without its tensors)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if file_format(path) == "safetensors":
         try:
             from safetensors import safe_open
             with safe_open(str(path), framework="pt") as f:
@@ -308,9 +326,15 @@ def _load_single_file(path: Path, device, dtype, ema: bool) -> StableDiffusion:
     learned = describe_learned_file(sd.keys(), metadata)
     if learned:
         raise LoadError(f"{path} {learned}")
+    odd_key = next((k for k in sd if not isinstance(k, str)), None)
+    if odd_key is not None:
+        raise LoadError(f"{path} has a key {odd_key!r} ({type(odd_key).__name__}) that names no tensor; "
+                        "it is not a model checkpoint")
     if sd and not any(torch.is_tensor(v) for v in sd.values()):
         raise LoadError(f"{path} holds no tensors (only {', '.join(sorted({type(v).__name__ for v in sd.values()}))}); "
                         "it is not a model checkpoint")
+    if sd and all(k.startswith("module.") for k in sd):  # saved from a DataParallel-wrapped model
+        sd = {k[len("module."):]: v for k, v in sd.items()}
     sd = convert.compvis_text_level({k: v for k, v in sd.items() if torch.is_tensor(v)})
     if CONFIG_METADATA_KEY in metadata:
         config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))

@@ -115,6 +115,24 @@ def test_diffusers_training_script_safetensors(tmp_path):
     assert word == "<dog>" and torch.equal(loaded, v[None])
 
 
+def test_names_and_formats_of_real_files(tmp_path):
+    from safetensors.torch import save_file
+    v = torch.randn(D)
+    # diffusers' training script once wrote safetensors data into learned_embeds.bin
+    save_file({"<cat-toy>": v[None]}, str(tmp_path / "learned_embeds.bin"), metadata={"format": "pt"})
+    assert load_embeddings(tmp_path / "learned_embeds.bin")[0][0][0] == "<cat-toy>"
+    torch.save({"<toy-v1.5>": v}, tmp_path / "dotted.bin")   # a dot in a word, not a network's tensor name
+    assert load_embeddings(tmp_path / "dotted.bin")[0][0][0] == "<toy-v1.5>"
+    torch.save({"<x>": v}, tmp_path / "upper.PT")             # a suffix in capitals
+    assert load_embeddings(tmp_path / "upper.PT")[0][0][0] == "<x>"
+    torch.save({"proj.0.weight": v}, tmp_path / "net.bin")
+    with pytest.raises(EmbeddingError, match="like network weights"):
+        load_embeddings(tmp_path / "net.bin")
+    torch.save({49408: v}, tmp_path / "ids.bin")              # {token id: vector}: was a TypeError traceback
+    with pytest.raises(EmbeddingError, match="has a key 49408 \\(int\\) that is not a word"):
+        load_embeddings(tmp_path / "ids.bin")
+
+
 def test_diffusers_cpu_bin_keeps_only_its_rows(tmp_path):
     """diffusers' example, trained on a CPU, saves its rows as a view of the whole token table, so
     the pickle holds the table; only the word's vectors are kept once loaded."""

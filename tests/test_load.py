@@ -113,6 +113,20 @@ def test_quirks_of_real_files_all_load(model, tmp_path):
         assert torch.equal(loaded.state_dict()[name], value), name
 
 
+def test_odd_names_and_formats_of_checkpoints(model, tmp_path):
+    sd = model.state_dict()
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()},
+                "ldm_config": json.dumps(model.config.to_dict())}, tmp_path / "parallel.CKPT")
+    assert_same_parameters(model, ldm.load(tmp_path / "parallel.CKPT"))  # DataParallel's prefix, a capital suffix
+    path = compvis_file_with(model, tmp_path, lambda sd: None)
+    renamed = tmp_path / "model.bin"                                   # safetensors data under another name
+    renamed.write_bytes(path.read_bytes())
+    assert_same_parameters(model, ldm.load(renamed))
+    torch.save({49408: torch.zeros(3)}, tmp_path / "ids.ckpt")
+    with pytest.raises(ldm.LoadError, match="has a key 49408 \\(int\\) that names no tensor"):
+        ldm.load(tmp_path / "ids.ckpt")
+
+
 def test_ema_weights_are_taken_when_asked(model, tmp_path):
     def add_ema(sd):
         for k in [k for k in sd if k.startswith(convert.PREFIX_UNET)]:
