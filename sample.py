@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         if word not in args.prompt and word not in args.negative:
             print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)
     for flag, text in (("--prompt", args.prompt), ("--negative", args.negative)):
-        for word in unlearned_words(text, learned_words):
+        for word in unlearned_words(text, [*learned_words, *model.tokenizer.added_tokens]):  # and the model's own
             print(f"warning: {word!r} in {flag} looks like a learned word, but no --embedding or --neti file "
                   "defines it; it is read as ordinary text", file=sys.stderr)
 

@@ -272,6 +272,11 @@ def _check(expected: Dict[str, tuple], found: Dict[str, tuple], where: str):
         if hint:
             raise LoadError(f"{where} {hint}")
         k = wrong[0]
+        if wrong == [TOKEN_TABLE] and found[k][1:] == expected[k][1:] and found[k][0] > expected[k][0]:
+            extra = found[k][0] - expected[k][0]
+            raise LoadError(f"{where} has a token table of {found[k][0]:,} rows, {extra} more than this model's: "
+                            "words added by a training run, whose names a single file does not keep; use the "
+                            "diffusers folder it came from (its tokenizer names them), or the learned embedding")
         raise LoadError(f"{where} has {len(wrong)} tensors of the wrong shape (e.g. {k}: "
                         f"{list(found[k])}, expected {list(expected[k])}); it is a model of another size")
 
@@ -357,6 +362,42 @@ def _read_json(path: Path) -> dict:
         raise LoadError(f"{path}: is not valid JSON ({e})") from None
 
 
+TOKEN_TABLE = convert.PREFIX_TEXT + "embeddings.token_embedding.weight"
+
+
+def _added_tokens(tokenizer_folder: Path) -> Dict[int, str]:
+    """{id: word} of the words a training run added to a diffusers pipeline's tokenizer (saved after
+    Textual Inversion, with their rows in the text encoder's table), as the tokenizer files record
+    them: tokenizer.json's added_tokens, added_tokens.json, or tokenizer_config.json's decoder."""
+    found: Dict[int, str] = {}
+    for name in ("tokenizer.json", "added_tokens.json", "tokenizer_config.json"):
+        path = tokenizer_folder / name
+        if not path.is_file():
+            continue
+        data = _read_json(path)
+        if name == "tokenizer.json":
+            found.update({int(t["id"]): t["content"] for t in data.get("added_tokens", [])})
+        elif name == "added_tokens.json":
+            found.update({int(i): word for word, i in data.items()})
+        else:
+            found.update({int(i): t["content"] for i, t in data.get("added_tokens_decoder", {}).items()})
+    return found
+
+
+def _register_added_tokens(model: StableDiffusion, folder: Path) -> None:
+    """Give the words a training run added (ids past the BPE vocabulary, rows of the text encoder's
+    own table) to our tokenizer, in the same order, so that they get the same ids."""
+    tokenizer = model.tokenizer
+    base = len(tokenizer.encoder)          # 49408: the BPE vocabulary and its two special tokens
+    rows = model.config.text.vocab_size
+    added = {i: w for i, w in _added_tokens(folder / "tokenizer").items() if base <= i < rows}
+    if sorted(added) != list(range(base, base + len(added))):
+        raise LoadError(f"{folder}: its tokenizer's added words have ids {sorted(added)}; expected "
+                        f"{base}, {base + 1}, ... in order")
+    for i in sorted(added):
+        tokenizer.add_token(added[i])
+
+
 def _load_diffusers_folder(folder: Path, device, dtype) -> StableDiffusion:
     parts = {}
     for part in ("unet", "vae", "text_encoder"):
@@ -384,7 +425,10 @@ def _load_diffusers_folder(folder: Path, device, dtype) -> StableDiffusion:
         except convert.ConversionError as e:
             raise LoadError(f"{files[0]}: {e.args[0] if e.args else e}") from None
         sd.update({prefix + k: v for k, v in renamed.items()})
-    return _build(config, sd, str(folder), device, dtype)
+    model = _build(config, sd, str(folder), device, dtype)
+    if config.text.vocab_size > len(model.tokenizer.encoder):  # a table grown by a training run
+        _register_added_tokens(model, folder)
+    return model
 
 
 def load(path, device="cpu", dtype=torch.float32, ema: bool = False) -> StableDiffusion:

@@ -77,6 +77,29 @@ def test_diffusers_folder_opens_as_a_diffusers_pipeline(model, tmp_path):
     assert ldm.load(folder).config == custom.config
 
 
+def test_pipeline_saved_after_textual_inversion_keeps_its_word(model, tmp_path):
+    """diffusers saves a pipeline that learned a word with the word's row in the text encoder's
+    table and its name in the tokenizer files: the word is the model's own, as in diffusers."""
+    diffusers = pytest.importorskip("diffusers")
+    from inversion.files import save_embeddings
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(ldm.save(model, tmp_path / "sd"))
+    word = save_embeddings(tmp_path / "toy.safetensors", {"<cat-toy>": torch.randn(1, 32)})
+    pipe.load_textual_inversion(str(word))
+    pipe.save_pretrained(tmp_path / "learned")
+    loaded = ldm.load(tmp_path / "learned")
+    assert loaded.tokenizer.added_tokens == {"<cat-toy>": 49408}
+    prompt = ["a photo of a <cat-toy> on a table"]
+    ids = loaded.tokenizer(prompt)
+    assert torch.equal(ids, pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_prompts(prompt), pipe.text_encoder(ids)[0], atol=1e-5)
+    # the same table in a single file, where no tokenizer names its extra row
+    sd = {k: v for k, v in loaded.state_dict().items()}
+    save_file(sd, tmp_path / "single.safetensors", metadata={"ldm_config": json.dumps(model.config.to_dict())})
+    with pytest.raises(ldm.LoadError, match="token table of 49,409 rows, 1 more than this model's"):
+        ldm.load(tmp_path / "single.safetensors")
+
+
 def compvis_file_with(model, tmp_path, edit, name="edited.safetensors"):
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     edit(sd)
