@@ -237,10 +237,12 @@ def _classify(path: Path, obj, metadata: Dict[str, str]) -> Tuple[Embeddings, Di
     if "clip_l" in obj and "clip_g" in obj:
         raise EmbeddingError(f"{path}: is an SDXL embedding (clip_l and clip_g vectors); "
                              "this project implements SD v1.x (one 768-wide text encoder)")
-    if len(obj) == 1 and next(iter(obj)) in ("emb_params", "string_to_param.*"):
-        # AUTOMATIC1111 / kohya .safetensors, and A1111 .pt files converted key by key: one tensor,
-        # which AUTOMATIC1111 names after the file
-        return [(stem, next(iter(obj.values())))], metadata
+    if "string_to_param.*" in obj and all(k == "string_to_param.*" or k.startswith("string_to_token.") for k in obj):
+        # an AUTOMATIC1111 .pt converted key by key: its one tensor, which AUTOMATIC1111 names after the file
+        return [(stem, obj["string_to_param.*"])], metadata
+    if len(obj) == 1 and next(iter(obj)) == "emb_params":
+        # AUTOMATIC1111 / kohya .safetensors: one tensor, which AUTOMATIC1111 names after the file
+        return [(stem, obj["emb_params"])], metadata
 
     # {word: vector(s)}: ours, diffusers, sd-concepts-library
     tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}

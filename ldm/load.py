@@ -134,6 +134,8 @@ def read_failure(path: Path, error: BaseException) -> str:
         size = path.stat().st_size
     except OSError:
         return load_error_reason(error)
+    if head.startswith(b"version h"):  # "version https://git-lfs.github.com/spec/v1"
+        return "it is a Git LFS pointer, not the file itself: fetch the file (git lfs pull)"
     suffix = path.suffix.lower()
     if suffix == ".safetensors" and len(head) == 9:
         header = int.from_bytes(head[:8], "little")
@@ -221,6 +223,8 @@ def describe_learned_file(keys, metadata: Dict[str, str]) -> Optional[str]:
         return "is a NeTI mapper, not a model; load it with sample.py --neti"
     if "hiper_tail" in keys:
         return "is a HiPer tail, not a model; load it with sample.py --hiper"
+    if {"clip_l", "clip_g"} <= keys:
+        return "is an SDXL embedding (clip_l and clip_g vectors); this project implements SD v1.x"
     if "string_to_param" in keys or "init_word" in metadata:  # AUTOMATIC1111 .pt (dictionaries, not tensors), ours
         return EMBEDDING_HINT
     return None
@@ -250,7 +254,10 @@ def describe_wrong_file(keys, shapes: Dict[str, tuple]) -> Optional[str]:
     if any(k.startswith(("down_blocks.", "mid_block.", "text_model.")) for k in keys):
         return ("holds one component in the diffusers layout; pass the folder that contains "
                 "unet/, vae/ and text_encoder/ instead")
-    if all(k.startswith(("encoder.", "decoder.", "quant_conv", "post_quant_conv")) for k in keys):
+    vae_parts = ("encoder.", "decoder.", "quant_conv", "post_quant_conv")
+    weights = [k for k in keys if not k.startswith((*IGNORED_PREFIXES, "loss."))]  # training extras aside
+    if weights and all(k.removeprefix(convert.PREFIX_VAE).startswith(vae_parts) for k in weights) \
+            and not any(k.startswith(convert.PREFIX_UNET) for k in keys):
         return "is a VAE on its own, not a full model"
     if not any(k.startswith(convert.PREFIX_UNET) for k in keys):
         return "has no U-Net weights (no 'model.diffusion_model.' keys); it is not a Stable Diffusion checkpoint"

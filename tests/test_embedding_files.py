@@ -128,6 +128,10 @@ def test_names_and_formats_of_real_files(tmp_path):
     torch.save({"proj.0.weight": v}, tmp_path / "net.bin")
     with pytest.raises(EmbeddingError, match="like network weights"):
         load_embeddings(tmp_path / "net.bin")
+    save_file({"string_to_param.*": v[None].repeat(2, 1), "string_to_token.*": torch.tensor(265)},
+              str(tmp_path / "converted.safetensors"))         # an AUTOMATIC1111 .pt converted key by key
+    (word, vectors), = load_embeddings(tmp_path / "converted.safetensors")[0]
+    assert word == "converted" and vectors.shape == (2, D)
     torch.save({49408: v}, tmp_path / "ids.bin")              # {token id: vector}: was a TypeError traceback
     with pytest.raises(EmbeddingError, match="has a key 49408 \\(int\\) that is not a word"):
         load_embeddings(tmp_path / "ids.bin")

@@ -312,7 +312,7 @@ def test_a1111_embedding_given_as_a_model_is_named(tmp_path):
     with pytest.raises(LoadError, match="textual-inversion embedding"):
         ldm.load(tmp_path / "x.pt")
     save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, tmp_path / "xl.safetensors")
-    with pytest.raises(LoadError, match="textual-inversion embedding"):
+    with pytest.raises(LoadError, match="is an SDXL embedding .*implements SD v1.x"):  # not "use --embedding"
         ldm.load(tmp_path / "xl.safetensors")
     torch.save({"state_dict": {"a": 1, "b": "x"}}, tmp_path / "odd.ckpt")
     with pytest.raises(LoadError, match=r"holds no tensors \(only int, str\)"):
@@ -331,6 +331,10 @@ def test_a1111_embedding_given_as_a_model_is_named(tmp_path):
     (lambda: {"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3), "decoder.conv_out.weight": torch.zeros(3, 128, 3, 3),
               "encoder.conv_in.bias": torch.zeros(128), "decoder.conv_out.bias": torch.zeros(3),
               "quant_conv.weight": torch.zeros(8, 8, 1, 1)}, "VAE on its own"),
+    # a VAE cut from a full checkpoint, with its training extras (were "no U-Net weights")
+    (lambda: {"first_stage_model.encoder.conv_in.weight": torch.zeros(128, 3, 3, 3),
+              "first_stage_model.decoder.conv_out.weight": torch.zeros(3, 128, 3, 3),
+              "loss.logvar": torch.zeros(()), "model_ema.decay": torch.zeros(())}, "VAE on its own"),
 ])
 def test_wrong_files_are_named(tmp_path, make, expected):
     path = tmp_path / "wrong.safetensors"
@@ -338,6 +342,13 @@ def test_wrong_files_are_named(tmp_path, make, expected):
     with pytest.raises(LoadError, match=expected) as e:
         ldm.load(path)
     assert "\n" not in str(e.value)
+
+
+def test_a_git_lfs_pointer_is_named(tmp_path):
+    pointer = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:6ce0161689\nsize 4265146304\n")
+    with pytest.raises(LoadError, match="it is a Git LFS pointer, not the file itself"):
+        ldm.load(pointer)
 
 
 def test_sd2_shapes_are_recognised():
