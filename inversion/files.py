@@ -34,7 +34,7 @@ import torch
 
 from inversion.hook import sub_tokens
 from ldm.load import (TRAINING_CHECKPOINT_HINT, TRAINING_CHECKPOINT_KEYS, LoadError, atomic_write,
-                      file_format, file_hash, read_failure, unsafe_pickle)
+                      file_format, file_hash, unreadable, unsafe_pickle)
 
 PathLike = Union[str, Path]
 
@@ -150,8 +150,7 @@ def _read(path: Path) -> Tuple[object, Dict[str, str]]:
         except EmbeddingError:
             raise
         except Exception as e:
-            raise EmbeddingError(f"{path}: cannot be read as safetensors ({read_failure(path, e)}); "
-                                 f"the file ({path.stat().st_size:,} bytes) may be truncated") from None
+            raise EmbeddingError(unreadable(path, "safetensors", e, advice="")) from None
     if form == "pickle":
         try:
             # The original Textual Inversion code pickles its vectors in an nn.ParameterDict: allowed
@@ -163,8 +162,7 @@ def _read(path: Path) -> Tuple[object, Dict[str, str]]:
             if name:
                 raise EmbeddingError(f"{path}: refuses to load safely (it pickles {name}, which could "
                                      "run code); convert it to .safetensors with a tool you trust") from None
-            raise EmbeddingError(f"{path}: cannot be read as a PyTorch file ({read_failure(path, e)}); "
-                                 f"the file ({path.stat().st_size:,} bytes) may be truncated or corrupt") from None
+            raise EmbeddingError(unreadable(path, "a PyTorch file", e, advice="")) from None
     raise EmbeddingError(f"{path}: unknown embedding format '{path.suffix}'; expected .safetensors, .pt or .bin")
 
 

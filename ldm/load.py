@@ -146,6 +146,16 @@ def read_failure(path: Path, error: BaseException) -> str:
     return load_error_reason(error)
 
 
+def unreadable(path: Path, what: str, error: BaseException, advice: str = " — download it again") -> str:
+    """The one line for a file that cannot be read as `what`: why, and when its first bytes do
+    not already tell what it is, that it may be truncated."""
+    reason = read_failure(path, error)
+    if reason.startswith("it is "):  # a text file, an LFS pointer, another format: no use downloading again
+        return f"{path}: cannot be read as {what} ({reason})"
+    return f"{path}: cannot be read as {what} ({reason}); the file ({path.stat().st_size:,} bytes) may be " \
+           f"truncated or corrupt{advice}"
+
+
 def _read_pickle(path: Path) -> Tuple[dict, Dict[str, str]]:
     import zipfile
     allowed = [(_TrainingState, name) for name in TRAINING_STATE_GLOBALS]
@@ -158,8 +168,7 @@ def _read_pickle(path: Path) -> Tuple[dict, Dict[str, str]]:
         if name:
             raise LoadError(f"{path}: refuses to load safely (it pickles {name}, which could run code); "
                             "convert it to .safetensors with a tool you trust") from None
-        raise LoadError(f"{path}: cannot be read as a PyTorch checkpoint ({read_failure(path, e)}); "
-                        "the file may be truncated or corrupt — download it again") from None
+        raise LoadError(unreadable(path, "a PyTorch checkpoint", e)) from None
     metadata = {}
     if isinstance(obj, dict) and isinstance(obj.get(CONFIG_METADATA_KEY), str):
         metadata[CONFIG_METADATA_KEY] = obj[CONFIG_METADATA_KEY]
@@ -182,8 +191,7 @@ def read_tensors(path: Path, skip: Tuple[str, ...] = ()) -> Tuple[Dict[str, torc
                 metadata = f.metadata() or {}
                 return {k: f.get_tensor(k) for k in f.keys() if not (skip and k.startswith(skip))}, metadata
         except Exception as e:
-            raise LoadError(f"{path}: cannot be read as safetensors ({read_failure(path, e)}); "
-                            f"the file ({path.stat().st_size:,} bytes) may be truncated — download it again") from None
+            raise LoadError(unreadable(path, "safetensors", e)) from None
     if form == "pickle":
         return _read_pickle(path)
     raise LoadError(f"{path}: unknown format '{path.suffix}'; expected .safetensors, .ckpt, .pt, .bin "
