@@ -139,8 +139,11 @@ def read_failure(path: Path, error: BaseException) -> str:
     suffix = path.suffix.lower()
     if suffix == ".safetensors" and len(head) == 9:
         header = int.from_bytes(head[:8], "little")
-        if header + 8 > size or head[8:9] != b"{":
+        if head[8:9] != b"{":
             return "it is not a safetensors file: it does not start with a safetensors header"
+        if header + 8 > size:
+            return (f"it is cut off: its header alone is {header + 8:,} bytes and the file has {size:,}; "
+                    "download it again")
     if suffix in PICKLE_SUFFIXES and head and not head.startswith((b"PK\x03\x04", b"\x80")):
         return "it is not a PyTorch file: neither a zip archive nor a pickle"
     return load_error_reason(error)

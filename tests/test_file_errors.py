@@ -11,6 +11,10 @@ def test_a_text_file_named_as_a_checkpoint_is_said_to_be_no_such_file(tmp_path):
         path = tmp_path / name
         path.write_text("<html>not found</html>\n" * 20)
         assert expected in read_failure(path, KeyError("101"))
+    cut = tmp_path / "cut.safetensors"  # a safetensors header that promises more than the file holds
+    cut.write_bytes((5000).to_bytes(8, "little") + b'{"a": ' + bytes(100))
+    assert read_failure(cut, KeyError("101")) == ("it is cut off: its header alone is 5,008 bytes and the file "
+                                                  "has 114; download it again")
     good = tmp_path / "zip.ckpt"
     good.write_bytes(b"PK\x03\x04" + bytes(100))  # a zip archive's start: the error's own words are kept
     assert read_failure(good, RuntimeError("bad zip")) == "bad zip"
