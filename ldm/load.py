@@ -234,6 +234,8 @@ def describe_learned_file(keys, metadata: Dict[str, str]) -> Optional[str]:
         return "is a NeTI mapper, not a model; load it with sample.py --neti"
     if "hiper_tail" in keys:
         return "is a HiPer tail, not a model; load it with sample.py --hiper"
+    if "layer_structure" in keys or "activation_func" in keys:
+        return "is an AUTOMATIC1111 hypernetwork, not a model; this project does not load hypernetworks"
     if {"clip_l", "clip_g"} <= keys:
         return "is an SDXL embedding (clip_l and clip_g vectors); this project implements SD v1.x"
     if "string_to_param" in keys or "init_word" in metadata:  # AUTOMATIC1111 .pt (dictionaries, not tensors), ours

@@ -314,6 +314,11 @@ def test_a1111_embedding_given_as_a_model_is_named(tmp_path):
     save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, tmp_path / "xl.safetensors")
     with pytest.raises(LoadError, match="is an SDXL embedding .*implements SD v1.x"):  # not "use --embedding"
         ldm.load(tmp_path / "xl.safetensors")
+    hypernetwork = {768: [{"linear.0.weight": torch.zeros(2, 768)}], "layer_structure": [1, 2, 1],
+                    "activation_func": "linear", "name": "h", "step": 5}  # AUTOMATIC1111's layout
+    torch.save(hypernetwork, tmp_path / "h.pt")
+    with pytest.raises(LoadError, match="is an AUTOMATIC1111 hypernetwork, not a model"):
+        ldm.load(tmp_path / "h.pt")
     torch.save({"state_dict": {"a": 1, "b": "x"}}, tmp_path / "odd.ckpt")
     with pytest.raises(LoadError, match=r"holds no tensors \(only int, str\)"):
         ldm.load(tmp_path / "odd.ckpt")
