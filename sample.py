@@ -207,7 +207,9 @@ def main(argv=None) -> int:
         extra.update(neti=args.neti.name, **({"truncation": args.truncation} if args.truncation else {}))
     settings = dict(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                     scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
-                    model=ckpt_name, **extra)  # the grid's; each image's with its own seed
+                    model=ckpt_name, device=device.type,
+                    precision={torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype],
+                    **extra)  # the grid's; each image's with its own seed
     images, paths = [], []
     seeds = [args.seed + i for i in range(args.n)]
     first = next_number(args.out)

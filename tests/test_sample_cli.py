@@ -90,6 +90,9 @@ def test_width_and_height_and_precision(ckpt, tmp_path):
     assert fp32 == bf16 == 0
     a, b = (np.asarray(Image.open(tmp_path / d / "00000-0.png"), dtype=np.int16) for d in ("fp32", "bf16"))
     assert not np.array_equal(a, b) and np.abs(a - b).mean() < 4  # bf16 weights: the same picture, rounded (0.5)
+    settings = Image.open(tmp_path / "bf16" / "00000-0.png").text   # which is recorded with the image
+    assert settings["precision"] == "bf16" and settings["device"] == "cpu"
+    assert Image.open(tmp_path / "fp32" / "00000-0.png").text["precision"] == "fp32"
 
 
 def test_auto_device_and_precision(monkeypatch):
