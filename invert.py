@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from inversion.precision import training_dtype
+from inversion.precision import fp16_warning, training_dtype
 from ldm.cli import (CLIError, Parser, check_writable, checked_number, flags, nonnegative_float, nonnegative_int,
                      path_arg, pick_device, positive_float, positive_int, run, seed_int, shell_command,
                      word_arg)
@@ -98,7 +98,8 @@ def build_parser() -> Parser:
     run_.add_argument("--no-eval", action="store_true", help="tiny world: skip the reconstruction/editability scores")
     run_.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     run_.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                      help="frozen weights' dtype. auto: bf16 under autocast on a CUDA GPU, fp32 elsewhere; "
+                      help="frozen weights' dtype. auto: bf16 under autocast on a CUDA GPU that computes in it "
+                           "(Ampere or later), fp32 elsewhere; "
                            "fp32 turns autocast off; the learned vectors are fp32 always")
     # Which options each method takes: a method's own group and its SHARED_OPTIONS; Textual
     # Inversion takes every option but the other methods' own.
@@ -228,7 +229,11 @@ def load_model(args):
     from ldm.load import load
     ckpt = args.ckpt or DEFAULT_CKPT
     device = pick_device(args.device)
-    model = load(ckpt, device=device, dtype=training_dtype(args.precision, device))
+    dtype = training_dtype(args.precision, device)
+    warning = fp16_warning(dtype, device)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    model = load(ckpt, device=device, dtype=dtype)
     return ckpt, model, device
 
 

@@ -51,7 +51,7 @@ from torch import nn
 from inversion.adam import AdamW
 from inversion.data import image_digest, resume_mismatch
 from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images, noisy_latents
-from inversion.precision import autocast
+from inversion.precision import autocast, no_autocast
 from ldm.load import PICKLE_SUFFIXES, LoadError, atomic_write, load_error_reason, read_failure
 
 Layers = List[torch.Tensor]  # one (B, 77, D) text encoding per cross-attention layer
@@ -200,7 +200,7 @@ def space_time_conditioning(text_encoder, mapper: NeTIMapper, ids: torch.Tensor,
     B, L = ids.shape[0], mapper.config.num_layers
     layers = torch.arange(L, device=ids.device).repeat_interleave(B)           # (L·B,) 0..0 1..1 ...
     steps = t.to(ids.device).repeat(L)                                          # (L·B,) t_0..t_B-1 t_0..
-    with torch.autocast(ids.device.type, enabled=False):  # the mapper computes in float32, in training too
+    with no_autocast(ids.device.type):  # the mapper computes in float32, in training too
         word, bypass = mapper(steps, layers, keep)
     keys, values = encode_with_bypass(text_encoder, ids.repeat(L, 1), token_id, word, bypass,
                                       mapper.config.bypass_scale, new_embeddings)

@@ -167,6 +167,9 @@ def pick_device(name: str = "auto") -> torch.device:
             raise CLIError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise CLIError("--device cuda was asked for but no CUDA GPU is available")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                           "numbered from cuda:0")
         if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise CLIError("--device mps was asked for but this machine or PyTorch build has no Apple GPU support")
         if device.type not in ("cpu", "cuda", "mps"):

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from inversion.precision import autocast, training_dtype
+from inversion.precision import autocast, fp16_warning, training_dtype
 
 
 def test_auto_is_fp32_on_the_cpu_and_explicit_choices_are_kept():
@@ -17,11 +17,25 @@ def test_auto_is_fp32_on_the_cpu_and_explicit_choices_are_kept():
         assert training_dtype(name, torch.device("cuda")) == dtype
 
 
-@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
-def test_auto_on_cuda_is_bf16_where_the_gpu_has_it(monkeypatch, bf16, expected):
-    # fp16 weights would need a loss scaler for the new word's small gradients; fp32 needs none
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+@pytest.mark.parametrize("capability, expected", [((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16),
+                                                   ((7, 5), torch.float32)])  # A100, H100; T4
+def test_auto_on_cuda_is_bf16_where_the_gpu_computes_it(monkeypatch, capability, expected):
+    # fp16 weights would need a loss scaler for the new word's small gradients; fp32 needs none.
+    # A T4 emulates bf16 (torch.cuda.is_bf16_supported() says yes there): slowly, and not in its convolutions
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert training_dtype("auto", torch.device("cuda")) == expected
+    warned = fp16_warning(torch.float16, torch.device("cuda"))
+    assert ("without a loss scaler" in warned) == (expected == torch.float32)
+    assert fp16_warning(torch.float16, torch.device("cpu")) == fp16_warning(torch.float32, torch.device("cuda")) == ""
+
+
+def test_no_autocast_where_this_pytorch_has_none():
+    from inversion.precision import no_autocast
+    with no_autocast("mps"):  # torch.autocast("mps", ...) raises before PyTorch 2.5: a plain context instead
+        pass
+    with torch.autocast("cpu", dtype=torch.bfloat16), no_autocast("cpu"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -102,7 +102,10 @@ def test_auto_device_and_precision(monkeypatch):
     with pytest.raises(CLIError, match="no CUDA GPU"):
         pick_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert pick_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto") == torch.device("cuda") and pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(CLIError, match="has 2 CUDA GPU"):
+        pick_device("cuda:2")
     assert pick_dtype("auto", torch.device("cuda")) == torch.float16   # sampling: fp16 weights on a GPU
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
