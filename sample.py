@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import (CLIError, Parser, check_writable, checked_number, nonnegative_float, path_arg, pick_device,
+from ldm.cli import (DTYPES, CLIError, Parser, check_writable, checked_number, nonnegative_float, path_arg, pick_device,
                      pick_dtype, positive_int, run, seed_int)
 
 ROOT = Path(__file__).resolve().parent
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     settings = dict(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                     scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
                     model=ckpt_name, device=device.type,
-                    precision={torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype],
+                    precision=next(name for name, d in DTYPES.items() if d == dtype),
                     **extra)  # the grid's; each image's with its own seed
     images, paths = [], []
     seeds = [args.seed + i for i in range(args.n)]

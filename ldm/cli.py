@@ -9,6 +9,7 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -131,14 +132,21 @@ def image_path_arg(text: str) -> Path:
     return path
 
 
+def blocking_path(folder: Path) -> Optional[Path]:
+    """Why `folder` (made if missing) cannot be written in: the nearest existing path at or above
+    it, when that is no folder or not a writable one; None when it can."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
+
+
 def check_file_writable(path: Path, option: str) -> None:
     """A file that a long run writes at its end: checked before any work, so that hours of work are
     not lost to a folder that cannot be made (its folder is made when it is written)."""
     if path.is_dir():
         raise CLIError(f"{option} {path}: is a folder; name a file")
-    parent = next(p for p in path.absolute().parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"{option} {path}: cannot write there ({parent} is not a writable folder)")
+    blocked = blocking_path(path.parent)
+    if blocked is not None:
+        raise CLIError(f"{option} {path}: cannot write there ({blocked} is not a writable folder)")
 
 
 def distinct_seeds(seeds, option: str = "--seeds") -> None:
@@ -153,9 +161,9 @@ def check_writable(out: Path) -> None:
         raise CLIError(f"--out {out}: is a file, not a folder")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise CLIError(f"--out {out}: is a folder this user cannot write to; choose another --out")
-    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"--out {out}: cannot make a folder there ({parent} is not a writable folder)")
+    blocked = blocking_path(out)
+    if blocked is not None:
+        raise CLIError(f"--out {out}: cannot make a folder there ({blocked} is not a writable folder)")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -182,10 +190,13 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --precision's names
+
+
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return DTYPES[precision]
 
 
 def check_text(argv) -> None:

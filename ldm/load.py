@@ -109,16 +109,21 @@ def load_error_reason(error: BaseException) -> str:
     return sentence + "." if len(sentence) < 160 else first[:160].rsplit(" ", 1)[0] + " ..."
 
 
+def _first_bytes(path: Path) -> Tuple[bytes, int]:
+    """A file's first 9 bytes and its size ((b"", 0) if it cannot be read): enough to tell a
+    safetensors header (an 8-byte little-endian length, then '{'), a zip, a pickle or a text file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(9), path.stat().st_size
+    except OSError:
+        return b"", 0
+
+
 def file_format(path: Path) -> str:
     """"safetensors" or "pickle": from the first bytes where they show a safetensors header (a
     safetensors file named .bin, as diffusers' textual-inversion script once wrote them), else
     from the suffix, in any case (.CKPT); "" for neither."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        size = path.stat().st_size
-    except OSError:
-        head, size = b"", 0
+    head, size = _first_bytes(path)
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= size:
         return "safetensors"  # an 8-byte header length, then the JSON header
     suffix = path.suffix.lower()
@@ -128,12 +133,7 @@ def file_format(path: Path) -> str:
 def read_failure(path: Path, error: BaseException) -> str:
     """Why `path` could not be read: that it is not the format its name says, when its first
     bytes show it (a text file renamed .ckpt, a download's error page), else the error's line."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        size = path.stat().st_size
-    except OSError:
-        return load_error_reason(error)
+    head, size = _first_bytes(path)
     if head.startswith(b"version h"):  # "version https://git-lfs.github.com/spec/v1"
         return "it is a Git LFS pointer, not the file itself: fetch the file (git lfs pull)"
     suffix = path.suffix.lower()
@@ -269,8 +269,7 @@ def describe_wrong_file(keys, shapes: Dict[str, tuple]) -> Optional[str]:
                 "unet/, vae/ and text_encoder/ instead")
     vae_parts = ("encoder.", "decoder.", "quant_conv", "post_quant_conv")
     weights = [k for k in keys if not k.startswith((*IGNORED_PREFIXES, "loss."))]  # training extras aside
-    if weights and all(k.removeprefix(convert.PREFIX_VAE).startswith(vae_parts) for k in weights) \
-            and not any(k.startswith(convert.PREFIX_UNET) for k in keys):
+    if weights and all(k.removeprefix(convert.PREFIX_VAE).startswith(vae_parts) for k in weights):
         return "is a VAE on its own, not a full model"
     if not any(k.startswith(convert.PREFIX_UNET) for k in keys):
         return "has no U-Net weights (no 'model.diffusion_model.' keys); it is not a Stable Diffusion checkpoint"

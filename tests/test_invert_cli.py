@@ -398,8 +398,8 @@ def test_an_empty_value_is_refused_not_taken_as_the_default_or_the_current_folde
                                                                                   option):
     monkeypatch.chdir(tmp_path)
     rc, cap = call([f"{option}=", "--steps", "1"], capsys)
-    assert rc == 2 and cap.err.strip().splitlines() == [
-        f"invert.py: error: argument {option}: is empty{'; give a file or folder' * (option in ('--out', '--ckpt', '--images'))} (see --help)"]
+    hint = "; give a file or folder" if option in ("--out", "--ckpt", "--images") else ""
+    assert rc == 2 and cap.err.strip().splitlines() == [f"invert.py: error: argument {option}: is empty{hint} (see --help)"]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -204,7 +204,6 @@ def write_grid(path: Path, rows: List[tuple]) -> None:
     from PIL import Image
     size = (W.IMAGE_SIZE, W.IMAGE_SIZE)                 # (a model of another size draws other sizes)
     images = [np.asarray(Image.fromarray(im).resize(size, Image.NEAREST)) for im in images]
-    path.parent.mkdir(parents=True, exist_ok=True)
     W.save_grid(str(path), np.stack(images), captions, cols=len(images) // len(rows))
 
 

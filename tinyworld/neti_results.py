@@ -248,7 +248,6 @@ def write_grid(model, ti, neti, concept: str, path: Path, truncation: int, sampl
         cond = SpaceTimeConditioning(model, neti.mapper, neti.cfg.placeholder, prompts, k)
         rows.append((label, to_uint8(generate(model, prompts, seeds, steps=sample_steps,
                                               cond=cond.keys, value_cond=cond.value_cond))))
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(str(path), np.concatenate([images for _, images in rows]),
               [f"{label}: {p}" for label, _ in rows for p in prompts], cols=len(prompts), scale=4)
 

@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
-from ldm.cli import (CLIError, Parser, checked_number, given_options, nonnegative_int, path_arg, positive_float,
-                     positive_int, progress_bar, seed_int)
+from ldm.cli import (CLIError, Parser, check_file_writable, check_writable, checked_number, given_options,
+                     nonnegative_int, path_arg, positive_float, positive_int, progress_bar, seed_int)
 from ldm.load import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,10 +367,15 @@ def check_out(out: Path, init) -> str:
         return f"--out {out} is the --init model itself; write the continued model to another file"
     if out.suffix == "" and out.exists() and (not out.is_dir() or any(out.iterdir())):
         return f"--out {out}: already exists; the diffusers layout needs a new folder"
-    parent = next(p for p in out.absolute().parents if p.exists())
-    writable = os.access(parent, os.W_OK | os.X_OK) and (not out.exists() or os.access(out, os.W_OK))
-    if not parent.is_dir() or not writable:
-        return f"--out {out}: cannot write there ({parent} is not a writable folder)"
+    try:
+        if out.suffix:
+            check_file_writable(out, "--out")
+        else:
+            check_writable(out)  # the diffusers layout: a folder
+    except CLIError as e:
+        return str(e)
+    if out.is_file() and not os.access(out, os.W_OK):
+        return f"--out {out}: is a file this user cannot write to; choose another --out"
     return ""
 
 

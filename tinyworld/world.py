@@ -639,7 +639,6 @@ def save_grid(path: str, images: np.ndarray, captions: Sequence[str] | None = No
             draw.multiline_text((x, y + cell + 1), "\n".join(lines[:4]) or "''",
                                 fill=(255, 255, 255), spacing=0)
     from ldm.generate import save_png
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_png(canvas, path)  # through a temporary file: no half-written grid
 
 
