@@ -221,3 +221,21 @@ def test_vae_minutes_stops_the_autoencoder_stage_and_keeps_its_step(tmp_path):
     train.train_vae(args, tiny_config(), images, tmp_path)
     step = torch.load(tmp_path / "vae.pt", weights_only=True)["step"]
     assert 0 <= step < 1000  # stopped by the clock, and the checkpoint says where
+
+
+def test_worker_processes_draw_the_same_batches_as_the_trainer():
+    import itertools
+    from clip import Tokenizer
+    from tinyworld.world import make_dataset
+    attrs, tokenizer = make_dataset(50, seed=0, split="train")[2], Tokenizer()
+    draws = {}
+    for workers in ("0", "2"):
+        args = train.build_parser().parse_args(["--batch", "6", "--workers", workers, "--seed", "3"])
+        batches = train.draw_batches(args, attrs, tokenizer, first=5)  # as a resumed run at step 5
+        draws[workers] = list(itertools.islice(batches, 12))  # more than the workers keep ahead
+        batches.close()
+    assert len(draws["0"]) == len(draws["2"]) == 12
+    for (idx, ids), (idx2, ids2) in zip(draws["0"], draws["2"]):
+        assert ids.shape == (6, 77) and (idx == idx2).all() and (ids == ids2).all()
+    assert not (draws["0"][0][1] == draws["0"][1][1]).all()  # each step draws afresh
+    assert (draws["0"][0][0] == train.draw_batch(5)[0]).all()

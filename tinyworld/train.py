@@ -38,10 +38,14 @@ its bottleneck can tell left from right, and the text encoder is 64 wide, since 
 """
 from __future__ import annotations
 
+import collections
 import copy
+import itertools
 import json
 import math
+import multiprocessing
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -219,8 +223,51 @@ class CaptionIds:
         return torch.stack([self.known[c] for c in captions])
 
 
-def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path, device="cpu"):
+_draws = None  # what draw_batch needs, set once per process by start_drawing
+
+
+def start_drawing(seed: int, batch: int, attrs: list, tokenizer) -> None:
+    """Set up this process (the trainer's, or a worker's) to draw diffusion batches."""
+    global _draws
+    _draws = (seed, batch, attrs, CaptionIds(tokenizer))
+
+
+def draw_batch(step: int) -> tuple:
+    """Step `step`'s draw: which latents (indices into the training set) and the token ids of
+    fresh captions of them, (B,) and (B, 77), as numpy arrays. Seeded by the step alone, so it is
+    the same in any process and in any order."""
     from tinyworld.world import caption
+    seed, batch, attrs, tokenize = _draws
+    rng = np.random.default_rng([seed, 7, step])
+    idx = rng.integers(0, len(attrs), batch)
+    return idx, tokenize([caption(attrs[i], rng) for i in idx]).numpy()
+
+
+def _start_worker(*setup) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it stops the workers
+    torch.set_num_threads(1)  # one core each: the workers are many
+    start_drawing(*setup)
+
+
+def draw_batches(args, attrs: list, tokenizer, first: int):
+    """The draws of steps first, first + 1, ... (see draw_batch). With `--workers N` they are made
+    in N processes that keep 4 steps each ahead of the trainer: writing and tokenizing 256
+    captions takes longer than a whole training step of the tiny model on a GPU."""
+    setup = (args.seed, args.batch, attrs, tokenizer)
+    if not args.workers:
+        start_drawing(*setup)
+        yield from map(draw_batch, itertools.count(first))
+        return
+    context = multiprocessing.get_context("spawn")  # not fork: the trainer may already hold a GPU
+    with context.Pool(args.workers, _start_worker, setup) as pool:  # leaving it stops the workers
+        steps = itertools.count(first)
+        ahead = collections.deque(pool.apply_async(draw_batch, (next(steps),)) for _ in range(4 * args.workers))
+        while True:
+            yield ahead.popleft().get()
+            ahead.append(pool.apply_async(draw_batch, (next(steps),)))
+
+
+def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path, device="cpu"):
     ckpt = run / "diffusion.pt"
     model.to(device)
     latents = latents.to(device)
@@ -235,16 +282,16 @@ def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path, 
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step, seconds = state["step"], state["seconds"]
-    tokenize, schedule = CaptionIds(model.tokenizer), model.schedule
+    schedule = model.schedule
+    batches = draw_batches(args, attrs, model.tokenizer, first=step)
     log = open(run / "diffusion_log.csv", "a")
     bar = progress_bar(args.steps, "diffusion", initial=step)
     t_last = time.time()
     try:
         while step < args.steps and seconds < args.minutes * 60:
-            rng = np.random.default_rng([args.seed, 7, step])
+            idx, ids = next(batches)
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + 7 + step)
-            idx = rng.integers(0, len(latents), args.batch)
-            ids = tokenize([caption(attrs[i], rng) for i in idx]).to(device)
+            ids = torch.from_numpy(ids).to(device)
             x0 = latents[torch.from_numpy(idx).to(device)]
             noise = torch.randn(x0.shape, generator=g).to(device)  # drawn on the CPU: same on any device
             t = torch.randint(0, args.max_timestep or schedule.num_timesteps, (args.batch,), generator=g).to(device)
@@ -277,6 +324,7 @@ def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path, 
     finally:  # at the end, and on Ctrl-C or an error: keep what was learned (--resume)
         save_checkpoint({"model": trainable.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "step": step, "seconds": seconds}, ckpt)
+        batches.close()  # stops the workers
         log.close()
         bar.close()
     print(f"diffusion: {step} steps, {seconds / 60:.1f} min of training")
@@ -340,6 +388,9 @@ def build_parser():
                    help="steps between checkpoints in --run (one is also saved when a stage ends or stops)")
     p.add_argument("--eval-every", type=nonnegative_int, default=1000, help="quick accuracy check (0 = never)")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--workers", type=nonnegative_int, default=0,
+                   help="processes that write and tokenize the diffusion stage's captions ahead of the training "
+                        "steps (0 = the trainer itself); on a GPU they are what keeps it busy: 8 there")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     return p
 
