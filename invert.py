@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     if args.method != "ti":
         return importlib.import_module(METHOD_MODULES[args.method]).main(args)
     from inversion.data import DataError, templates, validation_prompts
-    from inversion.files import base_model_hash, save_a1111, save_embeddings
+    from inversion.files import base_model_metadata, save_a1111, save_embeddings
     from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError, check_words
 
     check_paths(args)
@@ -301,12 +301,12 @@ def main(argv=None) -> int:
           f"({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)}) from {len(images)} images on {device}; "
           f"effective lr = {cfg.lr:g} x batch {cfg.batch} = {cfg.effective_lr:g}")
 
-    base_hash = base_model_hash(ckpt)
+    base = base_model_metadata(ckpt)
     ours, a1111_pt, a1111_st = output_files(args.out, placeholder, model.tokenizer)
 
     def save(t: TextualInversion) -> None:
         vec = t.embedding()
-        meta = {"base_model_hash": base_hash, "base_model": str(ckpt), "init_word": init_word, "step": str(t.step),
+        meta = {**base, "init_word": init_word, "step": str(t.step),
                 "placeholder": placeholder, "method": "textual_inversion", "num_vectors": str(len(vec))}
         save_embeddings(ours, {placeholder: vec}, meta)
         save_a1111(a1111_pt, placeholder, vec, t.step, metadata=meta)

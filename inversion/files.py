@@ -311,6 +311,14 @@ def a1111_legacy_hash(ckpt: PathLike) -> str:
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
+def base_model_metadata(ckpt: PathLike) -> Dict[str, str]:
+    """What a learned file records of its base model: the hash that ties it to the weights, and
+    the checkpoint's name for people. The name only, not the path: learned files are shared, and
+    a path would tell where on its maker's disk the model lies."""
+    ckpt = Path(ckpt)
+    return {BASE_MODEL_HASH: base_model_hash(ckpt), BASE_MODEL: ckpt.resolve().name}
+
+
 def base_model_hashes(ckpt: PathLike) -> List[str]:
     """Every hash an embedding may record for this base model: ours, and for a single file the
     AUTOMATIC1111 legacy one."""

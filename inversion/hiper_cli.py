@@ -81,7 +81,7 @@ def check_arguments(args) -> None:
 
 
 def main(args) -> int:
-    from inversion.files import base_model_hash
+    from inversion.files import base_model_metadata
     from inversion.hiper import HiPer, HiPerConfig, HiPerError, save_tail
     from invert import load_model, train
 
@@ -118,12 +118,11 @@ def main(args) -> int:
     print(f"{'resuming at step ' + str(trainer.step) if resumed else 'learning'} a HiPer tail of {cfg.tail} rows "
           f"for {source!r} on {device}; lr {cfg.lr:g}, batch {cfg.batch}, {cfg.steps} steps")
 
-    base_hash = base_model_hash(ckpt)
+    base = base_model_metadata(ckpt)
     tail_path = args.out / TAIL_FILE
 
     def save(t: HiPer) -> None:
-        save_tail(tail_path, t.tail_vectors(), {"base_model_hash": base_hash, "base_model": str(ckpt),
-                                                "source": source, "step": str(t.step)})
+        save_tail(tail_path, t.tail_vectors(), {**base, "source": source, "step": str(t.step)})
 
     if not train(trainer, tail_path, on_save=save):
         return 130

@@ -61,7 +61,7 @@ def check_arguments(args) -> None:
 
 def main(args) -> int:
     from inversion.data import DataError, templates, validation_prompts
-    from inversion.files import base_model_hash
+    from inversion.files import base_model_metadata
     from inversion.neti import MAPPER_FILE, NeTI, NeTIConfig, check_config, save_mapper
     from inversion.textual_inversion import TrainingError, check_words
     from invert import load_model, the_word, train, training_images
@@ -100,12 +100,11 @@ def main(args) -> int:
           f"parameters) from {len(images)} images on {device}; effective lr = {cfg.lr:g} x batch {cfg.batch} "
           f"x {cfg.grad_accum} = {cfg.effective_lr:g}")
 
-    base_hash = base_model_hash(ckpt)
+    base = base_model_metadata(ckpt)
     mapper_path = args.out / MAPPER_FILE
 
     def save(t: NeTI) -> None:
-        save_mapper(mapper_path, t.mapper, {"base_model_hash": base_hash, "base_model": str(ckpt),
-                                            "placeholder": placeholder, "init_word": init_word,
+        save_mapper(mapper_path, t.mapper, {**base, "placeholder": placeholder, "init_word": init_word,
                                             "learnable_property": prop, "step": str(t.step)})
 
     def sample_grid(t: NeTI) -> None:

@@ -145,7 +145,7 @@ def test_invert_hiper_end_to_end_and_sample_py_reads_the_tail(ckpt, image_file, 
     with safe_open(str(out / "hiper_tail.safetensors"), "pt") as f:
         meta, tail = f.metadata(), f.get_tensor("hiper_tail")
     assert tail.shape == (5, 32) and meta["tail"] == "5" and meta["source"] == SOURCE and meta["step"] == "3"
-    assert meta["base_model_hash"] == base_model_hash(ckpt)
+    assert meta["base_model_hash"] == base_model_hash(ckpt) and meta["base_model"] == ckpt.name
     assert (out / "checkpoint.pt").exists() and (out / "samples" / "reconstruction.png").exists()
     assert len((out / "loss.csv").read_text().splitlines()) == 4
     assert f"edit with: python sample.py --hiper {out / 'hiper_tail.safetensors'} --prompt '{SOURCE}' --ckpt {ckpt}" \

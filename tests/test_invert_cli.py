@@ -48,6 +48,7 @@ def test_training_writes_every_output_and_sample_py_reads_them(ckpt, images, tmp
     with safe_open(str(out / "learned_embeds.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["init_word"] == "toy" and meta["step"] == "4" and len(meta["base_model_hash"]) == 16
+    assert meta["base_model"] == ckpt.name  # its name, not where it lies on this disk (the file gets shared)
 
     rc = sample.main(["--ckpt", str(ckpt), "--prompt", "a photo of <toy>", "--embedding",
                       str(out / "learned_embeds.safetensors"), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s")])

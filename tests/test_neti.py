@@ -357,6 +357,7 @@ def test_invert_writes_a_mapper_that_sample_py_reads(ckpt, image_dir, tmp_path, 
     mapper, meta = load_mapper(out / "neti_mapper.safetensors")
     assert meta["placeholder"] == "<toy>" and meta["init_word"] == "toy" and meta["step"] == "2"
     assert len(meta["base_model_hash"]) == 16 and mapper.config.num_layers == 4
+    assert meta["base_model"] == ckpt.name
 
     rc, cap = invert(["--ckpt", str(ckpt), "--images", str(image_dir), "--placeholder", "<toy>", "--init-word", "toy",
                       "--steps", "3", "--batch", "2", "--out", str(out), "--resume"], capsys)
