@@ -102,7 +102,8 @@ def png_info(settings: dict):
         info.add_text(key, str(value))
     a1111 = (f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt']}\n"
              f"Steps: {settings['steps']}, Sampler: {settings['sampler'].upper()}, CFG scale: {settings['scale']}, "
-             f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}")
+             f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}, "
+             f"Model: {settings['model'].removesuffix('.safetensors').removesuffix('.ckpt')}")
     info.add_text("parameters", a1111)
     return info
 
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
     from ldm.generate import generate, make_grid, save_png, to_pil
 
     args.out.mkdir(parents=True, exist_ok=True)
-    ckpt_name = str(args.ckpt) if args.ckpt else str(DEFAULT_CKPT.relative_to(ROOT))
+    ckpt_name = (args.ckpt or DEFAULT_CKPT).resolve().name  # its name, not its path: images get shared
     extra = {"embeddings": ", ".join(p.name for p in args.embedding)} if args.embedding else {}
     if args.ema:
         extra.update(ema="true")

@@ -27,6 +27,8 @@ def test_writes_pngs_with_metadata_and_a_grid(ckpt, tmp_path):
     assert im.size == (32, 32) and im.mode == "RGB"
     assert im.text["prompt"] == "a red circle" and im.text["seed"] == "6" and im.text["steps"] == "3"
     assert "Seed: 6" in im.text["parameters"]
+    # the model by its name, as AUTOMATIC1111 writes it, and not where it lies on this disk
+    assert im.text["model"] == ckpt.name and im.text["parameters"].endswith(f", Model: {ckpt.stem}")
     assert Image.open(out / "grid-00000.png").size == (64, 64)  # 3 images on a 2x2 grid
     assert not list(out.glob(".*tmp"))
     first_run = {p.name: p.read_bytes() for p in out.glob("*.png")}
