@@ -189,11 +189,17 @@ def training_images(args, model) -> torch.Tensor:
     return images
 
 
+# File names the AUTOMATIC1111 pair must not take: our own outputs', and the devices of Windows
+# (a file named nul.pt, whatever its case, is no file there).
+TAKEN_NAMES = {"learned_embeds", "checkpoint", "loss", "con", "prn", "aux", "nul",
+               *(f"{port}{i}" for port in ("com", "lpt") for i in range(10))}
+
+
 def output_files(out: Path, placeholder: str, tokenizer):
     """Ours, and the AUTOMATIC1111 pair. AUTOMATIC1111 calls a word by its file name, so that name
     must not be a word of the vocabulary: '<toy>' gives toy-embedding.pt, '<cat-toy>' cat-toy.pt."""
     safe = "".join(c if c.isalnum() or c in "-_" else "" for c in placeholder) or "embedding"
-    if tokenizer.word_id(safe) is not None:
+    if tokenizer.word_id(safe) is not None or safe.lower() in TAKEN_NAMES:
         safe += "-embedding"
     return out / "learned_embeds.safetensors", out / f"{safe}.pt", out / f"{safe}.safetensors"
 

@@ -8,6 +8,7 @@ import re
 import shlex
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -99,10 +100,17 @@ def progress_bar(total: int, desc: str, initial: int = 0, unit: str = "step", di
                 mininterval=0.1 if sys.stderr.isatty() else 30, **kwargs)
 
 
-def shell_command(*words) -> str:
+def shell_command(*words, windows: bool = os.name == "nt") -> str:
     """A command line to print for the user to paste: each word quoted where the shell needs it
-    (a path with a space, a placeholder with a '$' or a quote)."""
-    return shlex.join(str(w) for w in words)
+    (a path with a space, a placeholder with a '$' or a quote). Windows' shells take double quotes
+    only (cmd.exe reads '<ring>' outside them as a redirection)."""
+    if not windows:
+        return shlex.join(str(w) for w in words)
+
+    def quoted(word: str) -> str:
+        special = not word or re.search(r'[\s"&|<>^%()]', word)
+        return '"' + word.replace('"', '\\"') + '"' if special else word
+    return " ".join(quoted(str(w)) for w in words)
 
 
 def path_arg(text: str) -> Path:
@@ -132,11 +140,25 @@ def image_path_arg(text: str) -> Path:
     return path
 
 
+def can_write_in(folder: Path) -> bool:
+    """Whether a file can be made in `folder`: tried, with a temporary file, since os.access does
+    not read Windows' access lists (every folder looks writable to it there)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def blocking_path(folder: Path) -> Optional[Path]:
     """Why `folder` (made if missing) cannot be written in: the nearest existing path at or above
-    it, when that is no folder or not a writable one; None when it can."""
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
+    it, when that is no folder or not a writable one (or the drive, when none of it exists: a
+    missing drive or network share); None when it can."""
+    folder = folder.absolute()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None:
+        return Path(folder.anchor or folder)
+    return None if existing.is_dir() and can_write_in(existing) else existing
 
 
 def check_file_writable(path: Path, option: str) -> None:
@@ -159,7 +181,7 @@ def check_writable(out: Path) -> None:
     """--out must be a folder, or a path where one can be made (checked before any work)."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: is a file, not a folder")
-    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+    if out.is_dir() and not can_write_in(out):
         raise CLIError(f"--out {out}: is a folder this user cannot write to; choose another --out")
     blocked = blocking_path(out)
     if blocked is not None:
@@ -209,9 +231,15 @@ def check_text(argv) -> None:
             raise CLIError(f"the argument {ascii(arg)} is not valid UTF-8 text") from None
 
 
+# What a RuntimeError says when memory ran out: the CPU allocator on Linux and on Windows, and
+# Apple's GPU (mps), which raises no OutOfMemoryError.
+OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "not enough memory", "MPS backend out of memory")
+
+
 def out_of_memory(error: BaseException) -> bool:
     """Python's, the GPU's, or the CPU allocator's out-of-memory error (a RuntimeError that says so)."""
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or any(text in str(error) for text in OUT_OF_MEMORY_TEXTS))
 
 
 def memory_hint(error: BaseException) -> str:
@@ -245,10 +273,22 @@ def stop_like_ctrl_c(signum, frame):
 MEMORY_ADVICE = "try a smaller --batch or --resolution"
 
 
+def tolerant_output() -> None:
+    """Text the terminal's encoding cannot show (an α in a table, a prompt in another script,
+    printed into a log on Windows, whose files default to cp1252) is written escaped, '\\u03b1',
+    rather than stopping the tool after its work (stderr already does this)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a text file of the io module
+            pass
+
+
 def run(main, argv=None, prog: str = "", memory_advice: str = MEMORY_ADVICE) -> int:
     """Call main(argv); turn expected failures into one line on stderr and a non-zero status
     (out of memory: the allocation that failed, then `memory_advice`, which names the tool's
     own options). While it runs, SIGTERM is handled as Ctrl-C."""
+    tolerant_output()
     try:
         previous = signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     except ValueError:  # not the main thread: signals stay as they are

@@ -1,5 +1,6 @@
 """invert.py end to end on a tiny random checkpoint: outputs, interop with sample.py, bad input."""
 import importlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,6 +200,29 @@ def test_out_of_memory_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out of memory" in err[0] and "smaller --batch" in err[0]
     assert run(lambda argv: (_ for _ in ()).throw(MemoryError()), [], prog="invert.py") == 1
+    capsys.readouterr()
+    elsewhere = {  # the CPU allocator on Windows; Apple's GPU, which raises a plain RuntimeError
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate "
+        "2147483648 bytes.": "could not allocate 2.0 GiB",
+        "MPS backend out of memory (MPS allocated: 17.82 GB, other allocations: 1.20 GB, max allowed: 18.13 GB). "
+        "Tried to allocate 640.00 MiB on private pool.": "Tried to allocate 640.00 MiB"}
+    for message, hint in elsewhere.items():
+        def main(argv, message=message):
+            raise RuntimeError(message)
+        assert run(main, [], prog="invert.py") == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"out of memory ({hint})" in err[0], err
+
+
+def test_the_pair_of_files_for_automatic1111_never_takes_a_name_that_is_taken():
+    from clip import Tokenizer
+    names = lambda word: [p.name for p in invert.output_files(Path("out"), word, Tokenizer())]
+    assert names("<cat-toy>") == ["learned_embeds.safetensors", "cat-toy.pt", "cat-toy.safetensors"]
+    assert names("<toy>")[1] == "toy-embedding.pt"  # a word of the vocabulary
+    # our own file, which it would overwrite, and Windows' devices, in any case: no files there
+    for word, safe in [("<learned_embeds>", "learned_embeds"), ("<NUL>", "NUL"), ("<com1>", "com1"),
+                       ("<Lpt9>", "Lpt9"), ("<checkpoint>", "checkpoint")]:
+        assert names(word)[1:] == [f"{safe}-embedding.pt", f"{safe}-embedding.safetensors"], word
 
 
 def test_one_image_is_allowed_with_a_warning(ckpt, tmp_path, capsys):

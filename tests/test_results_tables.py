@@ -46,6 +46,8 @@ def test_ti_results_table(ckpt32, tmp_path, capsys):
         per_seed = [pair.split(" / ") for pair in cells[4].split(",")]
         assert cells[3] == "-" and [e.strip() for _, e in per_seed] == ["-", "-"]
         assert percents(cells[2])[0] == pytest.approx(sum(percents(r)[0] for r, _ in per_seed) / 2, abs=0.006)
+    runs = sorted(p.name for p in (tmp_path / "o").iterdir())  # a run's folder per row and seed, named by the row
+    assert runs == sorted(f"{row}-seed{s}" for row in ti_results.ROWS for s in (0, 1)), runs
 
 
 def test_ti_results_scores_with_the_given_guidance(ckpt32, tmp_path, capsys, monkeypatch):

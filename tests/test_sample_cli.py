@@ -1,6 +1,8 @@
 """sample.py end to end on a tiny random checkpoint, and its one-line errors."""
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -290,3 +292,38 @@ def test_progress_bar_counts_every_batch_and_ends_full(ckpt, tmp_path, capsys):
                         "--batch-size", "2", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err.replace("\r", "\n")
     assert "sampling: 100%" in err and "12/12" in err
+
+
+def test_text_the_output_cannot_show_is_escaped_not_fatal():
+    """--help holds an α. Redirected on Windows, stdout is cp1252, which has none; on some systems, ASCII."""
+    for encoding in ("cp1252", "ascii"):
+        proc = subprocess.run([sys.executable, "sample.py", "--help"], cwd=ROOT, capture_output=True,
+                              env={**os.environ, "PYTHONIOENCODING": encoding})
+        assert proc.returncode == 0 and b"weight \\u03b1 of the tail" in proc.stdout, proc.stderr[-500:]
+
+
+def test_the_command_to_paste_is_quoted_for_its_shell():
+    from ldm.cli import shell_command
+    words = ["python", "sample.py", "--embedding", r"out dir\learned_embeds.safetensors", "--prompt", "<ring>"]
+    assert shell_command(*words, windows=False) == \
+        "python sample.py --embedding 'out dir\\learned_embeds.safetensors' --prompt '<ring>'"
+    # cmd.exe takes double quotes only, and reads a bare <ring> as a redirection
+    assert shell_command(*words, windows=True) == \
+        'python sample.py --embedding "out dir\\learned_embeds.safetensors" --prompt "<ring>"'
+    assert shell_command("say", 'a "b"', windows=True) == 'say "a \\"b\\""'
+
+
+def test_writable_folders_are_found_by_trying(tmp_path, monkeypatch):
+    from ldm import cli
+    assert cli.can_write_in(tmp_path) and not cli.can_write_in(tmp_path / "missing")
+    cli.check_writable(tmp_path / "new" / "run")  # a folder that can be made: no error
+    # os.access says yes to every folder on Windows; what counts is whether a file can be made
+    monkeypatch.setattr(cli, "can_write_in", lambda folder: False)
+    with pytest.raises(cli.CLIError, match="this user cannot write to"):
+        cli.check_writable(tmp_path)
+    with pytest.raises(cli.CLIError, match="is not a writable folder"):
+        cli.check_file_writable(tmp_path / "grid.png", "--grid")
+    monkeypatch.undo()
+    # no part of the path exists (a drive or network share that is not there): its drive is named
+    monkeypatch.setattr(Path, "exists", lambda self: False)
+    assert cli.blocking_path(Path("/no-such-share/runs")) == Path("/")

@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         for seed in seeds:
             t = time.time()
             status(f"{name}, seed {seed}: learning the word, then scoring")
-            trainer = learn(model, concept, steps, seed, args.out / f"{concept}-{label.split()[0]}-seed{seed}",
+            trainer = learn(model, concept, steps, seed, args.out / f"{name}-seed{seed}",
                             **({"lr": args.lr} if args.lr else {}), **overrides)
             seconds += time.time() - t
             runs.append(evaluate_word(model, concept, trainer.cfg.placeholder, n=args.n, steps=args.sample_steps,
