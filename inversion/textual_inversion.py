@@ -264,7 +264,10 @@ class TextualInversion:
                 w = csv.writer(f)
                 w.writerow(["step", "loss"])
                 w.writerows((int(s), f"{l:.6f}") for s, l in self.losses)
-        atomic_write(self.out / "loss.csv", write)
+        try:
+            atomic_write(self.out / "loss.csv", write)
+        except OSError as e:  # held open elsewhere (a spreadsheet, on Windows): the losses stay in memory
+            self.log(f"warning: could not write {self.out / 'loss.csv'} ({e}); it is written again at the next save")
 
     # ------------------------------------------------------------------ loop
     def check_finite(self) -> None:
@@ -292,8 +295,8 @@ class TextualInversion:
                 bar.update(1)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
+                    on_save(self)  # the learned files first: the log is the least of them
                     self.write_loss_log()
-                    on_save(self)
                 if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == cfg.steps:
                     on_sample(self)
         except KeyboardInterrupt:

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -374,10 +375,10 @@ def _load_single_file(path: Path, device, dtype, ema: bool) -> StableDiffusion:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8, whatever the system's locale
     except FileNotFoundError:
         raise LoadError(f"{path.parent.parent}: a diffusers folder needs {path.parent.name}/{path.name}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{path}: is not valid JSON ({e})") from None
 
 
@@ -501,11 +502,28 @@ def atomic_write(path: Path, write) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
-        os.replace(tmp, path)
+        replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        try:
             os.remove(tmp)
+        except OSError:  # gone already, or it cannot be: the first error is the one to tell
+            pass
         raise write_error(e, path) or e
+
+
+WINDOWS = os.name == "nt"
+
+
+def replace(tmp: str, path: Path, tries: int = 5) -> None:
+    """os.replace. On Windows a file that another program holds open (a virus scanner reading
+    the file just written, an editor showing it) cannot be replaced: tried again for 2 s."""
+    for i in range(tries):
+        try:
+            return os.replace(tmp, path)
+        except PermissionError:
+            if not WINDOWS or i == tries - 1:
+                raise
+            time.sleep(0.2 * (i + 1))
 
 
 def _cast(sd: Dict[str, torch.Tensor], dtype) -> Dict[str, torch.Tensor]:

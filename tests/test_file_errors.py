@@ -49,3 +49,26 @@ def test_a_bug_in_the_writer_is_raised_as_it_is(tmp_path):
     with pytest.raises(ValueError):
         atomic_write(tmp_path / "x", lambda tmp: (_ for _ in ()).throw(ValueError("a bug")))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_held_open_on_windows_is_tried_again(tmp_path, monkeypatch):
+    import importlib
+    import os
+    load = importlib.import_module("ldm.load")
+    real, calls = os.replace, []
+
+    def held_twice(src, dst):  # what Windows says while a virus scanner reads the file just written
+        calls.append(dst)
+        if len(calls) <= 2:
+            raise PermissionError(13, "The process cannot access the file", str(dst))
+        real(src, dst)
+    monkeypatch.setattr(load.os, "replace", held_twice)
+    monkeypatch.setattr(load.time, "sleep", lambda s: None)
+    monkeypatch.setattr(load, "WINDOWS", True)
+    atomic_write(tmp_path / "loss.csv", lambda tmp: open(tmp, "w").write("step,loss\n"))
+    assert len(calls) == 3 and (tmp_path / "loss.csv").read_text() == "step,loss\n"
+    calls.clear()
+    monkeypatch.setattr(load, "WINDOWS", False)  # elsewhere a refusal is final: no waiting
+    with pytest.raises(PermissionError):
+        atomic_write(tmp_path / "other.csv", lambda tmp: open(tmp, "w").write("x"))
+    assert len(calls) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["loss.csv"]

@@ -1,5 +1,6 @@
 """Loading and saving: both public layouts, the quirks real files have, and clear errors."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -416,3 +417,20 @@ def test_peak_memory_while_loading_is_bounded(tmp_path):
     growth = int(out.stdout.strip())
     assert size > 200e6
     assert growth <= 1.5 * size, f"peak growth {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
+
+
+def test_a_diffusers_folders_json_is_read_as_utf8_whatever_the_locale(tmp_path):
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "added_tokens.json").write_text(json.dumps({"<café>": 49408}, ensure_ascii=False), encoding="utf-8")
+    code = ("import locale, sys; from pathlib import Path; from ldm.load import _added_tokens; "
+            "print(locale.getpreferredencoding(False), ascii(_added_tokens(Path(sys.argv[1]))))")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}  # an ASCII locale
+    out = subprocess.run([sys.executable, "-c", code, str(tokenizer)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, encoding="utf-8")
+    encoding, found = out.stdout.strip().split(" ", 1)
+    assert out.returncode == 0 and encoding != "UTF-8" and found == ascii({49408: "<café>"}), out.stderr[-500:]
+    (tokenizer / "added_tokens.json").write_bytes(b'{"<caf\xe9>": 49408}')  # latin-1: no JSON file
+    from ldm.load import _added_tokens
+    with pytest.raises(LoadError, match="is not valid JSON"):
+        _added_tokens(tokenizer)

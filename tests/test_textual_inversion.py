@@ -178,3 +178,23 @@ def test_whole_context_learns_the_images_with_the_frozen_model(model, images):
     with torch.no_grad():
         loss = lambda c: F.mse_loss(model.unet(z_t, t, c.expand(32, -1, -1)), noise).item()
         assert loss(context) < loss(start)
+
+
+def test_a_loss_log_that_cannot_be_written_is_a_warning(model, images, tmp_path, monkeypatch):
+    """loss.csv open in a spreadsheet on Windows cannot be replaced: the run goes on and saves its word."""
+    import inversion.textual_inversion as ti
+    real = ti.atomic_write
+
+    def locked(path, write):
+        if path.name == "loss.csv" and not locked.released:
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path, write)
+    locked.released = False
+    monkeypatch.setattr(ti, "atomic_write", locked)
+    t = make(model, images, tmp_path)  # saves at steps 3 and 6
+    messages, saved = [], []
+    t.log = messages.append
+    t.run(on_save=lambda tr: (saved.append(tr.step), setattr(locked, "released", tr.step == 6)), progress=False)
+    assert saved == [3, 6] and t.step == 6
+    assert len(messages) == 1 and "could not write" in messages[0] and "loss.csv" in messages[0]
+    assert len((tmp_path / "loss.csv").read_text().splitlines()) == 7  # at the next save: the header and 6 steps
