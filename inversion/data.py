@@ -107,7 +107,7 @@ def image_files(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]],
     folder holds beside them (subfolders, which are not searched, other files) `warn` is told."""
     if isinstance(paths_or_dir, (str, Path)) and Path(paths_or_dir).is_dir():
         folder = Path(paths_or_dir)
-        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
         files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         others = [p.name + "/" * p.is_dir() for p in entries if p not in files]
         if not files:

@@ -1,6 +1,7 @@
 """The tiny model's training command, in a few steps, and the shipped model."""
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -134,7 +135,8 @@ def test_max_timestep_trains_on_the_low_noise_steps_only(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["not a model", "wrong size", "max timestep", "anchor", "anchor without init",
-                                  "minutes", "device", "out suffix", "out is init", "out folder not new",
+                                  "minutes", "device", "out suffix", "out is init", "out is init, linked",
+                                  "out folder not new",
                                   "out under a file", "resume nothing", "run is a file"])
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     from conftest import write_random_checkpoint
@@ -151,6 +153,8 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, cas
             # were found only after the training, or not at all
             "out suffix": ["--out", str(tmp_path / "model.txt")],
             "out is init": ["--init", str(bad), "--out", str(bad)],
+            # another name for the same file (a link; on macOS and Windows, another case of its name)
+            "out is init, linked": ["--init", str(bad), "--out", str(tmp_path / "link.safetensors")],
             "out folder not new": ["--out", str(tmp_path / "m32")],
             "out under a file": ["--out", str(bad / "model.safetensors")],
             "resume nothing": ["--resume"],
@@ -159,6 +163,7 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, cas
              "--eval-every", "0", "--threads", "1"]  # a short run, were the input let through
     default = ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out.safetensors")]
     (tmp_path / "m32" / "keep.txt").write_text("")
+    os.link(bad, tmp_path / "link.safetensors")
     assert train.main([*small, *default, *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err

@@ -175,9 +175,11 @@ _worker_model = None   # each worker process loads the model once
 
 def _start_worker(ckpt: Path, threads: int) -> None:
     global _worker_model
+    import signal
     import threading
     import ldm
     from tqdm import tqdm
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # also on Windows, where it is not inherited: Ctrl-C is the parent's
     # tqdm's default lock is a multiprocessing semaphore, which a worker stopped by Ctrl-C would
     # leave behind (a warning at exit); the workers show no bars, a thread lock is enough.
     tqdm.set_lock(threading.RLock())
