@@ -20,7 +20,7 @@ import torch
 
 from inversion.precision import fp16_warning, training_dtype
 from ldm.cli import (CLIError, Parser, check_writable, checked_number, flags, nonnegative_float, nonnegative_int,
-                     path_arg, pick_device, positive_float, positive_int, run, seed_int, shell_command,
+                     path_arg, pick_device, positive_int, run, seed_int, shell_command,
                      word_arg)
 
 ROOT = Path(__file__).resolve().parent
@@ -31,6 +31,12 @@ SD_DEFAULTS = dict(steps=5000, batch=4, lr=5e-3, save_every=500)
 # Methods beside Textual Inversion live in their own modules, each with
 # add_arguments(parser) (its own argument group) and main(args) -> int.
 METHOD_MODULES = {"hiper": "inversion.hiper_cli", "neti": "inversion.neti_cli"}
+
+
+# Adam moves each learned number by about the learning rate every step, and the learned numbers
+# are about 0.01 to 1 in size: a rate above 1 only throws them about (or overflows float32).
+learning_rate = checked_number(float, "a number", lambda v: 0 < v <= 1,
+                               "> 0 and at most 1 (Adam moves each number by about that much a step)")
 
 
 def build_parser() -> Parser:
@@ -73,7 +79,7 @@ def build_parser() -> Parser:
     opt = p.add_argument_group("optimization")
     opt.add_argument("--steps", type=positive_int, default=None,
                      help="training steps (tiny model / SD: ti 400 / 5000; neti 400 / 1000; hiper 300 / 1000)")
-    opt.add_argument("--lr", type=positive_float, default=None,
+    opt.add_argument("--lr", type=learning_rate, default=None,
                      help="base learning rate (ti 5e-3 and neti 1e-3, each multiplied by the images per step; "
                           "hiper 5e-3 as it is)")
     opt.add_argument("--batch", type=positive_int, default=None,

@@ -60,6 +60,7 @@ class TIConfig:
 
 
 MAX_PLACEHOLDER = 64   # characters; the placeholder names the AUTOMATIC1111 files
+MAX_SKIPPED_STEPS = 10  # steps in a row with a NaN or infinite loss that stop a run
 
 
 class TrainingError(ValueError):
@@ -272,7 +273,7 @@ class TextualInversion:
     # ------------------------------------------------------------------ loop
     def check_finite(self) -> None:
         """Stop, before anything is saved, if a step has made the learned numbers NaN or infinite
-        (a learning rate far too large): the last checkpoint keeps the last good ones."""
+        (a learning rate too large for the precision, say): the last checkpoint keeps the last good ones."""
         if not torch.stack([torch.isfinite(p).all() for p in self.optimizer.params]).all():  # one sync on a GPU
             raise TrainingError(f"step {self.step} made the learned values NaN or infinite (learning rate "
                                 f"{self.optimizer.lr:g}); nothing of it was saved: lower --lr and start again")
@@ -285,10 +286,16 @@ class TextualInversion:
         from ldm.cli import progress_bar
         cfg = self.cfg
         bar = progress_bar(cfg.steps, self.progress_label, initial=self.step, disable=not progress)
+        skipped = 0  # steps in a row whose loss was NaN or infinite
         try:
             while self.step < cfg.steps:
                 loss = self.train_step()
                 self.check_finite()
+                skipped = skipped + 1 if loss is None else 0
+                if skipped == MAX_SKIPPED_STEPS:  # one such step is bad luck; this many, a run that has diverged
+                    raise TrainingError(f"the loss was NaN or infinite at each of the last {skipped} steps, to step "
+                                        f"{self.step} (learning rate {self.optimizer.lr:g}): the run has diverged; "
+                                        "lower --lr and start again")
                 if loss is not None:
                     self.losses.append((self.step, loss))
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -302,8 +309,8 @@ class TextualInversion:
         except KeyboardInterrupt:
             bar.close()
             self.save_checkpoint()
-            self.write_loss_log()
             on_save(self)
+            self.write_loss_log()
             raise
         except Exception:
             bar.close()  # so that the error's line starts a line of its own

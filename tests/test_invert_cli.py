@@ -407,15 +407,31 @@ def test_ctrl_c_in_each_method_names_what_it_saved_and_resume_finishes(ckpt, ima
 
 
 @pytest.mark.parametrize("method", ["ti", "neti", "hiper"])
-def test_a_learning_rate_that_makes_the_values_nan_stops_in_one_line_and_saves_nothing(ckpt, images, tmp_path,
-                                                                                       capsys, method):
+def test_a_step_that_makes_the_values_nan_stops_in_one_line_and_saves_nothing(ckpt, images, tmp_path, capsys,
+                                                                              monkeypatch, method):
+    from inversion.adam import AdamW
+    real_step = AdamW.step
+
+    def overflowing_step(self):  # what a step far too large does to the numbers (in float16, say)
+        real_step(self)
+        for p in self.params:
+            p.data.fill_(float("inf"))
+    monkeypatch.setattr(AdamW, "step", overflowing_step)
     data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
             else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
     rc, cap = call(["--method", method, "--ckpt", str(ckpt), *data, "--steps", "2", "--batch", "1",
-                    "--lr", "1e308", "--out", str(tmp_path)], capsys)
+                    "--out", str(tmp_path)], capsys)
     err = cap.err.strip().splitlines()
     assert rc == 2 and "made the learned values NaN or infinite" in err[-1] and "lower --lr" in err[-1], cap.err
     assert not any(p.suffix in (".safetensors", ".pt") for p in tmp_path.iterdir())
+
+
+def test_a_learning_rate_above_1_is_refused(capsys):
+    """Adam moves each number by about the learning rate a step: 1000 only threw the vector about
+    (the loss stayed small), and 1e37 overflowed float32 in the optimizer (a traceback)."""
+    for lr in ("1000", "1e37", "1.5"):
+        rc, cap = call(["--lr", lr, "--steps", "1"], capsys)
+        assert rc == 2 and "--lr: must be > 0 and at most 1" in cap.err, cap.err
 
 
 @pytest.mark.parametrize("option", ["--out", "--placeholder", "--init-word", "--ckpt", "--images"])

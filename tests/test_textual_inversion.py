@@ -198,3 +198,19 @@ def test_a_loss_log_that_cannot_be_written_is_a_warning(model, images, tmp_path,
     assert saved == [3, 6] and t.step == 6
     assert len(messages) == 1 and "could not write" in messages[0] and "loss.csv" in messages[0]
     assert len((tmp_path / "loss.csv").read_text().splitlines()) == 7  # at the next save: the header and 6 steps
+
+
+def test_a_run_whose_loss_stays_nan_stops_in_one_line(model, images, tmp_path, monkeypatch):
+    """One NaN loss is skipped with a warning; ten in a row (a learning rate far too large) end the run."""
+    from inversion.textual_inversion import MAX_SKIPPED_STEPS
+    t = make(model, images, tmp_path, steps=100, save_every=1000)
+    real_loss = t.loss
+    monkeypatch.setattr(t, "loss", lambda step: real_loss(step) * (float("nan") if t.step >= 3 else 1.0))
+    with pytest.raises(TrainingError, match=f"NaN or infinite at each of the last {MAX_SKIPPED_STEPS} steps"):
+        t.run(progress=False)
+    assert t.step == 3 + MAX_SKIPPED_STEPS and len(t.losses) == 3
+    t = make(model, images, tmp_path / "once", steps=12)
+    once_loss = t.loss
+    monkeypatch.setattr(t, "loss", lambda step: once_loss(step) * (float("nan") if t.step == 5 else 1.0))
+    t.run(progress=False)
+    assert t.step == 12 and len(t.losses) == 11  # the one NaN step skipped, the run finished
