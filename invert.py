@@ -19,9 +19,8 @@ from typing import Optional
 import torch
 
 from inversion.precision import fp16_warning, training_dtype
-from ldm.cli import (CLIError, Parser, check_writable, checked_number, flags, nonnegative_float, nonnegative_int,
-                     path_arg, pick_device, positive_int, run, seed_int, shell_command,
-                     word_arg)
+from ldm.cli import (CLIError, Parser, check_writable, checked_number, flags, learning_rate, nonnegative_float,
+                     nonnegative_int, path_arg, pick_device, positive_int, run, seed_int, shell_command, word_arg)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -31,12 +30,6 @@ SD_DEFAULTS = dict(steps=5000, batch=4, lr=5e-3, save_every=500)
 # Methods beside Textual Inversion live in their own modules, each with
 # add_arguments(parser) (its own argument group) and main(args) -> int.
 METHOD_MODULES = {"hiper": "inversion.hiper_cli", "neti": "inversion.neti_cli"}
-
-
-# Adam moves each learned number by about the learning rate every step, and the learned numbers
-# are about 0.01 to 1 in size: a rate above 1 only throws them about (or overflows float32).
-learning_rate = checked_number(float, "a number", lambda v: 0 < v <= 1,
-                               "> 0 and at most 1 (Adam moves each number by about that much a step)")
 
 
 def build_parser() -> Parser:

@@ -89,6 +89,10 @@ positive_int = checked_number(int, "a whole number", lambda v: v >= 1, "at least
 nonnegative_int = checked_number(int, "a whole number", lambda v: v >= 0, ">= 0")
 positive_float = checked_number(float, "a number", lambda v: 0 < v < float("inf"), "a number > 0")
 nonnegative_float = checked_number(float, "a number", lambda v: 0 <= v < float("inf"), "a number >= 0")
+# Adam moves each learned number by about the learning rate every step, and the numbers are
+# about 0.01 to 1 in size: a rate above 1 only throws them about (or overflows float32).
+learning_rate = checked_number(float, "a number", lambda v: 0 < v <= 1,
+                               "> 0 and at most 1 (Adam moves each number by about that much a step)")
 seed_int = checked_number(int, "a whole number", lambda v: 0 <= v < 2 ** 63, "between 0 and 2**63 - 1")
 
 

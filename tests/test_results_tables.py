@@ -175,8 +175,8 @@ def test_ti_results_lr_reaches_every_trainer_and_a_bad_one_is_refused(ckpt32, tm
                             "--seeds", "0", "--lr", "2.5e-3", "--out", str(tmp_path / "o")]) == 0
     assert "base lr 0.0025" in capsys.readouterr().out
     assert len(seen) == len(ti_results.ROWS) and set(seen) == {2.5e-3}
-    with pytest.raises(CLIError, match="argument --lr: must be a number > 0"):
-        ti_results.main(["--ckpt", str(ckpt32), "--lr", "0", "--out", str(tmp_path / "bad")])
+    with pytest.raises(CLIError, match="argument --lr: must be > 0 and at most 1"):
+        ti_results.main(["--ckpt", str(ckpt32), "--lr", "5", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
 
 
@@ -198,13 +198,13 @@ def test_neti_results_lr_reaches_the_mapper_only_and_a_bad_one_is_refused(ckpt32
     assert "NeTI's base lr 0.003" in capsys.readouterr().out
     assert seen["start_neti"] == 3e-3
     assert seen["start_ti"] != 3e-3 and TINY_DEFAULTS["lr"] != 3e-3
-    with pytest.raises(CLIError, match="argument --neti-lr: must be a number > 0"):
+    with pytest.raises(CLIError, match="argument --neti-lr: must be > 0 and at most 1"):
         neti_results.main(["--ckpt", str(ckpt32), "--neti-lr", "-1", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("module, argv, message", [
-    ("tinyworld.train", ["--lr", "0"], "argument --lr: must be a number > 0"),
+    ("tinyworld.train", ["--lr", "0"], "argument --lr: must be > 0 and at most 1"),
     ("tinyworld.train", ["--batch", "0"], "argument --batch: must be at least 1"),
     ("tinyworld.train", ["--ema", "-5"], "argument --ema: must be between 0 and 1"),    # exported inf and NaN
     # were tracebacks, or errors found only after all the work
@@ -227,7 +227,7 @@ def test_neti_results_lr_reaches_the_mapper_only_and_a_bad_one_is_refused(ckpt32
     ("tinyworld.ti_results", ["--n", "0"], "argument --n: must be at least 1"),      # was a traceback
     ("tinyworld.neti_results", ["--every", "-1"], "argument --every: must be >= 0"),
     ("tinyworld.neti_results", ["--jobs", "0"], "argument --jobs: must be at least 1"),
-    ("tinyworld.hiper_eval", ["--lr", "0"], "argument --lr: must be a number > 0"),  # trained with lr 0
+    ("tinyworld.hiper_eval", ["--lr", "0"], "argument --lr: must be > 0 and at most 1"),  # trained with lr 0
     ("tinyworld.neti_results", ["--truncations", "4", "999"], "between 1 and 128"),  # failed after training
     ("tinyworld.neti_results", ["--grid-truncation", "0", "--grid", "g.png"], "between 1 and 128"),
     # an option that the other options make useless was ignored without a word

@@ -263,7 +263,7 @@ CEILING_OPTIONS = {"ckpt", "device", "sample_steps", "scale", "texture_ceiling"}
 
 
 def build_parser():
-    from ldm.cli import Parser, image_path_arg, nonnegative_float, path_arg, positive_float, positive_int, seed_int
+    from ldm.cli import Parser, image_path_arg, learning_rate, nonnegative_float, path_arg, positive_int, seed_int
     from inversion.hiper_cli import TINY_DEFAULTS
     from invert import TINY_DEFAULTS as TI_DEFAULTS
     p = Parser(prog="python -m tinyworld.hiper_eval", description=__doc__.split("\n\n")[0])
@@ -271,7 +271,7 @@ def build_parser():
     p.add_argument("--n", type=positive_int, default=20, help="source images")
     p.add_argument("--steps", type=positive_int, default=TINY_DEFAULTS["steps"], help="HiPer steps per image")
     p.add_argument("--batch", type=positive_int, default=TINY_DEFAULTS["batch"], help="HiPer batch")
-    p.add_argument("--lr", type=positive_float, default=TINY_DEFAULTS["lr"], help="HiPer learning rate")
+    p.add_argument("--lr", type=learning_rate, default=TINY_DEFAULTS["lr"], help="HiPer learning rate")
     p.add_argument("--tail", type=positive_int, default=5, help="HiPer tail rows K")
     p.add_argument("--ti-steps", type=positive_int, default=TI_DEFAULTS["steps"], help="Textual Inversion steps")
     p.add_argument("--ti-batch", type=positive_int, default=TI_DEFAULTS["batch"], help="Textual Inversion batch")

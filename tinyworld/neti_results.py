@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ldm.cli import (Parser, check_file_writable, check_writable, distinct_seeds, given_options, image_path_arg,
-                     nonnegative_int, path_arg, positive_float, positive_int, seed_int)
+                     learning_rate, nonnegative_int, path_arg, positive_int, seed_int)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUNCATIONS = (2, 4, 8, 16, 32, 64, 128)
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid-truncation", type=int, default=16, help="with --grid: K of its truncated row")
     p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2],
                    help="one run of each method per seed (its own 5 images, training noise and sampling seeds)")
-    p.add_argument("--neti-lr", type=positive_float, default=None,
+    p.add_argument("--neti-lr", type=learning_rate, default=None,
                    help="NeTI's base learning rate, x batch (default: invert.py --method neti's tiny default)")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="seeds run at once, each in its own process (the scores do not change)")

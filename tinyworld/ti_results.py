@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.cli import (Parser, check_writable, distinct_seeds, given_options, nonnegative_float, path_arg,
-                     positive_float, positive_int, seed_int)
+from ldm.cli import (Parser, check_writable, distinct_seeds, given_options, learning_rate, nonnegative_float, path_arg,
+                     positive_int, seed_int)
 from tinyworld.whole_context import CONTEXT_LR
 
 
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     p = Parser(prog="python -m tinyworld.ti_results", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", type=path_arg, default=ROOT / "weights" / "tiny.safetensors", help="a tiny-world model")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: invert.py's tiny default)")
-    p.add_argument("--lr", type=positive_float, default=None, help="base learning rate, x batch (default: invert.py's tiny default)")
+    p.add_argument("--lr", type=learning_rate, default=None,
+                   help="base learning rate, x batch (default: invert.py's tiny default)")
     p.add_argument("--n", type=positive_int, default=64, help="samples per score")
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps when scoring")
     p.add_argument("--scale", type=nonnegative_float, default=7.5, help="guidance scale when scoring")
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", choices=[*ROWS, *CONTEXT_ROWS], default=[*ROWS, *CONTEXT_ROWS],
                    help="which rows of the table to run (for a sweep of one of them); the -context rows learn "
                         "the U-Net's whole context instead of a word, with --context-lr")
-    p.add_argument("--context-lr", type=positive_float, default=CONTEXT_LR,
+    p.add_argument("--context-lr", type=learning_rate, default=CONTEXT_LR,
                    help="Adam learning rate of the -context rows, not scaled by the batch")
     p.add_argument("--no-baseline", action="store_true", help="skip the best-plain-word rows")
     p.add_argument("--out", type=path_arg, default=Path("outputs") / "ti_results",

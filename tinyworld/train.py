@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from ldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from ldm.cli import (CLIError, Parser, check_file_writable, check_writable, checked_number, given_options,
-                     nonnegative_int, path_arg, positive_float, positive_int, progress_bar, seed_int)
+                     learning_rate, nonnegative_int, path_arg, positive_int, progress_bar, seed_int)
 from ldm.load import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,16 +367,16 @@ def build_parser():
     p.add_argument("--vae-minutes", type=float, default=0, help="stop the autoencoder stage after this "
                                                                      "much time (0 = run all --vae-steps)")
     p.add_argument("--vae-batch", type=positive_int, default=32, help="images per autoencoder step")
-    p.add_argument("--vae-lr", type=positive_float, default=1e-3, help="Adam learning rate of stage 1")
+    p.add_argument("--vae-lr", type=learning_rate, default=1e-3, help="Adam learning rate of stage 1")
     p.add_argument("--decoder-steps", type=nonnegative_int, default=0,
                    help="stage 1b: fine-tune the decoder alone, the encoder (so the latents) frozen")
-    p.add_argument("--decoder-lr", type=positive_float, default=3e-4, help="Adam learning rate of stage 1b")
+    p.add_argument("--decoder-lr", type=learning_rate, default=3e-4, help="Adam learning rate of stage 1b")
     p.add_argument("--steps", type=nonnegative_int, default=12000, help="diffusion steps")
     p.add_argument("--minutes", type=float, default=120.0,
                    help="stop diffusion training after this much time (the learning rate decays over "
                         "the steps or the minutes, whichever runs out first)")
     p.add_argument("--batch", type=positive_int, default=64, help="latents per diffusion step")
-    p.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW peak learning rate of stage 2")
+    p.add_argument("--lr", type=learning_rate, default=5e-4, help="AdamW peak learning rate of stage 2")
     p.add_argument("--warmup", type=nonnegative_int, default=300,
                    help="diffusion steps of linear learning-rate warm-up (0 = none)")
     p.add_argument("--ema", type=checked_number(float, "a number", lambda v: 0 <= v < 1, "between 0 and 1 (< 1)"),
