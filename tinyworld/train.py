@@ -1,8 +1,8 @@
 r"""Train the tiny Stable Diffusion of the tiny world, on a CPU or a GPU, in two stages.
 
-    python -m tinyworld.train                # both stages, then export weights/tiny.safetensors
+    python -m tinyworld.train --vae-steps 3000 --steps 4500   # the shipped model's recipe; replaces it (--out keeps it)
     python -m tinyworld.train --resume       # continue an interrupted run from its last checkpoint
-    python -m tinyworld.train --device cuda --batch 256 --minutes 60   # on a GPU, for an hour
+    python -m tinyworld.train --device cuda --batch 256 --steps 100000 --minutes 60   # on a GPU, for an hour
     python -m tinyworld.train --init weights/tiny.safetensors --run runs/texture \
         --vae-steps 5000 --steps 1500 --out runs/texture/tiny.safetensors   # continue a model: both stages
     python -m tinyworld.train --init runs/texture/tiny.safetensors --run runs/decoder \
