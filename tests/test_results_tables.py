@@ -3,6 +3,7 @@ report means over seeds that agree with their per-seed columns."""
 import re
 
 import pytest
+import torch
 
 from conftest import ROOT, write_random_checkpoint
 from ldm.cli import CLIError
@@ -114,6 +115,11 @@ def test_neti_results_jobs_give_the_same_tables_and_the_paired_differences_add_u
 
     one, two = tables("1"), tables("2")
     assert one == two
+    # bit for bit: each seed computes with the same threads either way (--threads, default 1)
+    mapper = lambda jobs, seed: torch.load(tmp_path / jobs / f"ring-neti-seed{seed}" / "checkpoint.pt",
+                                           weights_only=True)["mapper"]
+    for seed in (0, 1, 2):
+        assert all(torch.equal(mapper("1", seed)[k], mapper("2", seed)[k]) for k in mapper("1", seed))
     per_seed = {name: [percents(pair) for pair in
                        next(l for l in one if l.startswith(name)).split(" | ")[5].split(",")]
                 for name in ("| Textual Inversion", "| NeTI (mapper")}

@@ -1,6 +1,6 @@
 """The NeTI results tables of the README: NeTI against Textual Inversion on the tiny world.
 
-    python -m tinyworld.neti_results                  # about 25 minutes on 2 CPU cores (3 seeds)
+    python -m tinyworld.neti_results --jobs 2         # 40 to 50 minutes on 2 CPU cores (3 seeds)
     python -m tinyworld.neti_results --concept hourglass --seeds 0 --grid outputs/neti_grid.png
     python -m tinyworld.neti_results --steps 400 --every 200 --n 128 --truncations 128 \
         --seeds $(seq 0 18) --jobs 16          # the README's 19 seeds, one process per core
@@ -31,7 +31,10 @@ Tables:
 Scores are means over the seeds: on this tiny model one run's score depends much on its images
 and training noise (Textual Inversion's ring reconstruction ranged from 28% to 70% over seeds).
 The time of each part, summed over the seeds, is printed after its table. Seeds are
-independent: --jobs N runs N of them at once in worker processes, with the same scores.
+independent: --jobs N runs N of them at once in worker processes, with the same scores. Each
+seed computes with --threads torch threads (default 1): another thread count sums in another
+order, and those last-digit differences grow over 400 steps into another mapper (seed 0's
+NeTI reads 70% / 80% with one thread, 84% / 83% with two, as invert.py's own line says).
 """
 from __future__ import annotations
 
@@ -193,17 +196,17 @@ def _run_seed_in_worker(args, seed: int, grid: bool) -> dict:
 
 def run_seeds(model, args) -> List[dict]:
     """run_seed for every seed, in order: here one after the other, or with --jobs N in N worker
-    processes of (cores / N) threads each."""
+    processes; each with --threads torch threads, so that a seed's scores are the same either way."""
     wants_grid = [args.grid is not None and i == 0 for i in range(len(args.seeds))]
     if args.jobs == 1 or len(args.seeds) == 1:
+        torch.set_num_threads(args.threads)
         return [run_seed(model, args, seed, grid) for seed, grid in zip(args.seeds, wants_grid)]
     import multiprocessing
     import signal
     from concurrent.futures import ProcessPoolExecutor
-    threads = max(1, torch.get_num_threads() // args.jobs)
     with ProcessPoolExecutor(max_workers=min(args.jobs, len(args.seeds)),
                              mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker, initargs=(args.ckpt, threads)) as pool:
+                             initializer=_start_worker, initargs=(args.ckpt, args.threads)) as pool:
         # The workers start while the seeds are handed out, with Ctrl-C ignored (they inherit it):
         # it reaches only this process, which stops them. One "interrupted" line, no worker tracebacks.
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -276,6 +279,9 @@ def main(argv=None) -> int:
                    help="NeTI's base learning rate, x batch (default: invert.py --method neti's tiny default)")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="seeds run at once, each in its own process (the scores do not change)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads of each seed: a seed's scores are bit for bit the same for the same "
+                        "threads (with another count, last-digit differences grow into another mapper)")
     p.add_argument("--out", type=path_arg, default=Path("outputs") / "neti_results", help="trainers' checkpoints")
     args = p.parse_args(argv)
 
@@ -312,7 +318,8 @@ def main(argv=None) -> int:
           f"{args.steps} steps each (8 images a step; NeTI's base lr {args.neti_lr or NETI_TINY['lr']:g}), "
           f"DDIM {args.sample_steps}, guidance 7.5; {args.n} samples per final score"
           + (f", {args.n // 2} at the checkpoints every {args.every} steps" if args.every else "")
-          + "; scores are means over the seeds\n", flush=True)
+          + f"; {args.threads} torch thread{'s' * (args.threads > 1)} a seed; scores are means over the seeds\n",
+          flush=True)
     results = run_seeds(model, args)
     timing = {key: sum(r["timing"].get(key, 0.0) for r in results) for key in results[0]["timing"]}
     marks = checkpoints(args.steps, args.every)
