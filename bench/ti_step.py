@@ -31,6 +31,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,7 +157,8 @@ def run_ours(name, steps, precision, device):
     model = build_model(name).to(device, dtype_of(precision))
     images = torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1
     cfg = TIConfig(placeholder="<x>", init_word="object", batch=c["batch"], steps=10 ** 6)
-    trainer = TextualInversion(model, images, cfg, Path("/tmp/bench_ti"), ["a photo of a {}"], log=lambda s: None)
+    out = tempfile.TemporaryDirectory(prefix="bench_ti_")  # the trainer's folder: nothing is saved in it here
+    trainer = TextualInversion(model, images, cfg, Path(out.name), ["a photo of a {}"], log=lambda s: None)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2 ** 20
     times = []
     with memory_meter(device) as memory:
@@ -165,6 +167,7 @@ def run_ours(name, steps, precision, device):
             trainer.train_step()
             times.append(clock(device) - t)
     unet = unet_alone(model.unet, step_shapes(name, model), precision, device, steps)
+    out.cleanup()
     return times[1:], memory.peak, weights, unet
 
 
