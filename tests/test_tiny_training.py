@@ -136,7 +136,7 @@ def test_max_timestep_trains_on_the_low_noise_steps_only(tmp_path):
 
 @pytest.mark.parametrize("case", ["not a model", "wrong size", "max timestep", "anchor", "anchor without init",
                                   "minutes", "device", "out suffix", "out is init", "out is init, linked",
-                                  "out folder not new",
+                                  "init missing", "out folder not new",
                                   "out under a file", "resume nothing", "run is a file"])
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     from conftest import write_random_checkpoint
@@ -155,6 +155,8 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, cas
             "out is init": ["--init", str(bad), "--out", str(bad)],
             # another name for the same file (a link; on macOS and Windows, another case of its name)
             "out is init, linked": ["--init", str(bad), "--out", str(tmp_path / "link.safetensors")],
+            # an --out that exists beside an --init that does not: told by the loader, not by a stat
+            "init missing": ["--init", str(tmp_path / "missing.safetensors"), "--out", str(bad)],
             "out folder not new": ["--out", str(tmp_path / "m32")],
             "out under a file": ["--out", str(bad / "model.safetensors")],
             "resume nothing": ["--resume"],
@@ -168,7 +170,8 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, cas
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     expected = {"not a model": "cannot be read as safetensors", "wrong size": "is a 16-px model",
-                "max timestep": "--max-timestep", "minutes": "--minutes", "device": "unknown device 'tpu'"}
+                "max timestep": "--max-timestep", "minutes": "--minutes", "device": "unknown device 'tpu'",
+                "init missing": "missing.safetensors: no such file"}
     assert expected.get(case, "--" + case.split()[0]) in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "out.safetensors").exists()
 

@@ -415,7 +415,7 @@ def check_out(out: Path, init) -> str:
     """What is wrong with --out, in one line ('' if nothing): checked before hours of training."""
     if out.suffix not in (".safetensors", ".ckpt", ""):
         return f"--out {out}: cannot save as '{out.suffix}'; use name.safetensors, name.ckpt or a folder name"
-    if init is not None and out.exists() and out.samefile(init):  # also through a link, or another case
+    if init is not None and init.exists() and out.exists() and out.samefile(init):  # also a link, another case
         return f"--out {out} is the --init model itself; write the continued model to another file"
     if out.suffix == "" and out.exists() and (not out.is_dir() or any(out.iterdir())):
         return f"--out {out}: already exists; the diffusers layout needs a new folder"
