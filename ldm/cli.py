@@ -185,8 +185,10 @@ def check_writable(out: Path) -> None:
     """--out must be a folder, or a path where one can be made (checked before any work)."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: is a file, not a folder")
-    if out.is_dir() and not can_write_in(out):
-        raise CLIError(f"--out {out}: is a folder this user cannot write to; choose another --out")
+    if out.is_dir():  # tried once, here: blocking_path would try the same folder again
+        if not can_write_in(out):
+            raise CLIError(f"--out {out}: is a folder this user cannot write to; choose another --out")
+        return
     blocked = blocking_path(out)
     if blocked is not None:
         raise CLIError(f"--out {out}: cannot make a folder there ({blocked} is not a writable folder)")
