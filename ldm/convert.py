@@ -564,8 +564,12 @@ def read_diffusers_configs(unet_cfg: dict, vae_cfg: dict, text_cfg: dict,
     `scheduler/scheduler_config.json`) -> ModelConfig. Raises ValueError for anything the
     SD v1 architecture cannot represent (SD 2.x, SDXL, LCM/class-conditioned U-Nets, ...)."""
     schedule = read_scheduler_config(scheduler_cfg) if scheduler_cfg is not None else ScheduleConfig()
-    return ModelConfig(unet=_read_unet(unet_cfg), vae=_read_vae(vae_cfg), text=_read_text(text_cfg),
-                       schedule=schedule)
+    vae = _read_vae(vae_cfg)
+    latent_size = unet_cfg.get("sample_size", 64)  # the U-Net's trained size in latents: 64 for SD v1's 512 px
+    if isinstance(latent_size, (list, tuple)):       # (height, width) in some configs
+        latent_size = latent_size[0]
+    return ModelConfig(unet=_read_unet(unet_cfg), vae=vae, text=_read_text(text_cfg), schedule=schedule,
+                       image_size=int(latent_size) * vae.downsample_factor)
 
 
 def _write_unet(cfg: UNetConfig, latent_size: int) -> dict:
@@ -601,7 +605,7 @@ def _write_unet(cfg: UNetConfig, latent_size: int) -> dict:
     }
 
 
-def _write_vae(cfg: VAEConfig) -> dict:
+def _write_vae(cfg: VAEConfig, image_size: int) -> dict:
     if cfg.embed_dim != cfg.z_channels:
         raise ValueError(f"vae embed_dim {cfg.embed_dim} != z_channels {cfg.z_channels}: diffusers' "
                          f"AutoencoderKL has a single latent_channels")
@@ -617,7 +621,7 @@ def _write_vae(cfg: VAEConfig) -> dict:
         "act_fn": "silu",
         "latent_channels": cfg.z_channels,
         "norm_num_groups": cfg.norm_groups,
-        "sample_size": 512,
+        "sample_size": image_size,
         "scaling_factor": cfg.scale_factor,
     }
 
@@ -647,6 +651,7 @@ def _write_text(cfg: CLIPTextConfig) -> dict:
 
 
 def write_diffusers_configs(cfg: ModelConfig) -> tuple[dict, dict, dict]:
-    """ModelConfig -> (unet, vae, text_encoder) `config.json` dicts; `read_diffusers_configs` inverts it."""
-    latent_size = 512 // cfg.vae.downsample_factor
-    return _write_unet(cfg.unet, latent_size), _write_vae(cfg.vae), _write_text(cfg.text)
+    """ModelConfig -> (unet, vae, text_encoder) `config.json` dicts; `read_diffusers_configs` inverts it.
+    The U-Net's `sample_size` (in latents) carries the model's image size, as diffusers reads it."""
+    latent_size = cfg.image_size // cfg.vae.downsample_factor
+    return _write_unet(cfg.unet, latent_size), _write_vae(cfg.vae, cfg.image_size), _write_text(cfg.text)

@@ -356,6 +356,7 @@ def small_config(attention_resolutions) -> ModelConfig:
         vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
         text=CLIPTextConfig(vocab_size=100, max_position_embeddings=16, hidden_size=32,
                             intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        image_size=24,
     )
 
 
@@ -388,6 +389,8 @@ def test_small_diffusers_models_convert_and_round_trip(diffusers_classes, attent
     # diffusers / transformers parsed our JSON the way we meant it
     built = read_diffusers_configs(dict(unet_model.config), dict(vae_model.config), text_model.config.to_dict())
     assert (built.unet, built.vae, built.text) == (cfg.unet, cfg.vae, cfg.text)
+    # the image size travels as the U-Net's sample_size in latents, which diffusers' pipelines read
+    assert built.image_size == 24 and unet_model.config.sample_size == 24 // cfg.vae.downsample_factor
 
     unet_sd, vae_sd = unet_model.state_dict(), vae_model.state_dict()
     text_sd = text_model.state_dict()  # transformers 5: no `text_model.` level

@@ -38,6 +38,14 @@ def test_round_trip_in_every_layout(model, tmp_path, name):
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "model.ckpt", "diffusers_folder"])
+def test_the_image_size_survives_every_layout(model, tmp_path, name):
+    """sample.py draws at the model's own size by default: a 16-px model must not come back as 512."""
+    import dataclasses
+    small = StableDiffusion(dataclasses.replace(model.config, image_size=16))
+    assert ldm.load(ldm.save(small, tmp_path / name)).config.image_size == 16
+
+
 def test_diffusers_folder_has_the_diffusers_layout(model, tmp_path):
     folder = ldm.save(model, tmp_path / "sd")
     for part, name in (("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors"),
