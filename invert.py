@@ -306,7 +306,7 @@ def main(argv=None) -> int:
           f"({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)}) from {len(images)} images on {device}; "
           f"effective lr = {cfg.lr:g} x batch {cfg.batch} = {cfg.effective_lr:g}")
 
-    base = base_model_metadata(ckpt)
+    base = base_model_metadata(ckpt, model)
     ours, a1111_pt, a1111_st = output_files(args.out, placeholder, model.tokenizer)
 
     def save(t: TextualInversion) -> None:

@@ -12,7 +12,6 @@ number).
 """
 from __future__ import annotations
 
-import functools
 import re
 import sys
 from pathlib import Path
@@ -131,27 +130,21 @@ def main(argv=None) -> int:
     if args.steps > model.schedule.num_timesteps:
         raise CLIError(f"--steps {args.steps}: at most {model.schedule.num_timesteps}, the model's training timesteps")
     new_embeddings, prompt, negative = None, args.prompt, args.negative
-    from inversion.files import base_model_hashes
-
-    @functools.lru_cache(maxsize=None)
-    def base_hashes() -> tuple:  # hashed only when a learned file records its base model, and only once
-        return tuple(base_model_hashes(resolve_checkpoint(args.ckpt)))
-
-    def base_hash() -> str:      # ours (the others are AUTOMATIC1111's names of the same file)
-        return base_hashes()[0]
+    from inversion.files import BaseModel
+    base = BaseModel(resolve_checkpoint(args.ckpt), model)  # hashed only if a learned file names its base model
 
     if args.embedding:  # every file is read and checked before anything is written
         from inversion.files import apply_embeddings
         from inversion.hook import LearnedEmbeddings
         learned = LearnedEmbeddings(model.tokenizer)
-        words = apply_embeddings(model, learned, args.embedding, check_hash=base_hashes)
+        words = apply_embeddings(model, learned, args.embedding, base)
         learned.to(model.device)
         new_embeddings = learned.mapping()
         prompt, negative = learned.expand(args.prompt), learned.expand(args.negative)
     cond = None
     if args.hiper is not None:  # HiPer: the prompt's rows 0..76-K, then α x the learned tail
         from inversion.hiper import HiPerError, hiper_condition, load_tail
-        tail, _ = load_tail(args.hiper, model.config.text.hidden_size, base_hash=base_hash)
+        tail, _ = load_tail(args.hiper, model.config.text.hidden_size, base=base)
         try:
             cond = hiper_condition(model, prompt, tail, args.alpha, new_embeddings)
         except HiPerError as e:
@@ -161,7 +154,7 @@ def main(argv=None) -> int:
     if args.neti is not None:  # NeTI: the mapper's text for every timestep and cross-attention layer
         from inversion.neti import neti_conditioning
         cond, value_cond, uncond, value_uncond, neti_word = neti_conditioning(
-            model, args.neti, prompt, negative, args.truncation, new_embeddings, base_hash=base_hash)
+            model, args.neti, prompt, negative, args.truncation, new_embeddings, base=base)
 
     from ldm.generate import latent_shape
     height, width = args.height or model.config.image_size, args.width or model.config.image_size

@@ -3,7 +3,8 @@
 Layouts (D is the text encoder's width: 768 for SD v1):
 
     ours / diffusers   x.safetensors           {word: float32 (n, D)}, string metadata
-                                               (base_model_hash, init_word, step, method, ...)
+                                               (base_model_hash, base_model_weights,
+                                               init_word, step, method, ...)
     diffusers (old)    learned_embeds.bin      torch.save({word: (D,) or (n, D)})
     sd-concepts-lib.   learned_embeds.bin      torch.save({"<cat-toy>": (768,)})
     AUTOMATIC1111      name.pt                 torch.save({"string_to_token": {"*": 265},
@@ -24,6 +25,7 @@ Every write goes through a temporary file and a rename; pickled files are read w
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import sys
@@ -34,12 +36,13 @@ import torch
 
 from inversion.hook import sub_tokens
 from ldm.load import (TRAINING_CHECKPOINT_HINT, TRAINING_CHECKPOINT_KEYS, LoadError, atomic_write,
-                      file_format, file_hash, unreadable, unsafe_pickle)
+                      file_format, file_hash, model_weights_hash, unreadable, unsafe_pickle)
 
 PathLike = Union[str, Path]
 
 # Metadata keys we write (all values are strings, as safetensors requires).
 BASE_MODEL_HASH = "base_model_hash"   # ldm.load.file_hash of the checkpoint it was trained on
+BASE_MODEL_WEIGHTS = "base_model_weights"  # ldm.load.weights_hash of it: the same in any layout, fp16 too
 BASE_MODEL = "base_model"             # that checkpoint's file name, for people
 A1111_TOKEN_ID = 265                  # the id AUTOMATIC1111 writes in "string_to_token" (unused by readers)
 MAX_VECTORS = 75                      # 77 positions minus start and end of text
@@ -311,12 +314,17 @@ def a1111_legacy_hash(ckpt: PathLike) -> str:
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
-def base_model_metadata(ckpt: PathLike) -> Dict[str, str]:
-    """What a learned file records of its base model: the hash that ties it to the weights, and
-    the checkpoint's name for people. The name only, not the path: learned files are shared, and
-    a path would tell where on its maker's disk the model lies."""
+def base_model_metadata(ckpt: PathLike, model=None) -> Dict[str, str]:
+    """What a learned file records of its base model: the hashes that tie it to the weights (of
+    the checkpoint file, and of `model`'s weights when given) and the checkpoint's name for people.
+    The name only, not the path: learned files are shared, and a path would tell where on its
+    maker's disk the model lies."""
     ckpt = Path(ckpt)
-    return {BASE_MODEL_HASH: base_model_hash(ckpt), BASE_MODEL: ckpt.resolve().name}
+    meta = {BASE_MODEL_HASH: base_model_hash(ckpt), BASE_MODEL: ckpt.resolve().name}
+    weights = model_weights_hash(model) if model is not None else None
+    if weights:
+        meta[BASE_MODEL_WEIGHTS] = weights
+    return meta
 
 
 def base_model_hashes(ckpt: PathLike) -> List[str]:
@@ -326,26 +334,57 @@ def base_model_hashes(ckpt: PathLike) -> List[str]:
     return [base_model_hash(ckpt)] + ([a1111_legacy_hash(ckpt)] if ckpt.is_file() else [])
 
 
+class BaseModel:
+    """The model in use, as learned files name their base model: by the checkpoint file's hash
+    (ours, or either of AUTOMATIC1111's) or by the weights' hash. Each is computed once and only
+    when a file records one (hashing a 4 GB checkpoint takes seconds)."""
+
+    def __init__(self, ckpt: PathLike, model):
+        self.ckpt, self.model = Path(ckpt), model
+
+    @functools.cached_property
+    def file_hashes(self) -> List[str]:
+        return base_model_hashes(self.ckpt)
+
+    @functools.cached_property
+    def weights(self) -> Optional[str]:
+        return model_weights_hash(self.model)
+
+    def recognises(self, metadata: Mapping[str, str]) -> bool:
+        """Whether a learned file's metadata names this model; True when it names none. The file
+        hash is tried first (an AUTOMATIC1111 hash may be the start of ours), then the weights."""
+        recorded, weights = metadata.get(BASE_MODEL_HASH), metadata.get(BASE_MODEL_WEIGHTS)
+        if not recorded and not weights:
+            return True
+        if recorded and any(recorded.startswith(h) or h.startswith(recorded) for h in self.file_hashes):
+            return True
+        return bool(weights) and weights == self.weights
+
+    def difference(self, metadata: Mapping[str, str]) -> str:
+        """For messages: the hash a file records against this model's."""
+        if metadata.get(BASE_MODEL_HASH):
+            return f"hash {metadata[BASE_MODEL_HASH]}, this one is {self.file_hashes[0]}"
+        return f"weights hash {metadata[BASE_MODEL_WEIGHTS]}, this one is {self.weights}"
+
+
 def _stderr_warning(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def apply_embeddings(model, learned, paths: Union[PathLike, Sequence[PathLike]],
-                     check_hash: Union[None, str, Sequence[str], Callable[[], Union[str, Sequence[str]]]] = None,
+def apply_embeddings(model, learned, paths: Union[PathLike, Sequence[PathLike]], base: Optional[BaseModel] = None,
                      warn: Callable[[str], None] = _stderr_warning) -> Dict[str, Path]:
     """Load embedding files and register their words in `learned` (a LearnedEmbeddings).
 
     Every file is read and checked before any word is added, so on an error nothing changes.
-    `check_hash` is the base model's hash, or all its names (`base_model_hashes`), or a function
-    computing them, called only if a file
-    records one); a different recorded hash gives a warning, not an error.
+    With `base` (the model in use, `BaseModel`), a file that records another base model gives a
+    warning, not an error.
     Returns {word: file} in the order added."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     width = model.config.text.hidden_size
     tokenizer = learned.tokenizer
     found: Dict[str, Tuple[Path, torch.Tensor]] = {}
-    hashes: List[Tuple[Path, str]] = []
+    records: List[Tuple[Path, Dict[str, str]]] = []
     for path in map(Path, paths):
         embeds, metadata = load_embeddings(path, width)
         for word, vec in embeds:
@@ -365,17 +404,12 @@ def apply_embeddings(model, learned, paths: Union[PathLike, Sequence[PathLike]],
                     raise EmbeddingError(f"{path}: {token!r} is an ordinary word of the vocabulary (token {ordinary}); "
                                          f"a learned word must be new, e.g. '<{word}>' (rename the file or the token)")
             found[word] = (path, vec)
-        if metadata.get(BASE_MODEL_HASH):
-            hashes.append((path, metadata[BASE_MODEL_HASH]))
+        records.append((path, metadata))
 
-    if hashes and check_hash is not None:
-        expected = check_hash() if callable(check_hash) else check_hash
-        accepted = [expected] if isinstance(expected, str) else list(expected)
-        expected = accepted[0]
-        for path, recorded in hashes:
-            if not any(recorded.startswith(h) or h.startswith(recorded) for h in accepted):
-                warn(f"{path.name} was trained on another base model (hash {recorded}, this one is {expected}); "
-                     "it may work less well")
+    for path, metadata in records if base is not None else ():
+        if not base.recognises(metadata):
+            warn(f"{path.name} was trained on another base model ({base.difference(metadata)}); "
+                 "it may work less well")
 
     for word, (path, vec) in found.items():
         try:

@@ -36,7 +36,7 @@ from torch import nn
 
 from inversion.adam import Adam
 from inversion.data import image_digest, resume_mismatch
-from inversion.files import BASE_MODEL_HASH, EmbeddingError
+from inversion.files import BaseModel, EmbeddingError
 from inversion.textual_inversion import TextualInversion, encode_images, noisy_latents
 from inversion.precision import autocast
 from ldm.load import atomic_write, load_error_reason
@@ -139,12 +139,13 @@ def _read_tail(path: Path) -> Tuple[torch.Tensor, Dict[str, str]]:
 
 
 def load_tail(path: Union[str, Path], width: Optional[int] = None,
-              base_hash: Union[None, str, Callable[[], str]] = None) -> Tuple[torch.Tensor, Dict[str, str]]:
+              base: Optional[BaseModel] = None) -> Tuple[torch.Tensor, Dict[str, str]]:
     """Read and check a tail file: (float32 (K, D), metadata).
 
-    `width` is the model's text-encoder width; `base_hash` the model's hash (or a function
-    computing it, called only if the file records one). A tail learned on another model is
-    refused: its vectors mean nothing in another text encoder's output space."""
+    `width` is the model's text-encoder width; `base` the model in use (`BaseModel`). A tail
+    learned on another model is refused: its vectors mean nothing in another text encoder's
+    output space. The same model in another layout or precision is the same model: its weights
+    hash, which the tail also records, matches."""
     path = Path(path)
     tail, meta = _read_tail(path)
     if tail.dim() == 3 and tail.shape[0] == 1:          # the paper's code keeps the batch dimension
@@ -162,12 +163,9 @@ def load_tail(path: Union[str, Path], width: Optional[int] = None,
                             "(a tail works only with the model it was learned on)")
     if not torch.isfinite(tail).all():
         raise TailFileError(f"{path}: the tail contains NaN or infinite values")
-    recorded = meta.get(BASE_MODEL_HASH)
-    if recorded and base_hash is not None:
-        expected = base_hash() if callable(base_hash) else base_hash
-        if not (recorded.startswith(expected) or expected.startswith(recorded)):
-            raise TailFileError(f"{path}: was learned on another base model (hash {recorded}, this one is {expected}); "
-                                "a tail works only with the model it was learned on")
+    if base is not None and not base.recognises(meta):
+        raise TailFileError(f"{path}: was learned on another base model ({base.difference(meta)}); "
+                            "a tail works only with the model it was learned on")
     return tail, meta
 
 

@@ -118,7 +118,7 @@ def main(args) -> int:
     print(f"{'resuming at step ' + str(trainer.step) if resumed else 'learning'} a HiPer tail of {cfg.tail} rows "
           f"for {source!r} on {device}; lr {cfg.lr:g}, batch {cfg.batch}, {cfg.steps} steps")
 
-    base = base_model_metadata(ckpt)
+    base = base_model_metadata(ckpt, model)
     tail_path = args.out / TAIL_FILE
 
     def save(t: HiPer) -> None:

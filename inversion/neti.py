@@ -50,6 +50,7 @@ from torch import nn
 
 from inversion.adam import AdamW
 from inversion.data import image_digest, resume_mismatch
+from inversion.files import BaseModel
 from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images, noisy_latents
 from inversion.precision import autocast, no_autocast
 from ldm.load import PICKLE_SUFFIXES, LoadError, atomic_write, load_error_reason, read_failure
@@ -312,22 +313,18 @@ def _warn(message: str) -> None:
 
 def neti_conditioning(model, path: Union[str, Path], prompt: str, negative: str = "",
                       truncation: Optional[int] = None, new_embeddings=None,
-                      base_hash: Union[None, str, Callable[[], str]] = None, warn: Callable[[str], None] = _warn):
+                      base: Optional[BaseModel] = None, warn: Callable[[str], None] = _warn):
     """sample.py --neti: (cond, value_cond, uncond, value_uncond) for `ldm.generate.generate`, and
     the mapper's word.
 
     uncond and value_uncond are None (plain text) unless the negative prompt uses the word.
-    A mapper trained on another base model (by its recorded hash) gives a warning."""
+    A mapper trained on another base model than `base` (the model in use) gives a warning."""
     mapper, meta = load_mapper(path, model, model.device)
     hidden = mapper.config.hidden
     if truncation is not None and not 1 <= truncation <= hidden:
         raise NeTIError(f"--truncation {truncation}: must be between 1 and {hidden}, the mapper's hidden units")
-    recorded = meta.get("base_model_hash")
-    if recorded and base_hash is not None:
-        expected = base_hash() if callable(base_hash) else base_hash
-        if recorded != expected:
-            warn(f"{Path(path).name} was trained on another base model (hash {recorded}, this one is {expected}); "
-                 "it may work less well")
+    if base is not None and not base.recognises(meta):
+        warn(f"{Path(path).name} was trained on another base model ({base.difference(meta)}); it may work less well")
     word = meta["placeholder"]
     if model.tokenizer.added_tokens.get(word) in (new_embeddings or {}):
         raise NeTIError(f"{path}: its word {word!r} is also defined by an --embedding file; use one of them")

@@ -100,7 +100,7 @@ def main(args) -> int:
           f"parameters) from {len(images)} images on {device}; effective lr = {cfg.lr:g} x batch {cfg.batch} "
           f"x {cfg.grad_accum} = {cfg.effective_lr:g}")
 
-    base = base_model_metadata(ckpt)
+    base = base_model_metadata(ckpt, model)
     mapper_path = args.out / MAPPER_FILE
 
     def save(t: NeTI) -> None:

@@ -332,6 +332,8 @@ def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device,
 
     schedule = model.schedule  # computed on the CPU, even here: real numbers
     buffers = schedule.compvis_buffers()
+    lossy = dtype not in (torch.float32, torch.float16)  # bf16 weights lose the values the weights hash needs
+    file_weights_hash = weights_hash({k: sd[k] for k in expected if k in sd}) if lossy else None
     final = {}
     for key in expected:
         if key in buffers:
@@ -342,6 +344,8 @@ def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device,
             final[key] = sd.pop(key).to(device=device, dtype=dtype)
     model.load_state_dict(final, strict=True, assign=True)
     model.schedule = schedule.to(device)
+    if file_weights_hash:
+        model.file_weights_hash = file_weights_hash
     return model.eval().requires_grad_(False)
 
 
@@ -477,6 +481,32 @@ def file_hash(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def weights_hash(tensors: Dict[str, torch.Tensor]) -> str:
+    """The hash of a model's weights rather than of its file: sha256 over the U-Net's and the
+    text encoder's tensors by their CompVis names, each rounded to fp16 (16 hex digits).
+
+    The same model saved another way (a diffusers folder, a .ckpt and its .safetensors, the fp16
+    file of an fp32 one) has another file hash but this same weights hash: every layout loads
+    under the CompVis names, and rounding fp32 to fp16 gives what the fp16 file holds. The VAE is
+    left out, since a learned word or tail acts through the text encoder and the U-Net (a swapped
+    VAE keeps it)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        if key.startswith((convert.PREFIX_UNET, convert.PREFIX_TEXT)) and key != POSITION_IDS:
+            h.update(f"{key} {tuple(tensor.shape)}\n".encode())
+            h.update(tensor.detach().to("cpu", torch.float16).contiguous().numpy())
+    return h.hexdigest()[:16]
+
+
+def model_weights_hash(model: StableDiffusion) -> Optional[str]:
+    """`weights_hash` of a model: of its weights when they are fp32 or fp16; for bfloat16 ones,
+    which no longer hold the file's values, the one `load` took from the file on the way."""
+    if model.dtype in (torch.float32, torch.float16):
+        return weights_hash(model.state_dict())
+    return getattr(model, "file_weights_hash", None)
 
 
 def write_error(error: BaseException, path: Path) -> Optional[OSError]:

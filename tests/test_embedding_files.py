@@ -10,7 +10,8 @@ from PIL import Image
 from conftest import randomize, tiny_config, write_random_checkpoint
 import ldm
 import sample
-from inversion.files import (EmbeddingError, apply_embeddings, load_embeddings, save_a1111, save_embeddings)
+from inversion.files import (BaseModel, EmbeddingError, apply_embeddings, base_model_metadata, load_embeddings,
+                             save_a1111, save_embeddings)
 from inversion.hook import LearnedEmbeddings
 from ldm.cli import run
 from ldm.load import LoadError
@@ -248,15 +249,40 @@ def test_apply_checks_width_and_duplicates(tmp_path, model):
         apply_embeddings(model, LearnedEmbeddings(model.tokenizer), two)
 
 
-def test_base_model_hash_mismatch_warns_but_loads(tmp_path, model):
-    path = save_embeddings(tmp_path / "h.safetensors", {"<hh>": vectors(1)}, {"base_model_hash": "aaaa"})
+def test_base_model_hash_mismatch_warns_but_loads(tmp_path, model, ckpt):
+    other = save_embeddings(tmp_path / "h.safetensors", {"<hh>": vectors(1)}, {"base_model_hash": "aaaa"})
+    ours = save_embeddings(tmp_path / "o.safetensors", {"<oo>": vectors(1)}, base_model_metadata(ckpt))
     warnings = []
     learned = LearnedEmbeddings(model.tokenizer)
-    assert list(apply_embeddings(model, learned, path, check_hash="bbbb", warn=warnings.append)) == ["<hh>"]
-    assert len(warnings) == 1 and "another base model" in warnings[0]
+    assert list(apply_embeddings(model, learned, other, BaseModel(ckpt, model), warn=warnings.append)) == ["<hh>"]
+    assert len(warnings) == 1 and "another base model (hash aaaa, this one is " in warnings[0]
     warnings.clear()
-    apply_embeddings(model, LearnedEmbeddings(model.tokenizer), path, check_hash="aaaa", warn=warnings.append)
+    apply_embeddings(model, LearnedEmbeddings(model.tokenizer), ours, BaseModel(ckpt, model), warn=warnings.append)
     assert warnings == []
+
+
+def test_weights_hash_names_the_weights_not_the_file(tmp_path):
+    """The same weights in every layout, and in fp16, have one weights hash; a change to the
+    U-Net or the text encoder changes it, a change to the VAE does not. Weights loaded in bf16
+    keep the file's (taken on the way); a model cast to bf16 has none."""
+    from inversion.files import base_model_hash
+    from ldm.load import model_weights_hash as weights_hash
+    model = randomize(StableDiffusion(tiny_config()), seed=4).eval()
+    ours = weights_hash(model)
+    copies = [ldm.save(model, tmp_path / "m.safetensors"), ldm.save(model, tmp_path / "m.ckpt"),
+              ldm.save(model, tmp_path / "folder"), ldm.save(model, tmp_path / "h.safetensors", torch.float16)]
+    assert len({base_model_hash(c) for c in copies}) == 4
+    assert {weights_hash(ldm.load(c)) for c in copies} == {ours}
+    assert weights_hash(ldm.load(copies[0], dtype=torch.float16)) == ours
+    assert weights_hash(ldm.load(copies[2], dtype=torch.bfloat16)) == ours
+    assert weights_hash(model.to(torch.bfloat16)) is None
+    model.float()
+    for key, changed in (("model.diffusion_model.out.2.bias", True), ("first_stage_model.decoder.conv_out.bias", False),
+                         ("cond_stage_model.transformer.text_model.final_layer_norm.bias", True)):
+        with torch.no_grad():
+            model.state_dict()[key][0] += 0.01
+        assert (weights_hash(model) != ours) == changed, key
+        ours = weights_hash(model)
 
 
 def test_a1111_hashes_of_the_same_base_model_are_recognised(tmp_path, model, ckpt):
@@ -275,7 +301,7 @@ def test_a1111_hashes_of_the_same_base_model_are_recognised(tmp_path, model, ckp
         torch.save(obj, path)
         warnings = []
         apply_embeddings(model, LearnedEmbeddings(model.tokenizer), path,
-                         check_hash=lambda: base_model_hashes(ckpt), warn=warnings.append)
+                         BaseModel(ckpt, model), warn=warnings.append)
         assert bool(warnings) == warned, (recorded, warnings)
 
 

@@ -10,10 +10,12 @@ from safetensors import safe_open
 import ldm
 import invert
 import sample
-from inversion.files import base_model_hash
+from conftest import write_random_checkpoint
+from inversion.files import BaseModel, base_model_hash, base_model_metadata
 from inversion.hiper import (HiPer, HiPerConfig, HiPerError, TailFileError, edit_context, encode,
                              hiper_condition, load_tail, save_tail)
 from ldm.cli import run
+from ldm.load import model_weights_hash
 
 SOURCE = "a red circle on the left"
 TARGET = "a red circle on the right"
@@ -121,14 +123,16 @@ def test_nan_loss_skips_the_step_and_ctrl_c_saves(model, image, tmp_path, monkey
     assert saved == [2] and (tmp_path / "checkpoint.pt").exists()
 
 
-def test_save_load_round_trip_and_refusals(tmp_path):
+def test_save_load_round_trip_and_refusals(tmp_path, ckpt):
     tail = torch.randn(5, 32)
-    path = save_tail(tmp_path / "t.safetensors", tail, {"base_model_hash": "abcd1234abcd1234", "source": SOURCE})
-    loaded, meta = load_tail(path, width=32, base_hash="abcd1234abcd1234")
+    model = ldm.load(ckpt)
+    path = save_tail(tmp_path / "t.safetensors", tail, {**base_model_metadata(ckpt, model), "source": SOURCE})
+    loaded, meta = load_tail(path, width=32, base=BaseModel(ckpt, model))
     assert torch.equal(loaded, tail) and meta["tail"] == "5" and meta["source"] == SOURCE
     assert meta["method"] == "hiper"
+    other = write_random_checkpoint(tmp_path, seed=5)
     with pytest.raises(TailFileError, match="another base model"):
-        load_tail(path, width=32, base_hash="ffff0000ffff0000")
+        load_tail(path, width=32, base=BaseModel(other, ldm.load(other)))
     with pytest.raises(TailFileError, match="768 wide"):
         load_tail(path, width=768)
     torch.save(tail[None], tmp_path / "hiper_embeddings_step1000.pt")   # the paper's code's file
@@ -146,6 +150,7 @@ def test_invert_hiper_end_to_end_and_sample_py_reads_the_tail(ckpt, image_file, 
         meta, tail = f.metadata(), f.get_tensor("hiper_tail")
     assert tail.shape == (5, 32) and meta["tail"] == "5" and meta["source"] == SOURCE and meta["step"] == "3"
     assert meta["base_model_hash"] == base_model_hash(ckpt) and meta["base_model"] == ckpt.name
+    assert meta["base_model_weights"] == model_weights_hash(ldm.load(ckpt))
     assert (out / "checkpoint.pt").exists() and (out / "samples" / "reconstruction.png").exists()
     assert len((out / "loss.csv").read_text().splitlines()) == 4
     assert f"edit with: python sample.py --hiper {out / 'hiper_tail.safetensors'} --prompt '{SOURCE}' --ckpt {ckpt}" \
@@ -162,6 +167,26 @@ def test_invert_hiper_end_to_end_and_sample_py_reads_the_tail(ckpt, image_file, 
     sample.main(["--ckpt", str(ckpt), "--hiper", str(out / "hiper_tail.safetensors"), "--prompt", TARGET,
                  "--n", "1", "--steps", "2", "--alpha", "0", "--out", str(tmp_path / "a0")])
     assert not np.array_equal(hiper, np.asarray(Image.open(tmp_path / "a0" / "00000-0.png")))
+
+
+def test_the_same_model_in_another_layout_or_in_fp16_takes_the_tail(ckpt, tmp_path, capsys):
+    """The file hash differs, the weights hash does not: a diffusers folder and an fp16 file of
+    the model a tail was learned on edit with it; another model is refused."""
+    model = ldm.load(ckpt)
+    tail = save_tail(tmp_path / "t.safetensors", torch.randn(5, 32),
+                     {**base_model_metadata(ckpt, model), "source": SOURCE})
+    copies = [ldm.save(model, tmp_path / "folder"), ldm.save(model, tmp_path / "half.safetensors", torch.float16)]
+    for copy in copies:
+        assert base_model_hash(copy) != base_model_hash(ckpt)
+        assert sample.main(["--ckpt", str(copy), "--hiper", str(tail), "--prompt", TARGET, "--n", "1",
+                            "--steps", "2", "--out", str(tmp_path / copy.stem)]) == 0, capsys.readouterr().err
+    other = write_random_checkpoint(tmp_path / "other", seed=5)
+    capsys.readouterr()
+    rc = run(sample.main, ["--ckpt", str(other), "--hiper", str(tail), "--prompt", TARGET, "--n", "1", "--steps", "2",
+                           "--out", str(tmp_path / "o")], prog="sample.py")
+    err = capsys.readouterr().err
+    assert rc == 2 and "was learned on another base model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
 
 
 def test_tiny_world_demo_runs_without_an_image(ckpt, tmp_path, capsys):
