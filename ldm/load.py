@@ -422,6 +422,33 @@ def _register_added_tokens(model: StableDiffusion, folder: Path) -> None:
         tokenizer.add_token(added[i])
 
 
+def _index_name(name: str) -> str:
+    """The index of a sharded save of `name`: "model.fp16.safetensors" -> "model.safetensors.index.fp16.json"
+    (the names diffusers and transformers give them)."""
+    base, *variant, ext = name.split(".")
+    return ".".join([base, ext, "index", *variant, "json"])
+
+
+def _read_sharded(index: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of a sharded save: `index` maps each tensor's name to the file in the same
+    folder that holds it (`{"weight_map": {name: "model-00001-of-00002.safetensors", ...}}`)."""
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LoadError(f"{index}: has no 'weight_map'; a sharded save's index names the file of every tensor")
+    tensors: Dict[str, torch.Tensor] = {}
+    for shard in sorted(set(map(str, weight_map.values()))):
+        path = index.parent / shard
+        if Path(shard).name != shard or not path.is_file():
+            raise LoadError(f"{index}: names the shard '{shard}', which is not a file beside it; download it again")
+        tensors.update(read_tensors(path)[0])
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise LoadError(f"{index}: its shards lack {len(missing)} of the tensors it lists (first: {missing[0]}); "
+                        "download them again")
+    return tensors
+
+
 def _load_diffusers_folder(folder: Path, device, dtype) -> StableDiffusion:
     parts = {}
     for part in ("unet", "vae", "text_encoder"):
@@ -440,10 +467,13 @@ def _load_diffusers_folder(folder: Path, device, dtype) -> StableDiffusion:
                   "vae": (lambda s: convert.vae_diffusers_to_compvis(s, config.vae), convert.PREFIX_VAE),
                   "text_encoder": (convert.text_diffusers_to_compvis, convert.PREFIX_TEXT)}
     for part, (rename, prefix) in to_compvis.items():
-        files = [folder / part / name for name in DIFFUSERS_WEIGHTS[part] if (folder / part / name).exists()]
+        # each name, then the index of the same weights saved in shards, in the order of DIFFUSERS_WEIGHTS
+        names = [n for name in DIFFUSERS_WEIGHTS[part] for n in (name, _index_name(name))]
+        files = [folder / part / name for name in names if (folder / part / name).exists()]
         if not files:
-            raise LoadError(f"{folder}: {part}/ has no weights (expected one of {', '.join(DIFFUSERS_WEIGHTS[part])})")
-        tensors, _ = read_tensors(files[0])
+            raise LoadError(f"{folder}: {part}/ has no weights (expected one of {', '.join(DIFFUSERS_WEIGHTS[part])}, "
+                            "or a sharded one's .index.json)")
+        tensors = _read_sharded(files[0]) if files[0].name.endswith(".json") else read_tensors(files[0])[0]
         try:
             renamed = rename(tensors)
         except convert.ConversionError as e:

@@ -250,6 +250,41 @@ def test_fp16_variant_folder_loads(model, tmp_path):
     assert torch.equal(loaded.state_dict()[w], model.state_dict()[w].half().float())
 
 
+def test_sharded_diffusers_folder_loads(model, tmp_path):
+    """Weights saved in shards by diffusers and transformers (`save_pretrained(max_shard_size=...)`):
+    an `.index.json` names the file of every tensor; an fp16 variant's index is `.index.fp16.json`."""
+    import shutil
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    folder = ldm.save(model, tmp_path / "sd")
+    sharded = tmp_path / "sharded"
+    shutil.copytree(folder, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").half()
+    unet.save_pretrained(sharded / "unet", max_shard_size="200KB", variant="fp16")
+    text = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder")
+    text.save_pretrained(sharded / "text_encoder", max_shard_size="200KB")
+    shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", sharded / "vae")
+    assert (sharded / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").exists()
+    assert len(list((sharded / "unet").glob("*.safetensors"))) > 1
+    assert len(list((sharded / "text_encoder").glob("*.safetensors"))) > 1
+    loaded = ldm.load(sharded)
+    for key, value in model.state_dict().items():
+        expected = value.half().float() if key.startswith("model.diffusion_model.") else value
+        assert torch.equal(loaded.state_dict()[key], expected), key
+
+    index = sharded / "text_encoder" / "model.safetensors.index.json"
+    shard = sorted((sharded / "text_encoder").glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ldm.LoadError, match=f"names the shard '{shard.name}', which is not a file beside it"):
+        ldm.load(sharded)
+    index.write_text(json.dumps({"weight_map": {"text_model.final_layer_norm.weight": "../../sd/unet/config.json"}}))
+    with pytest.raises(ldm.LoadError, match="which is not a file beside it"):
+        ldm.load(sharded)
+    index.write_text("[]")
+    with pytest.raises(ldm.LoadError, match="has no 'weight_map'"):
+        ldm.load(sharded)
+
+
 def test_a_file_without_a_configuration_is_read_as_sd_v1(model, tmp_path, monkeypatch):
     """Public checkpoints carry no configuration: they are all SD v1 size. Here the "SD v1 size"
     is this small model's, so that the file stays small."""
