@@ -26,8 +26,9 @@ and that peak less the weights.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -67,13 +68,24 @@ def dtype_of(precision):
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+PROC_STATM = "/proc/self/statm"  # Linux: the process's pages, the second number resident
 
 
 def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+    """This process's resident memory now, in MB: from /proc on Linux, from psutil elsewhere
+    (macOS, Windows), where `main` has checked that psutil is installed."""
+    if os.path.exists(PROC_STATM):
+        with open(PROC_STATM) as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    import psutil
+    return psutil.Process().memory_info().rss / 2 ** 20
+
+
+def check_memory_meter(device) -> None:
+    """On the CPU the peak comes from sampling the resident memory: say at once if this system can't."""
+    if device == "cpu" and not os.path.exists(PROC_STATM) and importlib.util.find_spec("psutil") is None:
+        from ldm.cli import CLIError
+        raise CLIError("measuring memory here needs psutil (pip install psutil); on Linux /proc is read instead")
 
 
 class CUDAPeak:
@@ -290,6 +302,7 @@ def main(argv=None):
         child(args.child, args.only, args.steps, args.precision, args.device)
         return
     import torch
+    check_memory_meter(args.device)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise CLIError("--device cuda was asked for but no CUDA GPU is available")

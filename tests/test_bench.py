@@ -73,3 +73,26 @@ def test_conv_bench_refuses_a_resolution_the_unet_cannot_take():
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.count("\n") == 1 and ("--resolution must be a multiple of 64 (the U-Net halves "
                                             "the 1/8-size latent three times), got 100") in out.stderr
+
+
+def test_memory_is_read_from_proc_on_linux_and_from_psutil_elsewhere(monkeypatch):
+    """macOS and Windows have no /proc: the resident memory comes from psutil there, and
+    without psutil the bench says so in one line before running anything."""
+    import types
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import ti_step
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from ldm.cli import CLIError
+    if sys.platform.startswith("linux"):
+        assert 10 < ti_step.current_rss_mb() < 100_000
+    monkeypatch.setattr(ti_step, "PROC_STATM", "/nonexistent/statm")
+    fake = types.SimpleNamespace(Process=lambda: types.SimpleNamespace(
+        memory_info=lambda: types.SimpleNamespace(rss=300 * 2 ** 20)))
+    monkeypatch.setitem(sys.modules, "psutil", fake)
+    assert ti_step.current_rss_mb() == 300
+    monkeypatch.setattr(ti_step.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(CLIError, match=r"needs psutil \(pip install psutil\)"):
+        ti_step.main(["--only", "tiny", "--steps", "1"])
+    ti_step.check_memory_meter("cuda")  # on a GPU the memory is CUDA's own count
