@@ -251,13 +251,18 @@ def test_apply_checks_width_and_duplicates(tmp_path, model):
 
 def test_base_model_hash_mismatch_warns_but_loads(tmp_path, model, ckpt):
     other = save_embeddings(tmp_path / "h.safetensors", {"<hh>": vectors(1)}, {"base_model_hash": "aaaa"})
-    ours = save_embeddings(tmp_path / "o.safetensors", {"<oo>": vectors(1)}, base_model_metadata(ckpt))
+    ours = save_embeddings(tmp_path / "o.safetensors", {"<oo>": vectors(1)}, base_model_metadata(ckpt, ldm.load(ckpt)))
     warnings = []
     learned = LearnedEmbeddings(model.tokenizer)
     assert list(apply_embeddings(model, learned, other, BaseModel(ckpt, model), warn=warnings.append)) == ["<hh>"]
     assert len(warnings) == 1 and "another base model (hash aaaa, this one is " in warnings[0]
     warnings.clear()
     apply_embeddings(model, LearnedEmbeddings(model.tokenizer), ours, BaseModel(ckpt, model), warn=warnings.append)
+    assert warnings == []
+    # another file of the same weights (its diffusers folder): the file hash differs, the weights hash does not
+    folder = ldm.save(ldm.load(ckpt), tmp_path / "folder")
+    apply_embeddings(model, LearnedEmbeddings(model.tokenizer), ours, BaseModel(folder, ldm.load(folder)),
+                     warn=warnings.append)
     assert warnings == []
 
 
