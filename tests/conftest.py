@@ -34,6 +34,15 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
     return module
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """The results tables set torch's thread count for their process (--threads); a test that
+    runs one in this process must not leave the next tests on another count."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return tiny_config()

@@ -229,13 +229,17 @@ def test_bad_input_gives_one_line_exit_2_and_no_files(ckpt, image_file, tmp_path
         assert not out.exists(), argv
 
 
-def test_results_table_command_runs_on_a_random_checkpoint(ckpt, tmp_path, capsys):
+def test_results_table_command_runs_on_a_random_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
     from tinyworld import hiper_eval
     grid = tmp_path / "grid.png"
+    threads, train_tail = [], hiper_eval.train_tail
+    monkeypatch.setattr(hiper_eval, "train_tail", lambda *a: threads.append(torch.get_num_threads()) or train_tail(*a))
     rc = run(hiper_eval.main, ["--ckpt", str(ckpt), "--n", "1", "--steps", "2", "--ti-steps", "2", "--samples", "1",
-                               "--sample-steps", "2", "--alphas", "0,1", "--grid", str(grid)], prog="hiper_eval")
+                               "--sample-steps", "2", "--alphas", "0,1", "--grid", str(grid), "--threads", "1"],
+             prog="hiper_eval")
     out = capsys.readouterr().out
     assert rc == 0
+    assert threads == [1] and "; 1 torch thread\n" in out
     assert "| target prompt |" in out and "| TI |" in out and "| HiPer α=0.8 |" in out
     assert "| 0 |" in out and "| 0.8 |" in out and "| 1 |" in out     # the sweep, with the paper's α added
     assert Image.open(grid).size[0] > 10 * 128                          # source + 3 edits x 3 methods

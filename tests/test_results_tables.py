@@ -51,6 +51,21 @@ def test_ti_results_table(ckpt32, tmp_path, capsys):
     assert runs == sorted(f"{row}-seed{s}" for row in ti_results.ROWS for s in (0, 1)), runs
 
 
+def test_ti_results_runs_on_the_threads_asked_for(ckpt32, tmp_path, capsys, monkeypatch):
+    """--threads sets torch's thread count (the README's tables: 2), and the header says it."""
+    import torch
+    from tinyworld import ti_results
+    threads, learn_context = [], ti_results.learn_context
+    monkeypatch.setattr(ti_results, "learn_context",
+                        lambda *a, **k: threads.append(torch.get_num_threads()) or learn_context(*a, **k))
+    for n in (1, 2):
+        assert ti_results.main(["--ckpt", str(ckpt32), "--rows", "ring-context", "--no-baseline", "--steps", "1",
+                                "--n", "1", "--sample-steps", "1", "--seeds", "0", "--threads", str(n),
+                                "--out", str(tmp_path / "o")]) == 0
+        assert f"; {n} torch thread{'s' * (n > 1)}\n" in capsys.readouterr().out
+    assert threads == [1, 2]
+
+
 def test_ti_results_scores_with_the_given_guidance(ckpt32, tmp_path, capsys, monkeypatch):
     """--scale reaches every score of the table: the words', the baseline's and the context's."""
     from tinyworld import concepts, ti_results

@@ -259,7 +259,7 @@ def print_texture_ceiling(model, steps: int, n: int, sample_steps: int, scale: f
 # ----------------------------------------------------------------------------- command
 
 # What --texture-ceiling uses; the other options set the HiPer tables, which it does not run.
-CEILING_OPTIONS = {"ckpt", "device", "sample_steps", "scale", "texture_ceiling"}
+CEILING_OPTIONS = {"ckpt", "device", "sample_steps", "scale", "texture_ceiling", "threads"}
 
 
 def build_parser():
@@ -284,6 +284,9 @@ def build_parser():
     p.add_argument("--grid", type=image_path_arg, default=Path("outputs") / "hiper_eval.png",
                    help="before/after grid of the first 8 sources")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto: a GPU if there is one")
+    p.add_argument("--threads", type=positive_int, default=2,
+                   help="torch threads; the README's tables were measured with 2 (another count sums in another "
+                        "order, and the last-digit differences grow into other scores)")
     p.add_argument("--texture-ceiling", action="store_true",
                    help="instead of the tables: how often any conditioning learned with the same loss gets each "
                         f"texture drawn (the whole context learned on 5 images of it, seeds "
@@ -318,6 +321,7 @@ def main(argv=None) -> int:
     if not args.ckpt.exists():
         raise CLIError(f"--ckpt {args.ckpt}: no such file (train the tiny model first, or pass --ckpt)")
     import ldm
+    torch.set_num_threads(args.threads)
     model = ldm.load(args.ckpt, device=pick_device(args.device))
     if model.config.image_size > 64:
         raise CLIError(f"{args.ckpt} is a {model.config.image_size}-px model; the tiny world needs the tiny model")
@@ -326,7 +330,8 @@ def main(argv=None) -> int:
         return 0
     print(f"{args.n} sources x {len(EDITS)} edits x {args.samples} seeds; HiPer {args.steps} steps (batch "
           f"{args.batch}, lr {args.lr:g}, K={args.tail})" + ("" if args.no_ti else
-          f", TI {args.ti_steps} steps (batch {args.ti_batch})") + f"; DDIM {args.sample_steps}, guidance {args.scale:g}")
+          f", TI {args.ti_steps} steps (batch {args.ti_batch})") + f"; DDIM {args.sample_steps}, guidance {args.scale:g}"
+          f"; {args.threads} torch thread{'s' * (args.threads > 1)}")
     results, grid_rows, t0 = [], [], time.time()
     for i in range(args.n):
         t = time.time()
