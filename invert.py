@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     if args.method != "ti":
         return importlib.import_module(METHOD_MODULES[args.method]).main(args)
     from inversion.data import DataError, templates, validation_prompts
-    from inversion.files import base_model_metadata, save_a1111, save_embeddings
+    from inversion.files import BaseModel, save_a1111, save_embeddings
     from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError, check_words
 
     check_paths(args)
@@ -299,6 +299,7 @@ def main(argv=None) -> int:
     images = training_images(args, model)
     try:
         trainer = TextualInversion(model, images, cfg, args.out, templates(prop))
+        trainer.base_model = BaseModel(ckpt, model)  # a checkpoint from another model is refused
         resumed = args.resume and trainer.resume()
     except TrainingError as e:
         raise CLIError(str(e)) from None
@@ -306,7 +307,7 @@ def main(argv=None) -> int:
           f"({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)}) from {len(images)} images on {device}; "
           f"effective lr = {cfg.lr:g} x batch {cfg.batch} = {cfg.effective_lr:g}")
 
-    base = base_model_metadata(ckpt, model)
+    base = trainer.base_model.metadata()
     ours, a1111_pt, a1111_st = output_files(args.out, placeholder, model.tokenizer)
 
     def save(t: TextualInversion) -> None:

@@ -315,16 +315,8 @@ def a1111_legacy_hash(ckpt: PathLike) -> str:
 
 
 def base_model_metadata(ckpt: PathLike, model=None) -> Dict[str, str]:
-    """What a learned file records of its base model: the hashes that tie it to the weights (of
-    the checkpoint file, and of `model`'s weights when given) and the checkpoint's name for people.
-    The name only, not the path: learned files are shared, and a path would tell where on its
-    maker's disk the model lies."""
-    ckpt = Path(ckpt)
-    meta = {BASE_MODEL_HASH: base_model_hash(ckpt), BASE_MODEL: ckpt.resolve().name}
-    weights = model_weights_hash(model) if model is not None else None
-    if weights:
-        meta[BASE_MODEL_WEIGHTS] = weights
-    return meta
+    """What a learned file records of its base model (`BaseModel.metadata`)."""
+    return BaseModel(ckpt, model).metadata()
 
 
 def base_model_hashes(ckpt: PathLike) -> List[str]:
@@ -339,7 +331,7 @@ class BaseModel:
     (ours, or either of AUTOMATIC1111's) or by the weights' hash. Each is computed once and only
     when a file records one (hashing a 4 GB checkpoint takes seconds)."""
 
-    def __init__(self, ckpt: PathLike, model):
+    def __init__(self, ckpt: PathLike, model=None):
         self.ckpt, self.model = Path(ckpt), model
 
     @functools.cached_property
@@ -348,7 +340,16 @@ class BaseModel:
 
     @functools.cached_property
     def weights(self) -> Optional[str]:
-        return model_weights_hash(self.model)
+        return model_weights_hash(self.model) if self.model is not None else None
+
+    def metadata(self) -> Dict[str, str]:
+        """What a learned file (or a training checkpoint) records of its base model: the hashes
+        that tie it to the weights, and the checkpoint's name for people. The name only, not the
+        path: learned files are shared, and a path would tell where on its maker's disk the model lies."""
+        meta = {BASE_MODEL_HASH: self.file_hashes[0], BASE_MODEL: self.ckpt.resolve().name}
+        if self.weights:
+            meta[BASE_MODEL_WEIGHTS] = self.weights
+        return meta
 
     def recognises(self, metadata: Mapping[str, str]) -> bool:
         """Whether a learned file's metadata names this model; True when it names none. The file

@@ -250,6 +250,7 @@ class HiPer:
     # non-finite loss skipped), checkpoint.pt written atomically, loss.csv, run() with its
     # checkpoints every save_every steps and its Ctrl-C handling.
     train_step = TextualInversion.gradient_step
+    base_model = TextualInversion.base_model
     save_checkpoint = TextualInversion.save_checkpoint
     resume = TextualInversion.resume
     write_loss_log = TextualInversion.write_loss_log

@@ -81,7 +81,7 @@ def check_arguments(args) -> None:
 
 
 def main(args) -> int:
-    from inversion.files import base_model_metadata
+    from inversion.files import BaseModel
     from inversion.hiper import HiPer, HiPerConfig, HiPerError, save_tail
     from invert import load_model, train
 
@@ -111,6 +111,7 @@ def main(args) -> int:
                       save_every=args.save_every or defaults["save_every"])
     try:
         trainer = HiPer(model, image, cfg, args.out)
+        trainer.base_model = BaseModel(ckpt, model)  # a checkpoint from another model is refused
         resumed = args.resume and trainer.resume()
     except HiPerError as e:
         raise CLIError(str(e)) from None
@@ -118,7 +119,7 @@ def main(args) -> int:
     print(f"{'resuming at step ' + str(trainer.step) if resumed else 'learning'} a HiPer tail of {cfg.tail} rows "
           f"for {source!r} on {device}; lr {cfg.lr:g}, batch {cfg.batch}, {cfg.steps} steps")
 
-    base = base_model_metadata(ckpt, model)
+    base = trainer.base_model.metadata()
     tail_path = args.out / TAIL_FILE
 
     def save(t: HiPer) -> None:

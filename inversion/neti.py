@@ -468,6 +468,7 @@ class NeTI:
     # Resume settings, checkpointing, the loss log and the loop are Textual Inversion's: same files, same rules.
     progress_label = "NeTI"
     settings = TextualInversion.settings
+    base_model = TextualInversion.base_model
     save_checkpoint = TextualInversion.save_checkpoint
     resume = TextualInversion.resume
     write_loss_log = TextualInversion.write_loss_log

@@ -61,7 +61,7 @@ def check_arguments(args) -> None:
 
 def main(args) -> int:
     from inversion.data import DataError, templates, validation_prompts
-    from inversion.files import base_model_metadata
+    from inversion.files import BaseModel
     from inversion.neti import MAPPER_FILE, NeTI, NeTIConfig, check_config, save_mapper
     from inversion.textual_inversion import TrainingError, check_words
     from invert import load_model, the_word, train, training_images
@@ -91,6 +91,7 @@ def main(args) -> int:
 
     try:
         trainer = NeTI(model, images, cfg, args.out, templates(prop))
+        trainer.base_model = BaseModel(ckpt, model)  # a checkpoint from another model is refused
         resumed = args.resume and trainer.resume()
     except TrainingError as e:
         raise CLIError(str(e)) from None
@@ -100,7 +101,7 @@ def main(args) -> int:
           f"parameters) from {len(images)} images on {device}; effective lr = {cfg.lr:g} x batch {cfg.batch} "
           f"x {cfg.grad_accum} = {cfg.effective_lr:g}")
 
-    base = base_model_metadata(ckpt, model)
+    base = trainer.base_model.metadata()
     mapper_path = args.out / MAPPER_FILE
 
     def save(t: NeTI) -> None:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from inversion.adam import AdamW
 from inversion.data import image_digest, resume_mismatch, templates
+from inversion.files import BaseModel
 from inversion.hook import LearnedEmbeddings, sub_tokens
 from inversion.precision import autocast
 from ldm.load import LoadError, atomic_write, load_error_reason
@@ -128,6 +129,7 @@ class TextualInversion:
     """The trainer: learned vectors, their optimizer and the loop. `run()` trains to cfg.steps."""
 
     progress_label = "textual inversion"
+    base_model: Optional[BaseModel] = None  # set by the command line: checked on resume, recorded in checkpoints
 
     def __init__(self, model, images: torch.Tensor, cfg: TIConfig, out: Path,
                  templates: List[str], log: Callable[[str], None] = print):
@@ -239,6 +241,8 @@ class TextualInversion:
 
     def save_checkpoint(self) -> None:
         state = self.state_dict()
+        if self.base_model is not None:  # the model a resumed run must train on
+            state["base_model"] = self.base_model.metadata()
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
 
     def resume(self) -> bool:
@@ -251,6 +255,11 @@ class TextualInversion:
                             "again, or choose another --out") from None
         if not isinstance(state, dict) or "config" not in state:
             raise LoadError(f"{self.checkpoint_path} is not a checkpoint of this tool; delete it or choose another --out")
+        saved = state.get("base_model")
+        if isinstance(saved, dict) and self.base_model is not None and not self.base_model.recognises(saved):
+            raise LoadError(f"{self.checkpoint_path} was trained on another base model "
+                            f"({self.base_model.difference(saved)}); resume with the --ckpt it was trained on "
+                            f"({saved.get('base_model', 'named in it')}), or start a new --out folder")
         try:
             self.load_state_dict(state)
         except (KeyError, IndexError, TypeError, RuntimeError) as e:  # a key missing, a tensor of another shape

@@ -192,6 +192,30 @@ def test_resume_refuses_other_images(ckpt, images, tmp_path, capsys):
     assert rc == 2 and "other images" in cap.err
 
 
+@pytest.mark.parametrize("method", ["ti", "neti", "hiper"])
+def test_resume_refuses_a_checkpoint_of_another_base_model_and_takes_the_same_one_in_another_layout(
+        ckpt, images, tmp_path, capsys, method):
+    """The checkpoint records the base model as the learned files do (file and weights hashes):
+    --resume on another model is one line; the diffusers folder of the same weights resumes."""
+    import ldm
+    from conftest import write_random_checkpoint
+    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
+            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+    base = ["--method", method, *data, "--batch", "1", "--out", str(tmp_path / "run")]
+    assert call(base + ["--ckpt", str(ckpt), "--steps", "1"], capsys)[0] == 0
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["base_model"]
+    assert saved["base_model"] == ckpt.name and len(saved["base_model_weights"]) == 16
+    other = write_random_checkpoint(tmp_path / "other", seed=7)
+    rc, cap = call(base + ["--ckpt", str(other), "--steps", "2", "--resume"], capsys)
+    lines = cap.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, cap.err
+    assert "checkpoint.pt was trained on another base model (hash " in lines[0]
+    assert f"resume with the --ckpt it was trained on ({ckpt.name})" in lines[0]
+    folder = ldm.save(ldm.load(ckpt), tmp_path / "folder")
+    rc, cap = call(base + ["--ckpt", str(folder), "--steps", "2", "--resume"], capsys)
+    assert rc == 0 and "resuming at step 1" in cap.out, cap.err
+
+
 def test_out_of_memory_is_one_line(capsys):
     def main(argv):   # what the CPU allocator raises for a --batch that does not fit
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
