@@ -100,6 +100,9 @@ def build_parser() -> Parser:
                       help="frozen weights' dtype. auto: bf16 under autocast on a CUDA GPU that computes in it "
                            "(Ampere or later), fp32 elsewhere; "
                            "fp32 turns autocast off; the learned vectors are fp32 always")
+    run_.add_argument("--gradient-checkpointing", action="store_true",
+                      help="keep less for the backward pass: each U-Net block's activations are computed "
+                           "again there instead of kept (less memory, more time; the same numbers)")
     # Which options each method takes: a method's own group and its SHARED_OPTIONS; Textual
     # Inversion takes every option but the other methods' own.
     modules = {name: importlib.import_module(module) for name, module in METHOD_MODULES.items()}
@@ -230,7 +233,7 @@ def check_paths(args) -> None:
 
 
 def load_model(args):
-    """(checkpoint path, frozen model, device) from --ckpt, --device and --precision."""
+    """(checkpoint path, frozen model, device) from --ckpt, --device, --precision and --gradient-checkpointing."""
     from ldm.load import load
     ckpt = args.ckpt or DEFAULT_CKPT
     device = pick_device(args.device)
@@ -239,6 +242,7 @@ def load_model(args):
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     model = load(ckpt, device=device, dtype=dtype)
+    model.unet.gradient_checkpointing = args.gradient_checkpointing
     return ckpt, model, device
 
 

@@ -162,11 +162,12 @@ class RSSSampler:
         self.thread.join()
 
 
-def run_ours(name, steps, precision, device):
+def run_ours(name, steps, precision, device, checkpointing=False):
     import torch
     from inversion.textual_inversion import TIConfig, TextualInversion
     c = CONFIGS[name]
     model = build_model(name).to(device, dtype_of(precision))
+    model.unet.gradient_checkpointing = checkpointing  # invert.py --gradient-checkpointing
     images = torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1
     cfg = TIConfig(placeholder="<x>", init_word="object", batch=c["batch"], steps=10 ** 6)
     out = tempfile.TemporaryDirectory(prefix="bench_ti_")  # the trainer's folder: nothing is saved in it here
@@ -183,7 +184,7 @@ def run_ours(name, steps, precision, device):
     return times[1:], memory.peak, weights, unet
 
 
-def run_reference(name, steps, precision, device):
+def run_reference(name, steps, precision, device, checkpointing=False):
     """diffusers' textual-inversion example loop, on the same weights."""
     import torch
     import torch.nn.functional as F
@@ -221,6 +222,10 @@ def run_reference(name, steps, precision, device):
     text.requires_grad_(False)
     embeddings.weight.requires_grad_(True)
     text.train()
+    if checkpointing:  # the example's --gradient_checkpointing
+        unet.train()
+        text.gradient_checkpointing_enable()
+        unet.enable_gradient_checkpointing()
     text.to(device)
     optimizer = torch.optim.AdamW([embeddings.weight], lr=5e-3)
     original = embeddings.weight.detach().clone().to(device)
@@ -258,7 +263,7 @@ def run_reference(name, steps, precision, device):
     return times[1:], sampler.peak, weights, unet_alone(lambda *a: unet(*a).sample, shapes, precision, device, steps)
 
 
-def child(side, name, steps, precision, device):
+def child(side, name, steps, precision, device, checkpointing):
     import torch
     # Each side imports what it runs on (ours never imports diffusers or transformers, about
     # 100 MB of the reference's resident memory); "above the weights" subtracts this baseline.
@@ -268,15 +273,16 @@ def child(side, name, steps, precision, device):
         import diffusers, transformers  # noqa: F401
     torch.manual_seed(0)
     baseline = current_rss_mb() if device == "cpu" else 0.0  # the interpreter and the libraries
-    times, peak, weights, unet = (run_ours if side == "ours" else run_reference)(name, steps, precision, device)
+    times, peak, weights, unet = (run_ours if side == "ours" else run_reference)(name, steps, precision, device,
+                                                                               checkpointing)
     print(json.dumps({"seconds_per_step": statistics.median(times), "peak_rss_mb": peak,
                       "above_weights_mb": peak - baseline - weights, "unet_seconds": unet}))
 
 
-def measure(side, name, steps, precision, device):
+def measure(side, name, steps, precision, device, checkpointing):
     out = subprocess.run([sys.executable, __file__, "--child", side, "--only", name, "--steps", str(steps),
-                          "--precision", precision, "--device", device],
-                         capture_output=True, text=True)
+                          "--precision", precision, "--device", device]
+                         + ["--gradient-checkpointing"] * checkpointing, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{side} {name} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -296,10 +302,14 @@ def main(argv=None):
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="dtype of the frozen weights on both sides (bf16: the example's --mixed_precision bf16)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="both sides recompute the U-Net's activations in the backward pass instead of keeping them "
+                        "(invert.py --gradient-checkpointing; the example's --gradient_checkpointing, which also "
+                        "checkpoints its text encoder)")
     p.add_argument("--child", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.child, args.only, args.steps, args.precision, args.device)
+        child(args.child, args.only, args.steps, args.precision, args.device, args.gradient_checkpointing)
         return
     import torch
     check_memory_meter(args.device)
@@ -309,14 +319,16 @@ def main(argv=None):
         where, memory = torch.cuda.get_device_name(), "peak GPU memory"
     else:
         where, memory = f"{torch.get_num_threads()} threads, CPU", "peak RSS"
-    print(f"torch {torch.__version__}, {where}, frozen weights in {args.precision}")
+    print(f"torch {torch.__version__}, {where}, frozen weights in {args.precision}"
+          + (", gradient checkpointing on both sides" if args.gradient_checkpointing else ""))
     print(f"| configuration | ours s/step | reference s/step | time ratio | ours {memory} | reference {memory} "
           "| RAM ratio | ours above the weights | reference above the weights | ratio | time ratio of each run |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     names = [args.only] if args.only else list(CONFIGS) if args.device == "cuda" else list(CPU_CONFIGS)
     medians = {}
     for name in names:
-        runs = [[measure(side, name, args.steps, args.precision, args.device) for side in ("ours", "reference")]
+        runs = [[measure(side, name, args.steps, args.precision, args.device, args.gradient_checkpointing)
+                 for side in ("ours", "reference")]
                 for _ in range(args.repeats)]
         ratios = [o["seconds_per_step"] / r["seconds_per_step"] for o, r in runs]
         o, r = ({key: statistics.median(run[side][key] for run in runs) for key in runs[0][side]} for side in (0, 1))

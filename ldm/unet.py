@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ldm.config import UNetConfig
 from ldm.conv import Conv2d
@@ -241,6 +242,16 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), Conv2d(ch, cfg.out_channels, 3, padding=1))
         self.num_cross_attention_layers = layer_index
+        self.gradient_checkpointing = False  # see run_block
+
+    def run_block(self, block: TimestepEmbedSequential, h, emb, context, value_context):
+        """One block. With `gradient_checkpointing` (and gradients on), the block's activations are
+        not kept for the backward pass but computed again there from its inputs: the backward holds
+        one block's activations at a time instead of all of them, for one more forward pass of
+        time. The numbers are the same (the same operations on the same inputs)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, value_context, use_reentrant=False)
+        return block(h, emb, context, value_context)
 
     def forward(self, x: torch.Tensor, t: Union[torch.Tensor, int], context: Context,
                 value_context: Optional[Context] = None) -> torch.Tensor:
@@ -252,11 +263,11 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
         h, skips = x, []
         for block in self.input_blocks:
-            h = block(h, emb, context, value_context)
+            h = self.run_block(block, h, emb, context, value_context)
             skips.append(h)
-        h = self.middle_block(h, emb, context, value_context)
+        h = self.run_block(self.middle_block, h, emb, context, value_context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, value_context)
+            h = self.run_block(block, torch.cat([h, skips.pop()], dim=1), emb, context, value_context)
         return self.out(h)
 
 

@@ -9,14 +9,16 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("precision, repeats", [("fp32", 2), ("bf16", 1)])
-def test_tiny_bench_row(precision, repeats):
+@pytest.mark.parametrize("precision, repeats, checkpointing", [("fp32", 2, False), ("bf16", 1, False),
+                                                              ("fp32", 1, True)])
+def test_tiny_bench_row(precision, repeats, checkpointing):
     pytest.importorskip("diffusers")
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "ti_step.py"), "--only", "tiny", "--steps", "1",
-                          "--precision", precision, "--repeats", str(repeats)], capture_output=True, text=True,
-                         timeout=600)
+                          "--precision", precision, "--repeats", str(repeats)]
+                         + ["--gradient-checkpointing"] * checkpointing, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"frozen weights in {precision}" in out.stdout
+    assert ("gradient checkpointing on both sides" in out.stdout) == checkpointing
     row, unet = [l for l in out.stdout.splitlines() if l.startswith("| tiny |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 11

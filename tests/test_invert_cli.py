@@ -216,6 +216,30 @@ def test_resume_refuses_a_checkpoint_of_another_base_model_and_takes_the_same_on
     assert rc == 0 and "resuming at step 1" in cap.out, cap.err
 
 
+@pytest.mark.parametrize("method, learned", [("ti", "learned_embeds.safetensors"), ("neti", "neti_mapper.safetensors"),
+                                             ("hiper", "hiper_tail.safetensors")])
+def test_gradient_checkpointing_learns_the_same_numbers(ckpt, images, tmp_path, capsys, monkeypatch, method, learned):
+    """--gradient-checkpointing changes what the backward pass keeps, not what it computes: the
+    learned file is the same bit for bit, and the U-Net really ran with it."""
+    import ldm.unet
+    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
+            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+    base = ["--method", method, "--ckpt", str(ckpt), *data, "--batch", "2", "--steps", "2"]
+    blocks = []
+    run_block = ldm.unet.UNetModel.run_block
+    monkeypatch.setattr(ldm.unet.UNetModel, "run_block",
+                        lambda self, *a: blocks.append(self.gradient_checkpointing) or run_block(self, *a))
+    files = {}
+    for flag in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / ("gc" if flag else "plain")
+        blocks.clear()
+        assert call(base + flag + ["--out", str(out)], capsys)[0] == 0
+        assert blocks and any(blocks) == bool(flag)
+        files[bool(flag)] = load_file(out / learned)
+    assert files[True].keys() == files[False].keys()
+    assert all(torch.equal(files[True][k], files[False][k]) for k in files[False])
+
+
 def test_out_of_memory_is_one_line(capsys):
     def main(argv):   # what the CPU allocator raises for a --batch that does not fit
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "

@@ -214,3 +214,31 @@ def test_a_run_whose_loss_stays_nan_stops_in_one_line(model, images, tmp_path, m
     monkeypatch.setattr(t, "loss", lambda step: once_loss(step) * (float("nan") if t.step == 5 else 1.0))
     t.run(progress=False)
     assert t.step == 12 and len(t.losses) == 11  # the one NaN step skipped, the run finished
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_gradient_checkpointing_keeps_the_numbers_and_saves_the_activations(model, per_layer):
+    """With gradient checkpointing the U-Net's output and the gradient that reaches the text are
+    the same bit for bit, while the forward pass keeps far fewer bytes for the backward pass
+    (only each block's inputs). Per-layer texts (NeTI's) pass through it too."""
+    unet = model.unet
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
+    text = torch.randn(2, 77, 32, generator=g)
+
+    def run(checkpointing):
+        unet.gradient_checkpointing = checkpointing
+        context = text.clone().requires_grad_(True)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda s: kept.append(s.numel() * s.element_size()) or s,
+                                                      lambda s: s):
+            layers = [context * (i + 1) for i in range(unet.num_cross_attention_layers)] if per_layer else context
+            out = unet(x, t, layers)
+        out.pow(2).mean().backward()
+        return out.detach(), context.grad, sum(kept)
+
+    out, grad, kept = run(False)
+    out_c, grad_c, kept_c = run(True)
+    unet.gradient_checkpointing = False
+    assert torch.equal(out, out_c) and torch.equal(grad, grad_c)
+    assert kept_c < kept / 2, (kept_c, kept)
