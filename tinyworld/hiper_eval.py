@@ -330,8 +330,8 @@ def main(argv=None) -> int:
         return 0
     print(f"{args.n} sources x {len(EDITS)} edits x {args.samples} seeds; HiPer {args.steps} steps (batch "
           f"{args.batch}, lr {args.lr:g}, K={args.tail})" + ("" if args.no_ti else
-          f", TI {args.ti_steps} steps (batch {args.ti_batch})") + f"; DDIM {args.sample_steps}, guidance {args.scale:g}"
-          f"; {args.threads} torch thread{'s' * (args.threads > 1)}")
+          f", TI {args.ti_steps} steps (batch {args.ti_batch})")
+          + f"; DDIM {args.sample_steps}, guidance {args.scale:g}; {args.threads} torch thread{'s' * (args.threads > 1)}")
     results, grid_rows, t0 = [], [], time.time()
     for i in range(args.n):
         t = time.time()
