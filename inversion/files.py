@@ -314,11 +314,6 @@ def a1111_legacy_hash(ckpt: PathLike) -> str:
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
-def base_model_metadata(ckpt: PathLike, model=None) -> Dict[str, str]:
-    """What a learned file records of its base model (`BaseModel.metadata`)."""
-    return BaseModel(ckpt, model).metadata()
-
-
 def base_model_hashes(ckpt: PathLike) -> List[str]:
     """Every hash an embedding may record for this base model: ours, and for a single file the
     AUTOMATIC1111 legacy one."""

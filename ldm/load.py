@@ -332,8 +332,8 @@ def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device,
 
     schedule = model.schedule  # computed on the CPU, even here: real numbers
     buffers = schedule.compvis_buffers()
-    lossy = dtype not in (torch.float32, torch.float16)  # bf16 weights lose the values the weights hash needs
-    file_weights_hash = weights_hash({k: sd[k] for k in expected if k in sd}) if lossy else None
+    # bf16 weights lose the values the weights hash needs: it is taken from the file's, here
+    file_weights_hash = None if dtype in HASHED_DTYPES else weights_hash({k: sd[k] for k in expected if k in sd})
     final = {}
     for key in expected:
         if key in buffers:
@@ -513,6 +513,9 @@ def file_hash(path) -> str:
     return h.hexdigest()[:16]
 
 
+HASHED_DTYPES = (torch.float32, torch.float16)  # weights that still hold the values weights_hash rounds to fp16
+
+
 def weights_hash(tensors: Dict[str, torch.Tensor]) -> str:
     """The hash of a model's weights rather than of its file: sha256 over the U-Net's and the
     text encoder's tensors by their CompVis names, each rounded to fp16 (16 hex digits).
@@ -534,7 +537,7 @@ def weights_hash(tensors: Dict[str, torch.Tensor]) -> str:
 def model_weights_hash(model: StableDiffusion) -> Optional[str]:
     """`weights_hash` of a model: of its weights when they are fp32 or fp16; for bfloat16 ones,
     which no longer hold the file's values, the one `load` took from the file on the way."""
-    if model.dtype in (torch.float32, torch.float16):
+    if model.dtype in HASHED_DTYPES:
         return weights_hash(model.state_dict())
     return getattr(model, "file_weights_hash", None)
 

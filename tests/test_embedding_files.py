@@ -10,8 +10,7 @@ from PIL import Image
 from conftest import randomize, tiny_config, write_random_checkpoint
 import ldm
 import sample
-from inversion.files import (BaseModel, EmbeddingError, apply_embeddings, base_model_metadata, load_embeddings,
-                             save_a1111, save_embeddings)
+from inversion.files import BaseModel, EmbeddingError, apply_embeddings, load_embeddings, save_a1111, save_embeddings
 from inversion.hook import LearnedEmbeddings
 from ldm.cli import run
 from ldm.load import LoadError
@@ -251,7 +250,7 @@ def test_apply_checks_width_and_duplicates(tmp_path, model):
 
 def test_base_model_hash_mismatch_warns_but_loads(tmp_path, model, ckpt):
     other = save_embeddings(tmp_path / "h.safetensors", {"<hh>": vectors(1)}, {"base_model_hash": "aaaa"})
-    ours = save_embeddings(tmp_path / "o.safetensors", {"<oo>": vectors(1)}, base_model_metadata(ckpt, ldm.load(ckpt)))
+    ours = save_embeddings(tmp_path / "o.safetensors", {"<oo>": vectors(1)}, BaseModel(ckpt, ldm.load(ckpt)).metadata())
     warnings = []
     learned = LearnedEmbeddings(model.tokenizer)
     assert list(apply_embeddings(model, learned, other, BaseModel(ckpt, model), warn=warnings.append)) == ["<hh>"]

@@ -11,7 +11,7 @@ import ldm
 import invert
 import sample
 from conftest import write_random_checkpoint
-from inversion.files import BaseModel, base_model_hash, base_model_metadata
+from inversion.files import BaseModel, base_model_hash
 from inversion.hiper import (HiPer, HiPerConfig, HiPerError, TailFileError, edit_context, encode,
                              hiper_condition, load_tail, save_tail)
 from ldm.cli import run
@@ -126,7 +126,7 @@ def test_nan_loss_skips_the_step_and_ctrl_c_saves(model, image, tmp_path, monkey
 def test_save_load_round_trip_and_refusals(tmp_path, ckpt):
     tail = torch.randn(5, 32)
     model = ldm.load(ckpt)
-    path = save_tail(tmp_path / "t.safetensors", tail, {**base_model_metadata(ckpt, model), "source": SOURCE})
+    path = save_tail(tmp_path / "t.safetensors", tail, {**BaseModel(ckpt, model).metadata(), "source": SOURCE})
     loaded, meta = load_tail(path, width=32, base=BaseModel(ckpt, model))
     assert torch.equal(loaded, tail) and meta["tail"] == "5" and meta["source"] == SOURCE
     assert meta["method"] == "hiper"
@@ -174,7 +174,7 @@ def test_the_same_model_in_another_layout_or_in_fp16_takes_the_tail(ckpt, tmp_pa
     the model a tail was learned on edit with it; another model is refused."""
     model = ldm.load(ckpt)
     tail = save_tail(tmp_path / "t.safetensors", torch.randn(5, 32),
-                     {**base_model_metadata(ckpt, model), "source": SOURCE})
+                     {**BaseModel(ckpt, model).metadata(), "source": SOURCE})
     copies = [ldm.save(model, tmp_path / "folder"), ldm.save(model, tmp_path / "half.safetensors", torch.float16)]
     for copy in copies:
         assert base_model_hash(copy) != base_model_hash(ckpt)
