@@ -162,11 +162,14 @@ class RSSSampler:
         self.thread.join()
 
 
-def run_ours(name, steps, precision, device, checkpointing=False):
+def run_ours(name, steps, precision, device, checkpointing=False, half_weights=False):
     import torch
     from inversion.textual_inversion import TIConfig, TextualInversion
     c = CONFIGS[name]
-    model = build_model(name).to(device, dtype_of(precision))
+    model = build_model(name).to(device, dtype_of(precision)).requires_grad_(False)
+    if half_weights:  # invert.py --half-weights: the same weights rounded to fp16, fp32 arithmetic
+        from ldm.half_weights import keep_weights_in_fp16
+        keep_weights_in_fp16(model)
     model.unet.gradient_checkpointing = checkpointing  # invert.py --gradient-checkpointing
     images = torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1
     cfg = TIConfig(placeholder="<x>", init_word="object", batch=c["batch"], steps=10 ** 6)
@@ -263,7 +266,7 @@ def run_reference(name, steps, precision, device, checkpointing=False):
     return times[1:], sampler.peak, weights, unet_alone(lambda *a: unet(*a).sample, shapes, precision, device, steps)
 
 
-def child(side, name, steps, precision, device, checkpointing):
+def child(side, name, steps, precision, device, checkpointing, half_weights):
     import torch
     # Each side imports what it runs on (ours never imports diffusers or transformers, about
     # 100 MB of the reference's resident memory); "above the weights" subtracts this baseline.
@@ -273,16 +276,19 @@ def child(side, name, steps, precision, device, checkpointing):
         import diffusers, transformers  # noqa: F401
     torch.manual_seed(0)
     baseline = current_rss_mb() if device == "cpu" else 0.0  # the interpreter and the libraries
-    times, peak, weights, unet = (run_ours if side == "ours" else run_reference)(name, steps, precision, device,
-                                                                               checkpointing)
+    if side == "ours":
+        times, peak, weights, unet = run_ours(name, steps, precision, device, checkpointing, half_weights)
+    else:
+        times, peak, weights, unet = run_reference(name, steps, precision, device, checkpointing)
     print(json.dumps({"seconds_per_step": statistics.median(times), "peak_rss_mb": peak,
                       "above_weights_mb": peak - baseline - weights, "unet_seconds": unet}))
 
 
-def measure(side, name, steps, precision, device, checkpointing):
+def measure(side, name, steps, precision, device, checkpointing, half_weights):
     out = subprocess.run([sys.executable, __file__, "--child", side, "--only", name, "--steps", str(steps),
                           "--precision", precision, "--device", device]
-                         + ["--gradient-checkpointing"] * checkpointing, capture_output=True, text=True)
+                         + ["--gradient-checkpointing"] * checkpointing + ["--half-weights"] * half_weights,
+                         capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{side} {name} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -306,11 +312,17 @@ def main(argv=None):
                    help="both sides recompute the U-Net's activations in the backward pass instead of keeping them "
                         "(invert.py --gradient-checkpointing; the example's --gradient_checkpointing, which also "
                         "checkpoints its text encoder)")
+    p.add_argument("--half-weights", action="store_true",
+                   help="our side keeps its frozen weights in fp16 and computes in fp32 (invert.py --half-weights: "
+                        "the same random weights, rounded to fp16); the reference keeps them in fp32")
     p.add_argument("--child", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.child, args.only, args.steps, args.precision, args.device, args.gradient_checkpointing)
+        child(args.child, args.only, args.steps, args.precision, args.device, args.gradient_checkpointing,
+              args.half_weights)
         return
+    if args.half_weights and args.precision != "fp32":
+        raise CLIError("--half-weights keeps fp16 weights for fp32 arithmetic: leave out --precision")
     import torch
     check_memory_meter(args.device)
     if args.device == "cuda":
@@ -320,14 +332,16 @@ def main(argv=None):
     else:
         where, memory = f"{torch.get_num_threads()} threads, CPU", "peak RSS"
     print(f"torch {torch.__version__}, {where}, frozen weights in {args.precision}"
-          + (", gradient checkpointing on both sides" if args.gradient_checkpointing else ""))
+          + (", gradient checkpointing on both sides" if args.gradient_checkpointing else "")
+          + (", ours stored in fp16 (--half-weights)" if args.half_weights else ""))
     print(f"| configuration | ours s/step | reference s/step | time ratio | ours {memory} | reference {memory} "
           "| RAM ratio | ours above the weights | reference above the weights | ratio | time ratio of each run |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     names = [args.only] if args.only else list(CONFIGS) if args.device == "cuda" else list(CPU_CONFIGS)
     medians = {}
     for name in names:
-        runs = [[measure(side, name, args.steps, args.precision, args.device, args.gradient_checkpointing)
+        runs = [[measure(side, name, args.steps, args.precision, args.device, args.gradient_checkpointing,
+                         args.half_weights)
                  for side in ("ours", "reference")]
                 for _ in range(args.repeats)]
         ratios = [o["seconds_per_step"] / r["seconds_per_step"] for o, r in runs]

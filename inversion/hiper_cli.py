@@ -31,7 +31,7 @@ TAIL_FILE = "hiper_tail.safetensors"
 
 # The options beside its own that --method hiper takes (invert.py refuses the others).
 SHARED_OPTIONS = ("steps", "lr", "batch", "seed", "ckpt", "out", "resume", "save_every", "no_eval", "device",
-                  "precision", "gradient_checkpointing")
+                  "precision", "gradient_checkpointing", "half_weights")
 
 
 def add_arguments(parser) -> set:

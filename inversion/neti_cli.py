@@ -28,7 +28,7 @@ TINY_DEFAULTS = dict(steps=400, batch=8, grad_accum=1, lr=1e-3, save_every=100)
 SHARED_OPTIONS = ("images", "concept", "num_images", "resolution", "no_flip", "placeholder", "init_word",
                   "property", "steps", "lr", "batch", "seed", "ckpt", "out", "resume", "save_every",
                   "sample_every", "validation_prompt", "no_eval", "device", "precision",
-                  "gradient_checkpointing")
+                  "gradient_checkpointing", "half_weights")
 
 
 def add_arguments(parser) -> set:

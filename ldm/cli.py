@@ -227,6 +227,13 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return DTYPES[precision]
 
 
+def check_half_weights(half_weights: bool, precision: str, dtype: torch.dtype) -> None:
+    """--half-weights keeps fp16 weights for fp32 arithmetic: the weights' dtype must be fp32."""
+    if half_weights and dtype != torch.float32:
+        raise CLIError(f"--half-weights keeps fp16 weights for fp32 arithmetic, and --precision {precision} is "
+                       f"{str(dtype).removeprefix('torch.')} here: add --precision fp32")
+
+
 def check_text(argv) -> None:
     """Every argument must be text: bytes that are not UTF-8 would fail only when the first
     file named after them is written, after all the work."""

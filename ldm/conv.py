@@ -51,6 +51,19 @@ def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias, stride, paddin
     return y.view(B, c_out, h_out, w_out)
 
 
+def conv2d_as_matmul_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape, stride, padding):
+    """The gradient of conv2d_as_matmul with respect to its input x (B, C_in, H, W), from the
+    output's gradient (B, C_out, H_out, W_out): the same products transposed, folded back.
+
+        grad_cols = W.flatten(1)ᵀ @ grad      # (B, C_in·kh·kw, H_out·W_out)
+        grad_x    = fold(grad_cols)           # overlapping patches add up
+    """
+    kh, kw = weight.shape[-2:]
+    w_t = weight.flatten(1).t()                                    # (C_in·kh·kw, C_out)
+    grad_cols = torch.stack([w_t @ g for g in grad.flatten(2)])    # (B, C_in·kh·kw, H_out·W_out)
+    return F.fold(grad_cols, tuple(input_shape[-2:]), (kh, kw), padding=padding, stride=stride)
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d, computed as a matrix product where that is the faster way on the CPU."""
 

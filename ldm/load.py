@@ -30,6 +30,7 @@ import torch
 
 from ldm import convert
 from ldm.config import ModelConfig
+from ldm.half_weights import STORAGE_DTYPE, half_weight_names, keep_weights_in_fp16
 from ldm.model import StableDiffusion
 
 CONFIG_METADATA_KEY = "ldm_config"   # our single files carry their ModelConfig as JSON here
@@ -322,9 +323,11 @@ def _take_ema(sd: Dict[str, torch.Tensor]) -> None:
         sd[key] = sd[ema]
 
 
-def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device, dtype) -> StableDiffusion:
+def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device, dtype,
+           half_weights: bool = False) -> StableDiffusion:
     with torch.device("meta"):
         model = StableDiffusion(config)
+    half = half_weight_names(model) if half_weights else set()  # read straight into float16
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     optional = set(SCHEDULE_BUFFERS) | {POSITION_IDS}
     found = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
@@ -341,15 +344,16 @@ def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device,
         elif key == POSITION_IDS:
             final[key] = torch.arange(config.text.max_position_embeddings, device=device).unsqueeze(0)
         else:
-            final[key] = sd.pop(key).to(device=device, dtype=dtype)
+            final[key] = sd.pop(key).to(device=device, dtype=STORAGE_DTYPE if key in half else dtype)
     model.load_state_dict(final, strict=True, assign=True)
     model.schedule = schedule.to(device)
     if file_weights_hash:
         model.file_weights_hash = file_weights_hash
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    return keep_weights_in_fp16(model) if half_weights else model
 
 
-def _load_single_file(path: Path, device, dtype, ema: bool) -> StableDiffusion:
+def _load_single_file(path: Path, device, dtype, ema: bool, half_weights: bool = False) -> StableDiffusion:
     # a full checkpoint's EMA copy (as large as the U-Net) is read only when asked for
     sd, metadata = read_tensors(path, skip=() if ema else IGNORED_PREFIXES)
     learned = describe_learned_file(sd.keys(), metadata)
@@ -374,7 +378,7 @@ def _load_single_file(path: Path, device, dtype, ema: bool) -> StableDiffusion:
         config = ModelConfig()  # the public SD v1.x files carry no configuration: they are all this size
     if ema:
         _take_ema(sd)
-    return _build(config, sd, str(path), device, dtype)
+    return _build(config, sd, str(path), device, dtype, half_weights)
 
 
 def _read_json(path: Path) -> dict:
@@ -449,7 +453,7 @@ def _read_sharded(index: Path) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def _load_diffusers_folder(folder: Path, device, dtype) -> StableDiffusion:
+def _load_diffusers_folder(folder: Path, device, dtype, half_weights: bool = False) -> StableDiffusion:
     parts = {}
     for part in ("unet", "vae", "text_encoder"):
         if not (folder / part).is_dir():
@@ -479,17 +483,21 @@ def _load_diffusers_folder(folder: Path, device, dtype) -> StableDiffusion:
         except convert.ConversionError as e:
             raise LoadError(f"{files[0]}: {e.args[0] if e.args else e}") from None
         sd.update({prefix + k: v for k, v in renamed.items()})
-    model = _build(config, sd, str(folder), device, dtype)
+    model = _build(config, sd, str(folder), device, dtype, half_weights)
     if config.text.vocab_size > len(model.tokenizer.encoder):  # a table grown by a training run
         _register_added_tokens(model, folder)
     return model
 
 
-def load(path, device="cpu", dtype=torch.float32, ema: bool = False) -> StableDiffusion:
+def load(path, device="cpu", dtype=torch.float32, ema: bool = False, half_weights: bool = False) -> StableDiffusion:
     """Load an SD v1.x model from a CompVis single file or a diffusers folder.
 
     `dtype` is the dtype of the weights in memory (fp16 files load as fp32 and back);
-    `ema=True` takes the EMA copy of the U-Net from a full (non-"emaonly") checkpoint."""
+    `ema=True` takes the EMA copy of the U-Net from a full (non-"emaonly") checkpoint;
+    `half_weights=True` keeps the linear, convolution and embedding weights in float16 for
+    float32 arithmetic (ldm/half_weights.py: half the memory), and needs dtype float32."""
+    if half_weights and dtype != torch.float32:
+        raise ValueError(f"half_weights computes in float32; dtype is {dtype}")
     path = Path(path)
     if not path.exists():
         raise LoadError(f"{path}: no such file or folder")
@@ -498,8 +506,8 @@ def load(path, device="cpu", dtype=torch.float32, ema: bool = False) -> StableDi
         if ema:
             raise LoadError(f"{path}: a diffusers folder holds one U-Net and no separate EMA copy; EMA weights "
                             "come from a full CompVis file (leave out --ema)")
-        return _load_diffusers_folder(path, device, dtype)
-    return _load_single_file(path, device, dtype, ema)
+        return _load_diffusers_folder(path, device, dtype, half_weights)
+    return _load_single_file(path, device, dtype, ema, half_weights)
 
 
 # ----------------------------------------------------------------------------- saving

@@ -62,7 +62,9 @@ class StableDiffusion(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        """The dtype the networks compute in: that of the U-Net's last normalization weight, which
+        keeps it even where the large weights are stored in float16 (ldm/half_weights.py)."""
+        return self.unet.out[0].weight.dtype
 
     def _apply(self, fn, *args, **kwargs):
         # keep the schedule on the same device as the buffers (used by samplers and training)
