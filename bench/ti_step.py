@@ -17,6 +17,9 @@ CUDA also SD v1.5 at 512 px with batch 4, the recipe's own size.
 With --precision bf16 both sides keep their frozen weights in bfloat16, as the example does with
 --mixed_precision bf16 (it casts the U-Net and the VAE, keeps the text encoder in fp32 and runs
 it under autocast); ours casts the text encoder too, since its learned vector lives apart in fp32.
+With --half-weights our side keeps its linear, convolution and embedding weights in fp16 and
+computes in fp32 (invert.py --half-weights: the same random weights, rounded to fp16), while the
+reference keeps its weights in fp32.
 Prints the median seconds per step, the peak resident memory while training (sampled during the steps,
 so each side's different setup is not counted), that peak less the model weights and the
 interpreter's own memory (what the training itself costs), and our/reference ratios. On CUDA the

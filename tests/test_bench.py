@@ -9,16 +9,18 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("precision, repeats, checkpointing", [("fp32", 2, False), ("bf16", 1, False),
-                                                              ("fp32", 1, True)])
-def test_tiny_bench_row(precision, repeats, checkpointing):
+@pytest.mark.parametrize("precision, repeats, checkpointing, half", [("fp32", 2, False, False), ("bf16", 1, False, False),
+                                                                    ("fp32", 1, True, False), ("fp32", 1, False, True)])
+def test_tiny_bench_row(precision, repeats, checkpointing, half):
     pytest.importorskip("diffusers")
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "ti_step.py"), "--only", "tiny", "--steps", "1",
                           "--precision", precision, "--repeats", str(repeats)]
-                         + ["--gradient-checkpointing"] * checkpointing, capture_output=True, text=True, timeout=600)
+                         + ["--gradient-checkpointing"] * checkpointing + ["--half-weights"] * half,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"frozen weights in {precision}" in out.stdout
     assert ("gradient checkpointing on both sides" in out.stdout) == checkpointing
+    assert ("ours stored in fp16 (--half-weights)" in out.stdout) == half
     row, unet = [l for l in out.stdout.splitlines() if l.startswith("| tiny |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 11

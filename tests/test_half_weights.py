@@ -126,6 +126,13 @@ def test_load_reads_straight_into_fp16(fp16_ckpt):
         ldm.load(fp16_ckpt, dtype=torch.bfloat16, half_weights=True)
 
 
+def spy_on_half_layers(monkeypatch) -> list:
+    """A list that each fp16-weight convolution appends to when it runs."""
+    used, forward = [], HalfConv2d.forward
+    monkeypatch.setattr(HalfConv2d, "forward", lambda self, x: used.append(1) or forward(self, x))
+    return used
+
+
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("imgs")
@@ -137,25 +144,32 @@ def image_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("method, learned", [("ti", "learned_embeds.safetensors"), ("neti", "neti_mapper.safetensors"),
                                              ("hiper", "hiper_tail.safetensors")])
-def test_invert_learns_the_same_numbers_from_an_fp16_file(fp16_ckpt, image_folder, tmp_path, capsys, method, learned):
+def test_invert_learns_the_same_numbers_from_an_fp16_file(fp16_ckpt, image_folder, tmp_path, capsys, monkeypatch,
+                                                          method, learned):
     data = (["--image", str(image_folder / "0.png"), "--source", "a toy"] if method == "hiper"
             else ["--images", str(image_folder), "--placeholder", "<toy>", "--init-word", "toy"])
     base = ["--method", method, "--ckpt", str(fp16_ckpt), *data, "--batch", "2", "--steps", "2"]
+    used = spy_on_half_layers(monkeypatch)
     files = {}
     for flag in ([], ["--half-weights"]):
         out = tmp_path / ("half" if flag else "plain")
+        used.clear()
         assert run(invert.main, base + flag + ["--out", str(out)], prog="invert.py") == 0, capsys.readouterr().err
+        assert bool(used) == bool(flag)  # the flag reached the model
         files[bool(flag)] = load_file(out / learned)
     assert files[True].keys() == files[False].keys()
     assert all(torch.equal(files[True][k], files[False][k]) for k in files[False])
 
 
-def test_sample_draws_the_same_image_from_an_fp16_file(fp16_ckpt, tmp_path):
+def test_sample_draws_the_same_image_from_an_fp16_file(fp16_ckpt, tmp_path, monkeypatch):
+    used = spy_on_half_layers(monkeypatch)
     pixels = {}
     for flag in ([], ["--half-weights"]):
         out = tmp_path / ("half" if flag else "plain")
+        used.clear()
         assert sample.main(["--ckpt", str(fp16_ckpt), "--prompt", "a toy", "--n", "1", "--steps", "2",
                             "--out", str(out)] + flag) == 0
+        assert bool(used) == bool(flag)
         pixels[bool(flag)] = np.asarray(Image.open(out / "00000-0.png"))
     assert np.array_equal(pixels[True], pixels[False])
 
