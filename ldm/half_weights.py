@@ -138,8 +138,8 @@ def keep_weights_in_fp16(model: nn.Module) -> nn.Module:
     parameters; nothing else changes). The model must compute in float32 and its weights must be
     frozen: the layers give no gradient for their weights."""
     for name, module in _layers(model):
-        if module.weight.requires_grad:
-            raise ValueError(f"{name or 'the model'}: half weights are for frozen layers; its weight requires grad")
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            raise ValueError(f"{name or 'the model'}: half weights are for frozen layers; its weights require grad")
         if module.weight.dtype not in (torch.float32, STORAGE_DTYPE):
             raise ValueError(f"{name or 'the model'}: half weights compute in float32; its weight is "
                              f"{module.weight.dtype}")

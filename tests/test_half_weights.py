@@ -102,9 +102,13 @@ def test_matrix_product_convolution_keeps_its_path_and_gradient(monkeypatch):
         torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-6, atol=1e-7)
 
 
-def test_refuses_trainable_or_non_float32_weights(model):
+def test_refuses_trainable_or_non_float32_weights():
     with pytest.raises(ValueError, match="frozen"):
         keep_weights_in_fp16(torch.nn.Linear(4, 4))
+    trainable_bias = torch.nn.Linear(4, 4)
+    trainable_bias.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):  # its gradient would be lost
+        keep_weights_in_fp16(trainable_bias)
     with pytest.raises(ValueError, match="float32"):
         keep_weights_in_fp16(torch.nn.Linear(4, 4).to(torch.bfloat16).requires_grad_(False))
 
