@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 from torch import Tensor
 
@@ -511,8 +511,11 @@ def _read_text(d: dict) -> CLIPTextConfig:
 
 def read_scheduler_config(d: dict) -> ScheduleConfig:
     """diffusers `scheduler/scheduler_config.json` -> ScheduleConfig (the training noise schedule)."""
-    if d.get("beta_schedule", "scaled_linear") != "scaled_linear" or d.get("trained_betas") is not None:
-        raise ValueError(f"scheduler beta_schedule {d.get('beta_schedule')!r} is not SD v1's 'scaled_linear'")
+    if d.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise ValueError(f"scheduler beta_schedule {d['beta_schedule']!r} is not SD v1's 'scaled_linear'")
+    if d.get("trained_betas") is not None:
+        raise ValueError("scheduler trained_betas are given: SD v1's noise schedule is 'scaled_linear', "
+                         "from beta_start and beta_end")
     if d.get("prediction_type", "epsilon") != "epsilon":
         raise ValueError(f"scheduler prediction_type {d['prediction_type']!r} {_SD2_HINT} (v-prediction); "
                          f"SD v1 predicts epsilon")
@@ -531,11 +534,13 @@ def write_scheduler_config(schedule: ScheduleConfig) -> dict:
             "prediction_type": "epsilon", "timestep_spacing": "leading", "trained_betas": None}
 
 
-def write_pipeline_files(tokenizer) -> dict[str, str]:
+def write_pipeline_files(tokenizer, added_words: Optional[dict] = None) -> dict[str, str]:
     """What makes a diffusers folder open as `StableDiffusionPipeline.from_pretrained(folder)`,
     besides the three models: {path in the folder: text}. The tokenizer files are CLIP's BPE in
-    transformers' form (`vocab.json`: token -> id; `merges.txt`: the merges in rank order); SD v1
-    pads with the end token. The safety checker and its feature extractor are left out (null)."""
+    transformers' form (`vocab.json`: token -> id; `merges.txt`: the merges in rank order), and
+    `added_tokens.json` ({word: id}) for words whose rows a training run added to the token
+    table; SD v1 pads with the end token. The safety checker and its feature extractor are left
+    out (null)."""
     merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
     end = "<|endoftext|>"
     special = {"bos_token": "<|startoftext|>", "eos_token": end, "unk_token": end, "pad_token": end}
@@ -552,6 +557,7 @@ def write_pipeline_files(tokenizer) -> dict[str, str]:
                                             "add_prefix_space": False, **special},
         "tokenizer/special_tokens_map.json": special,
         "tokenizer/vocab.json": tokenizer.encoder,
+        **({"tokenizer/added_tokens.json": added_words} if added_words else {}),
     }
     out = {name: json.dumps(value, indent=2, ensure_ascii=False) for name, value in files.items()}
     out["tokenizer/merges.txt"] = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)

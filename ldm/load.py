@@ -29,11 +29,13 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ldm import convert
+from clip.config import CLIPTextConfig
 from ldm.config import ModelConfig
 from ldm.half_weights import STORAGE_DTYPE, half_weight_names, keep_weights_in_fp16
 from ldm.model import StableDiffusion
 
 CONFIG_METADATA_KEY = "ldm_config"   # our single files carry their ModelConfig as JSON here
+ADDED_TOKENS_METADATA_KEY = "added_tokens"  # ... and the names of words added to the token table: {word: id}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # PyTorch's own files, read with weights_only=True
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
@@ -175,8 +177,9 @@ def _read_pickle(path: Path) -> Tuple[dict, Dict[str, str]]:
                             "convert it to .safetensors with a tool you trust") from None
         raise LoadError(unreadable(path, "a PyTorch checkpoint", e)) from None
     metadata = {}
-    if isinstance(obj, dict) and isinstance(obj.get(CONFIG_METADATA_KEY), str):
-        metadata[CONFIG_METADATA_KEY] = obj[CONFIG_METADATA_KEY]
+    for key in (CONFIG_METADATA_KEY, ADDED_TOKENS_METADATA_KEY):
+        if isinstance(obj, dict) and isinstance(obj.get(key), str):
+            metadata[key] = obj[key]
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -370,7 +373,11 @@ def _load_single_file(path: Path, device, dtype, ema: bool, half_weights: bool =
         sd = {k[len("module."):]: v for k, v in sd.items()}
     sd = convert.compvis_text_level({k: v for k, v in sd.items() if torch.is_tensor(v)})
     if CONFIG_METADATA_KEY in metadata:
-        config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        try:
+            config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        except (ValueError, TypeError) as e:  # bad JSON, or fields of another version
+            raise LoadError(f"{path}: its '{CONFIG_METADATA_KEY}' metadata is not a configuration this version "
+                            f"reads ({e})") from None
     else:
         hint = describe_wrong_file(sd.keys(), {k: tuple(v.shape) for k, v in sd.items()})
         if hint:
@@ -378,7 +385,15 @@ def _load_single_file(path: Path, device, dtype, ema: bool, half_weights: bool =
         config = ModelConfig()  # the public SD v1.x files carry no configuration: they are all this size
     if ema:
         _take_ema(sd)
-    return _build(config, sd, str(path), device, dtype, half_weights)
+    model = _build(config, sd, str(path), device, dtype, half_weights)
+    if config.text.vocab_size > len(model.tokenizer.encoder):  # a table grown by a training run
+        try:
+            named = json.loads(metadata.get(ADDED_TOKENS_METADATA_KEY, "{}"))
+            added = {int(i): str(word) for word, i in named.items()}
+        except (ValueError, TypeError, AttributeError) as e:
+            raise LoadError(f"{path}: its '{ADDED_TOKENS_METADATA_KEY}' metadata is not {{word: id}} ({e})") from None
+        _register_added_tokens(model, added, str(path))
+    return model
 
 
 def _read_json(path: Path) -> dict:
@@ -412,15 +427,19 @@ def _added_tokens(tokenizer_folder: Path) -> Dict[int, str]:
     return found
 
 
-def _register_added_tokens(model: StableDiffusion, folder: Path) -> None:
-    """Give the words a training run added (ids past the BPE vocabulary, rows of the text encoder's
-    own table) to our tokenizer, in the same order, so that they get the same ids."""
+def _register_added_tokens(model: StableDiffusion, added: Dict[int, str], where: str) -> None:
+    """Give the words a training run added ({id: word}, ids past the BPE vocabulary, rows of the
+    text encoder's own table) to our tokenizer, in the same order, so that they get the same ids."""
     tokenizer = model.tokenizer
     base = len(tokenizer.encoder)          # 49408: the BPE vocabulary and its two special tokens
     rows = model.config.text.vocab_size
-    added = {i: w for i, w in _added_tokens(folder / "tokenizer").items() if base <= i < rows}
+    added = {i: w for i, w in added.items() if base <= i < rows}
+    if not added:
+        raise LoadError(f"{where}: its token table has {rows - base} rows past CLIP's vocabulary (words added by "
+                        "a training run) and nothing names them; load the file that names them, or the learned "
+                        "embedding")
     if sorted(added) != list(range(base, base + len(added))):
-        raise LoadError(f"{folder}: its tokenizer's added words have ids {sorted(added)}; expected "
+        raise LoadError(f"{where}: its tokenizer's added words have ids {sorted(added)}; expected "
                         f"{base}, {base + 1}, ... in order")
     for i in sorted(added):
         tokenizer.add_token(added[i])
@@ -485,7 +504,7 @@ def _load_diffusers_folder(folder: Path, device, dtype, half_weights: bool = Fal
         sd.update({prefix + k: v for k, v in renamed.items()})
     model = _build(config, sd, str(folder), device, dtype, half_weights)
     if config.text.vocab_size > len(model.tokenizer.encoder):  # a table grown by a training run
-        _register_added_tokens(model, folder)
+        _register_added_tokens(model, _added_tokens(folder / "tokenizer"), str(folder))
     return model
 
 
@@ -602,6 +621,15 @@ def _cast(sd: Dict[str, torch.Tensor], dtype) -> Dict[str, torch.Tensor]:
             .detach().cpu().contiguous() for k, v in sd.items()}
 
 
+def _added_words(model: StableDiffusion) -> Dict[str, int]:
+    """{word: id} of the words whose rows a training run added to the token table ({} for SD's own
+    table), saved with the model so that a reload gives each row its word again."""
+    rows = model.config.text.vocab_size
+    if rows <= CLIPTextConfig().vocab_size:
+        return {}
+    return {word: i for word, i in model.tokenizer.added_tokens.items() if i < rows}
+
+
 def save(model: StableDiffusion, path, dtype: Optional[torch.dtype] = None,
          metadata: Optional[Dict[str, str]] = None) -> Path:
     """Save in the layout the path names: `x.safetensors` or `x.ckpt` (CompVis single file,
@@ -609,17 +637,20 @@ def save(model: StableDiffusion, path, dtype: Optional[torch.dtype] = None,
     `StableDiffusionPipeline.from_pretrained` opens, with the scheduler and tokenizer files)."""
     path = Path(path)
     sd = _cast(model.state_dict(), dtype)
+    added = _added_words(model)
+    described = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict()),
+                 **({ADDED_TOKENS_METADATA_KEY: json.dumps(added, ensure_ascii=False)} if added else {})}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict()), **(metadata or {})}
+        meta = {**described, **(metadata or {})}
         atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
     elif path.suffix in (".ckpt", ".pt"):
-        config = json.dumps(model.config.to_dict())
-        atomic_write(path, lambda tmp: torch.save({"state_dict": sd, CONFIG_METADATA_KEY: config}, tmp))
+        atomic_write(path, lambda tmp: torch.save({"state_dict": sd, **described}, tmp))
     elif path.suffix == "":
         _save_diffusers_folder(model, sd, path)
-    else:
-        raise LoadError(f"{path}: cannot save as '{path.suffix}'; use .safetensors, .ckpt or a folder name")
+    else:  # "sd-v1.5" too: a folder's name has no suffix here, so that "x.safetensor" is not taken for one
+        raise LoadError(f"{path}: cannot save as '{path.suffix}'; use .safetensors, .ckpt or a folder name "
+                        "without a dot")
     return path
 
 
@@ -644,5 +675,5 @@ def _save_diffusers_folder(model: StableDiffusion, sd: Dict[str, torch.Tensor], 
         write_text(folder / part / "config.json", json.dumps(config_json, indent=2))
     write_text(folder / "scheduler" / "scheduler_config.json",
                json.dumps(convert.write_scheduler_config(cfg.schedule), indent=2))
-    for name, text in convert.write_pipeline_files(model.tokenizer).items():
+    for name, text in convert.write_pipeline_files(model.tokenizer, _added_words(model)).items():
         write_text(folder / name, text)

@@ -114,6 +114,8 @@ def guided_denoiser(unet: Callable[[Tensor, Tensor, Context], Tensor], cond: Con
 def _randn_like(x: Tensor, generator: Generators) -> Tensor:
     """Standard normal noise shaped like x, float32, drawn on the generator's device."""
     if isinstance(generator, (list, tuple)):  # one generator per image: (1, ...) each, stacked
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}: give one per image")
         return torch.cat([_randn_like(x[i:i + 1], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else torch.device("cpu")
     noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)

@@ -277,6 +277,11 @@ def test_write_sd15_configs_matches_the_hub_files_and_round_trips():
     assert read_diffusers_configs(unet, vae, text) == ModelConfig()
     assert read_scheduler_config(write_scheduler_config(ModelConfig().schedule)) == ModelConfig().schedule
     assert write_scheduler_config(ModelConfig().schedule) == DIFFUSERS["configs"]["scheduler"]
+    # another schedule is named for what it is
+    for key, value, says in (("beta_schedule", "linear", "beta_schedule 'linear' is not SD v1's"),
+                             ("trained_betas", [0.1] * 1000, "trained_betas are given")):
+        with pytest.raises(ValueError, match=says):
+            read_scheduler_config({**write_scheduler_config(ModelConfig().schedule), key: value})
 
 
 def test_attention_head_dim_list_and_nested_clip_config():

@@ -107,6 +107,17 @@ def test_pipeline_saved_after_textual_inversion_keeps_its_word(model, tmp_path):
     save_file(sd, tmp_path / "single.safetensors", metadata={"ldm_config": json.dumps(model.config.to_dict())})
     with pytest.raises(ldm.LoadError, match="token table of 49,409 rows, 1 more than this model's"):
         ldm.load(tmp_path / "single.safetensors")
+    # saved again by us, in each layout, the row keeps its word; diffusers reads it from our folder
+    for name in ("again.safetensors", "again.ckpt", "again"):
+        again = ldm.load(ldm.save(loaded, tmp_path / name))
+        assert again.tokenizer.added_tokens == {"<cat-toy>": 49408}, name
+        assert torch.equal(again.tokenizer(prompt), ids)
+    reopened = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "again")
+    assert reopened.tokenizer(prompt, padding="max_length", max_length=77).input_ids == ids.tolist()
+    # a file whose configuration has the extra row but nothing to name it is refused in one line
+    save_file(sd, tmp_path / "unnamed.safetensors", metadata={"ldm_config": json.dumps(loaded.config.to_dict())})
+    with pytest.raises(ldm.LoadError, match="1 rows past CLIP's vocabulary .* nothing names them"):
+        ldm.load(tmp_path / "unnamed.safetensors")
 
 
 def compvis_file_with(model, tmp_path, edit, name="edited.safetensors"):
@@ -477,3 +488,13 @@ def test_a_diffusers_folders_json_is_read_as_utf8_whatever_the_locale(tmp_path):
     from ldm.load import _added_tokens
     with pytest.raises(LoadError, match="is not valid JSON"):
         _added_tokens(tokenizer)
+
+
+@pytest.mark.parametrize("config", ["{not json", json.dumps({"unet": {"use_linear_projection": True}})])
+def test_a_configuration_this_version_cannot_read_is_one_error(model, tmp_path, config):
+    """Our single files carry their configuration as JSON: bad JSON, or fields of another version,
+    are a LoadError (one line at the command line), not a traceback."""
+    path = tmp_path / "odd.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata={"ldm_config": config})
+    with pytest.raises(ldm.LoadError, match="its 'ldm_config' metadata is not a configuration this version reads"):
+        ldm.load(path)

@@ -64,7 +64,7 @@ def test_same_seed_same_image_whatever_the_batch(ckpt, tmp_path, sampler):
 
 def test_same_seed_same_image_on_the_default_device(ckpt, tmp_path):
     # On a GPU the kernels picked for a batch of 2 and of 1 differ in rounding (and the weights
-    # are bfloat16 there), so a pixel may move by a level or two, never the picture.
+    # are float16 there), so a pixel may move by a level or two, never the picture.
     in_batch, alone, other = batch_of_two_and_one(ckpt, tmp_path, "auto")
     assert np.abs(in_batch - alone).max() <= 2
     assert np.abs(in_batch - other).max() > 2

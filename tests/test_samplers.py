@@ -369,3 +369,9 @@ def test_progress_and_generator_reproducibility(schedule):
     assert wrapped == [10, 20] and torch.equal(d, e)
     with pytest.raises(ValueError):
         ddim_sample(denoiser, x_T, schedule, num_steps=10, eta=-0.1)
+    # one generator per image, or one for the whole batch: a list of another length is refused
+    gens = lambda n: [torch.Generator().manual_seed(i) for i in range(n)]  # noqa: E731
+    assert ddim_sample(denoiser, x_T, schedule, num_steps=3, eta=1.0, generator=gens(B)).shape == x_T.shape
+    for n in (1, B + 1):
+        with pytest.raises(ValueError, match=f"{n} generators for a batch of {B}: give one per image"):
+            ddim_sample(denoiser, x_T, schedule, num_steps=3, eta=1.0, generator=gens(n))
