@@ -267,8 +267,13 @@ def train(trainer, learned_file: Path, **callbacks) -> bool:
     except TrainingError as e:
         raise CLIError(str(e)) from None
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {trainer.step}: saved {learned_file} and {trainer.checkpoint_path} "
-              "(continue with --resume)", file=sys.stderr)
+        if trainer.step >= trainer.cfg.steps:  # in the last validation grid: the training itself is done
+            print(f"\ninterrupted after the last step, {trainer.step}: saved {learned_file} and "
+                  f"{trainer.checkpoint_path}; the training is complete, its last validation grid was not drawn",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted at step {trainer.step}: saved {learned_file} and {trainer.checkpoint_path} "
+                  "(continue with --resume)", file=sys.stderr)
         return False
 
 
@@ -347,16 +352,16 @@ def main(argv=None) -> int:
 def write_validation_grid(model, trainer, prompts, path: Path, tiny: bool) -> None:
     """The validation prompts, each with the active vectors of the word, one image each."""
     from ldm.generate import save_prompt_row
-    word = " ".join(trainer.learned.expand(trainer.cfg.placeholder).split()[: trainer.active])  # the active vectors
-    save_prompt_row(model, [p.replace(trainer.cfg.placeholder, word) for p in prompts], path,
+    word = trainer.saved_word()  # the active vectors
+    save_prompt_row(model, [word.expand(p) for p in prompts], path,
                     steps=trainer.cfg.sample_steps if tiny else 30, upscale=4 if tiny else 1,
-                    new_embeddings=trainer.learned.mapping())
+                    new_embeddings=word.mapping())
 
 
 def report_tiny_scores(model, trainer, concept: str, placeholder: str) -> None:
     from tinyworld.concepts import evaluate_word, scores_line
     t = time.time()
-    scores = evaluate_word(model, concept, placeholder, n=64, learned=trainer.learned)
+    scores = evaluate_word(model, concept, placeholder, n=64, learned=trainer.saved_word())
     print(scores_line(placeholder, concept, scores, time.time() - t))
 
 

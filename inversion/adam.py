@@ -69,7 +69,7 @@ class AdamW:
         """Our state_dict, or torch.optim.Adam/AdamW's for the same parameters."""
         groups = state_dict["param_groups"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
-            raise ValueError(f"optimizer state for {sum(len(g['params']) for g in groups)} tensors, "
+            raise RuntimeError(f"optimizer state for {sum(len(g['params']) for g in groups)} tensors, "
                              f"this run learns {len(self.params)}")
         order = groups[0]["params"]  # the ids torch gave the tensors, in our order
         self.state = {}

@@ -443,8 +443,8 @@ class NeTI:
                 return None
             loss.backward()
             total += loss.item()
-        self.step += 1
         self.optimizer.step()
+        self.step += 1  # counted once its update is made (see TextualInversion.gradient_step)
         return total
 
     # ------------------------------------------------------------------ state

@@ -190,8 +190,12 @@ class TextualInversion:
         Adam counts steps from the first: a row that joins late starts with zero moments but
         bias corrections of ≈ 1, and moves 3 to 6 times as far in its first 50 steps as under a
         fresh Adam (2× after 200 steps, on random gradients)."""
-        if self.cfg.progressive_every and self.active < self.cfg.num_vectors \
-                and self.step > 0 and self.step % self.cfg.progressive_every == 0:
+        if not self.cfg.progressive_every:
+            return
+        # How many the step calls for (1, then one more every K steps), not "one more now": a step
+        # that a Ctrl-C cut short after its vector was added must not add another when resumed.
+        wanted = min(self.cfg.num_vectors, 1 + self.step // self.cfg.progressive_every)
+        while self.active < wanted:
             with torch.no_grad():
                 self.learned.vectors[0][self.active] = self.init_vector
             self.active += 1
@@ -202,21 +206,31 @@ class TextualInversion:
         return self.gradient_step()
 
     def gradient_step(self) -> Optional[float]:
-        """One optimizer step on one batch's loss; a non-finite loss skips the step with a warning."""
+        """One optimizer step on one batch's loss; a non-finite loss skips the step with a warning.
+        The step is counted once its update is made: a Ctrl-C during the backward pass saves the
+        previous step's state under the previous step's number, and a resumed run redoes it."""
         loss = self.loss(self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
         if not torch.isfinite(loss):
+            self.step += 1
             self.log(f"warning: step {self.step}: loss is {loss.item()}, step skipped")
             return None
         loss.backward()
         self.optimizer.step()
+        self.step += 1
         return loss.item()
 
     # ------------------------------------------------------------------ state
     def embedding(self) -> torch.Tensor:
         """The learned word: (active, D), fp32, on the CPU."""
         return self.learned.vectors[0][: self.active].detach().float().cpu().clone()
+
+    def saved_word(self) -> LearnedEmbeddings:
+        """The word as its files hold it, to sample or score with: its active vectors only (a
+        progressive run stopped early has fewer than --num-vectors), without per-image tokens."""
+        word = LearnedEmbeddings(self.model.tokenizer)
+        word.add(self.cfg.placeholder, self.embedding())
+        return word.to(self.model.device)
 
     def settings(self) -> str:
         """The settings a resumed run must share (it may run longer, or save and sample differently)."""

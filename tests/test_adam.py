@@ -67,5 +67,5 @@ def test_a_checkpoint_resumes_under_either():
 
 def test_state_for_other_tensors_is_refused():
     opt = AdamW(params(), lr=0.1)
-    with pytest.raises(ValueError, match="optimizer state for 1 tensors, this run learns 2"):
+    with pytest.raises(RuntimeError, match="optimizer state for 1 tensors, this run learns 2"):
         opt.load_state_dict({"state": {}, "param_groups": [{"params": [0]}]})

@@ -454,6 +454,21 @@ def test_ctrl_c_in_each_method_names_what_it_saved_and_resume_finishes(ckpt, ima
     assert rc == 0 and "resuming at step 2" in cap.out, cap.err
 
 
+def test_ctrl_c_in_the_last_validation_grid_says_the_training_is_complete(ckpt, images, tmp_path, capsys,
+                                                                         monkeypatch):
+    """After the last step only the validation grid is left: a Ctrl-C there does not send the
+    user to --resume, which has nothing left to train."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(invert, "write_validation_grid", interrupted)
+    rc, cap = call(["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>", "--init-word", "toy",
+                    "--steps", "2", "--batch", "1", "--out", str(tmp_path)], capsys)
+    last = cap.err.strip().splitlines()[-1]
+    assert rc == 130 and last.startswith("interrupted after the last step, 2: saved "), cap.err
+    assert last.endswith("the training is complete, its last validation grid was not drawn")
+    assert (tmp_path / "learned_embeds.safetensors").is_file()
+
+
 @pytest.mark.parametrize("method", ["ti", "neti", "hiper"])
 def test_a_step_that_makes_the_values_nan_stops_in_one_line_and_saves_nothing(ckpt, images, tmp_path, capsys,
                                                                               monkeypatch, method):
@@ -493,7 +508,7 @@ def test_an_empty_value_is_refused_not_taken_as_the_default_or_the_current_folde
 
 
 @pytest.mark.parametrize("method", ["ti", "neti", "hiper"])
-@pytest.mark.parametrize("alter", ["no optimizer", "wrong shape"])
+@pytest.mark.parametrize("alter", ["no optimizer", "wrong shape", "optimizer of more tensors"])
 def test_an_altered_checkpoint_on_resume_is_one_line(ckpt, images, tmp_path, capsys, method, alter):
     data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
             else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
@@ -503,6 +518,8 @@ def test_an_altered_checkpoint_on_resume_is_one_line(ckpt, images, tmp_path, cap
     state = torch.load(path, weights_only=True)
     if alter == "no optimizer":
         del state["optimizer"]
+    elif alter == "optimizer of more tensors":
+        state["optimizer"]["param_groups"][0]["params"] += [99]
     else:
         learned = next(k for k in ("vectors", "mapper", "tail") if k in state)
         state[learned] = ([torch.zeros(7, 3)] if learned == "vectors" else

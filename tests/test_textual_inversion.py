@@ -142,6 +142,39 @@ def test_ctrl_c_saves_what_was_learned(model, images, tmp_path, monkeypatch):
     assert resumed.resume() and resumed.step == 4
 
 
+@pytest.mark.parametrize("interrupt_at", [3, 4])
+def test_ctrl_c_in_the_backward_pass_resumes_bit_identical(model, images, tmp_path, interrupt_at):
+    """A Ctrl-C in the middle of a step (here in its backward pass, the longest part) saves the
+    state of the steps before it, under their number, and the resumed run ends where an
+    uninterrupted one does, also where the step had just added a progressive vector (step 4)."""
+    kw = dict(steps=6, num_vectors=4, progressive_every=2)  # a vector added at steps 2 and 4: 3 at the end
+    full = make(model, images, tmp_path / "full", **kw)
+    full.run(progress=False)
+    cut = make(model, images, tmp_path / "cut", **kw)
+    hook = cut.learned.vectors[0].register_hook(
+        lambda grad: (_ for _ in ()).throw(KeyboardInterrupt()) if cut.step == interrupt_at else grad)
+    with pytest.raises(KeyboardInterrupt):
+        cut.run(progress=False)
+    hook.remove()
+    assert cut.step == interrupt_at and len(cut.losses) == interrupt_at  # the cut step is not counted
+    resumed = make(model, images, tmp_path / "cut", **kw)
+    assert resumed.resume() and resumed.step == interrupt_at
+    resumed.run(progress=False)
+    assert resumed.active == full.active == 3
+    assert torch.equal(resumed.embedding(), full.embedding()) and resumed.losses == full.losses
+
+
+def test_the_saved_word_has_the_active_vectors_only(model, images, tmp_path):
+    """A progressive run stopped before its last vector: the word it samples and scores with is
+    the one its files hold, without the rows not yet added nor the per-image tokens."""
+    t = make(model, images, tmp_path, steps=3, num_vectors=3, progressive_every=2, per_image_tokens=True)
+    t.run(progress=False)
+    word = t.saved_word()
+    assert t.active == 2 and word.words == ["<x>"] and torch.equal(word.vectors[0], t.embedding())
+    assert word.expand("a photo of a <x>") == "a photo of a <x> <x>_1"
+    assert set(word.mapping()) == set(t.learned.token_ids("<x>")[:2])
+
+
 def test_the_cached_posteriors_and_a_training_batch_carry_no_graph(model, images):
     """encode_images runs once, without gradients even on a model that would take them; a batch
     drawn from it is the same for the same generator seed."""

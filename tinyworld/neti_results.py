@@ -98,7 +98,7 @@ def train_on(trainer, steps: int) -> None:
 def score_ti(model, trainer, concept: str, n: int, sample_steps: int, seed: int) -> Scores:
     from tinyworld.concepts import evaluate_word
     return evaluate_word(model, concept, trainer.cfg.placeholder, n=n, steps=sample_steps, seed=seed,
-                         learned=trainer.learned)
+                         learned=trainer.saved_word())
 
 
 def score_neti(model, trainer, concept: str, n: int, sample_steps: int, seed: int,

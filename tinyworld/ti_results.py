@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                             **({"lr": args.lr} if args.lr else {}), **overrides)
             seconds += time.time() - t
             runs.append(evaluate_word(model, concept, trainer.cfg.placeholder, n=args.n, steps=args.sample_steps,
-                                      scale=args.scale, seed=seed, learned=trainer.learned))
+                                      scale=args.scale, seed=seed, learned=trainer.saved_word()))
         row(concept, label, runs, f"{seconds / len(seeds):.0f} s")
     return 0
 
