@@ -294,3 +294,16 @@ def test_the_autoencoder_column_reads_the_round_trip(ckpt):
         return z * (1 - mask) + mean * mask
     model.first_stage_model = _RoundTrip(flat)
     assert [hiper_eval.autoencoder_keeps(model, t, n=8) for t in hiper_eval.CEILING_TEXTURES] == [0.0, 0.0]
+
+
+def test_the_evaluation_refuses_a_tail_its_prompts_leave_no_room_for(ckpt, capsys):
+    """hiper_eval's source and edit prompts are up to 14 tokens: a tail of more than 63 rows
+    would cut them (or fail after the training); refused first, in one line."""
+    from ldm.cli import run
+    from tinyworld import hiper_eval
+    assert hiper_eval.longest_prompt(20, 0) == 14
+    for tail in (64, 70):
+        rc = run(hiper_eval.main, ["--ckpt", str(ckpt), "--n", "1", "--steps", "1", "--no-ti", "--tail", str(tail)],
+                 prog="x")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "a tail of at most 63 rows fits" in err[0], err

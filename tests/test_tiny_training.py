@@ -135,6 +135,7 @@ def test_max_timestep_trains_on_the_low_noise_steps_only(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["not a model", "wrong size", "max timestep", "anchor", "anchor without init",
+                                  "decoder lr without decoder steps",
                                   "minutes", "device", "out suffix", "out is init", "out is init, linked",
                                   "init missing", "out folder not new",
                                   "out under a file", "resume nothing", "run is a file"])
@@ -148,6 +149,7 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, cas
             "max timestep": ["--max-timestep", "1001"],
             "anchor": ["--anchor", "-1", "--init", str(write_random_checkpoint(tmp_path / "m32", image_size=32))],
             "anchor without init": ["--anchor", "2"],   # was ignored
+            "decoder lr without decoder steps": ["--decoder-lr", "1e-4"],  # was ignored
             "minutes": ["--minutes", "0"],
             "device": ["--device", "tpu"],
             # were found only after the training, or not at all

@@ -280,3 +280,12 @@ def test_analyzer_unknown_for_shapes_outside_the_world():
                                    fill=W.COLOR_RGB["green"])
         r = A.analyze(np.asarray(im.resize((32, 32), Image.BOX)))
         assert r["shape"] == A.UNKNOWN and r["color"] == "green", r
+
+
+def test_the_grid_tool_refuses_a_split_it_would_ignore(tmp_path, capsys):
+    """--concept draws held-out images; a --split given with it would be ignored: refused."""
+    from ldm.cli import run
+    grid = tmp_path / "g.png"
+    assert run(W.main, ["--concept", "ring", "--split", "eval", "-n", "2", "--grid", str(grid)], prog="w") == 2
+    assert "--split chooses the dataset's images" in capsys.readouterr().err and not grid.exists()
+    assert run(W.main, ["--concept", "ring", "-n", "2", "--grid", str(grid)], prog="w") == 0 and grid.exists()

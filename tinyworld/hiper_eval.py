@@ -57,6 +57,16 @@ def source_prompt(attrs: W.Attributes) -> str:
     return W.prompt(attrs, include=FULL)
 
 
+def longest_prompt(n: int, seed: int) -> int:
+    """Tokens (start and end included) of the longest source or target prompt of n sources:
+    HiPer's tail takes the rows after it."""
+    from clip.tokenizer import Tokenizer
+    tokenizer = Tokenizer()
+    prompts = [source_prompt(a) for i in range(n) for attrs, _, targets in [make_source(seed, i)]
+               for a in (attrs, *targets.values())]
+    return max(len(tokenizer.encode(p)) for p in prompts)
+
+
 def ti_prompt(attrs: W.Attributes, word: str = TI_WORD) -> str:
     return W.prompt(attrs, include=FULL, shape_word=word)
 
@@ -314,6 +324,10 @@ def main(argv=None) -> int:
         check_tail_size(args.tail)
     except HiPerError as e:
         raise CLIError(str(e)) from None
+    longest = longest_prompt(args.n, args.seed)
+    if longest > 77 - args.tail:  # HiPer's own rule (check_prompt), before any training
+        raise CLIError(f"--tail {args.tail}: the source and edit prompts are up to {longest} tokens with start and "
+                       f"end, so a tail of at most {77 - longest} rows fits after them")
     if not args.texture_ceiling:
         check_file_writable(args.grid, "--grid")
     if args.no_ti and given & {"ti_steps", "ti_batch"}:

@@ -12,7 +12,7 @@ TINY_DEFAULTS; NeTI: inversion.neti_cli.TINY_DEFAULTS; 8 images a step for both)
 scored on the same prompts and seeds (tinyworld.concepts):
   reconstruction: share of "a photo of a <x>"-style samples the analyzer reads as the concept;
   editability: share of "a small red <x> on the left on a black background"-style prompts whose
-      other attributes (size, color, position, background) are all honored;
+      other attributes (size, color, position, background; and the shape, for a texture) are all honored;
   edit & concept: share of those prompts that are honored and also read as the concept.
 
 Tables:

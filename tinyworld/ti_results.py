@@ -8,7 +8,7 @@ For each row, a word is learned from 5 rendered images of a held-out concept (a 
 texture the base model draws but has no word for), then scored:
   reconstruction: share of "a photo of a <x>"-style samples the analyzer reads as the concept;
   editability: share of "a small red <x> on the left on a black background"-style prompts whose
-      other attributes (size, color, position, background) are all honored.
+      other attributes (size, color, position, background; and the shape, for a texture) are all honored.
 The baseline row is the best ordinary word for the concept. The last two rows are not words:
 they learn the U-Net's whole context (77 x D) on the same images with the same loss, to show
 how much of the concept any conditioning learned this way gets across. Each score is a mean over

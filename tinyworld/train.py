@@ -34,7 +34,7 @@ batches on any device; only the arithmetic moves to `--device`.
 
 The sizes are chosen for a 2-core CPU: the U-Net has three levels (8×8, 4×4, 2×2) so that
 its bottleneck can tell left from right, and the text encoder is 64 wide, since its
-49,408-row token table is most of the model's size.
+49,408-row token table is most of the text encoder's size (and 28% of the model's).
 """
 from __future__ import annotations
 
@@ -404,6 +404,8 @@ def check_args(args, cfg: ModelConfig, given: set) -> str:
                 f"got {args.max_timestep}")
     if "anchor" in given and args.init is None:
         return "--anchor weighs a loss toward the --init model's latents; it needs --init"
+    if "decoder_lr" in given and not args.decoder_steps:
+        return "--decoder-lr is the learning rate of the decoder's own stage; it needs --decoder-steps"
     if not (math.isfinite(args.anchor) and args.anchor >= 0):
         return f"--anchor must be a number >= 0, got {args.anchor}"
     if not (args.minutes > 0 and args.vae_minutes >= 0):

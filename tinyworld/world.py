@@ -654,6 +654,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="draw one held-out concept instead")
     ap.add_argument("--scale", type=positive_int, default=4, help="each pixel drawn as scale x scale")
     args = ap.parse_args(argv)
+    if args.concept and "split" in ap.given_options(argv):
+        ap.error("--split chooses the dataset's images; --concept draws a held-out concept instead")
     check_file_writable(args.grid, "--grid")
     if args.concept:
         images, attrs = concept_images(args.concept, args.n, args.seed, return_attrs=True)
