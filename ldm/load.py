@@ -36,6 +36,7 @@ from ldm.model import StableDiffusion
 
 CONFIG_METADATA_KEY = "ldm_config"   # our single files carry their ModelConfig as JSON here
 ADDED_TOKENS_METADATA_KEY = "added_tokens"  # ... and the names of words added to the token table: {word: id}
+CLIP_VOCAB_SIZE = CLIPTextConfig().vocab_size  # 49408 rows: CLIP's BPE vocabulary with its start and end tokens
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # PyTorch's own files, read with weights_only=True
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
@@ -386,7 +387,7 @@ def _load_single_file(path: Path, device, dtype, ema: bool, half_weights: bool =
     if ema:
         _take_ema(sd)
     model = _build(config, sd, str(path), device, dtype, half_weights)
-    if config.text.vocab_size > len(model.tokenizer.encoder):  # a table grown by a training run
+    if config.text.vocab_size > CLIP_VOCAB_SIZE:  # a table grown by a training run
         try:
             named = json.loads(metadata.get(ADDED_TOKENS_METADATA_KEY, "{}"))
             added = {int(i): str(word) for word, i in named.items()}
@@ -503,7 +504,7 @@ def _load_diffusers_folder(folder: Path, device, dtype, half_weights: bool = Fal
             raise LoadError(f"{files[0]}: {e.args[0] if e.args else e}") from None
         sd.update({prefix + k: v for k, v in renamed.items()})
     model = _build(config, sd, str(folder), device, dtype, half_weights)
-    if config.text.vocab_size > len(model.tokenizer.encoder):  # a table grown by a training run
+    if config.text.vocab_size > CLIP_VOCAB_SIZE:  # a table grown by a training run
         _register_added_tokens(model, _added_tokens(folder / "tokenizer"), str(folder))
     return model
 
@@ -625,7 +626,7 @@ def _added_words(model: StableDiffusion) -> Dict[str, int]:
     """{word: id} of the words whose rows a training run added to the token table ({} for SD's own
     table), saved with the model so that a reload gives each row its word again."""
     rows = model.config.text.vocab_size
-    if rows <= CLIPTextConfig().vocab_size:
+    if rows <= CLIP_VOCAB_SIZE:
         return {}
     return {word: i for word, i in model.tokenizer.added_tokens.items() if i < rows}
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("precision, repeats, checkpointing, half", [("fp32", 2, False, False), ("bf16", 1, False, False),
-                                                                    ("fp32", 1, True, False), ("fp32", 1, False, True)])
+@pytest.mark.parametrize("precision, repeats, checkpointing, half", [
+    ("fp32", 2, False, False), ("bf16", 1, False, False), ("fp32", 1, True, False), ("fp32", 1, False, True)])
 def test_tiny_bench_row(precision, repeats, checkpointing, half):
     pytest.importorskip("diffusers")
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "ti_step.py"), "--only", "tiny", "--steps", "1",
