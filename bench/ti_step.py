@@ -20,11 +20,12 @@ it under autocast); ours casts the text encoder too, since its learned vector li
 With --half-weights our side keeps its linear, convolution and embedding weights in fp16 and
 computes in fp32 (invert.py --half-weights: the same random weights, rounded to fp16), while the
 reference keeps its weights in fp32.
-Prints the median seconds per step, the peak resident memory while training (sampled during the steps,
-so each side's different setup is not counted), that peak less the model weights and the
-interpreter's own memory (what the training itself costs), and our/reference ratios. On CUDA the
-memory columns are the peak GPU memory allocated during the steps (torch.cuda.max_memory_allocated),
-and that peak less the weights.
+Prints the median seconds per step, the peak resident memory while training (sampled from our
+encoding of the images, done once, through the steps, and during the reference's steps: the
+reference's setup, which builds it from our weights, is not counted), that peak less the model
+weights and the interpreter's own memory (what the training itself costs), and our/reference
+ratios. On CUDA the memory columns are the peak GPU memory allocated over the same span
+(torch.cuda.max_memory_allocated), and that peak less the weights.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def check_memory_meter(device) -> None:
 
 
 class CUDAPeak:
-    """Peak GPU memory allocated while training, in MB (the setup is not counted)."""
+    """Peak GPU memory allocated while training, in MB (the setup of the models is not counted)."""
 
     def __enter__(self):
         import torch
@@ -143,8 +144,8 @@ def step_shapes(name, model):
 
 
 class RSSSampler:
-    """Highest resident memory seen while training (sampled every 5 ms): the setup, which differs
-    between the two sides (the reference is built from our weights), is not counted."""
+    """Highest resident memory seen while training (sampled every 5 ms): the setup of the models,
+    which differs between the two sides (the reference is built from our weights), is not counted."""
 
     def __init__(self):
         import threading
@@ -177,10 +178,12 @@ def run_ours(name, steps, precision, device, checkpointing=False, half_weights=F
     images = torch.rand(c["n_images"], 3, c["resolution"], c["resolution"]) * 2 - 1
     cfg = TIConfig(placeholder="<x>", init_word="object", batch=c["batch"], steps=10 ** 6)
     out = tempfile.TemporaryDirectory(prefix="bench_ti_")  # the trainer's folder: nothing is saved in it here
-    trainer = TextualInversion(model, images, cfg, Path(out.name), ["a photo of a {}"], log=lambda s: None)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2 ** 20
     times = []
     with memory_meter(device) as memory:
+        # Building the trainer encodes the images once: the part of the reference's per-step
+        # work that ours does before its steps, so its memory is counted with the steps'.
+        trainer = TextualInversion(model, images, cfg, Path(out.name), ["a photo of a {}"], log=lambda s: None)
         for i in range(steps + 1):
             t = clock(device)
             trainer.train_step()
@@ -228,6 +231,7 @@ def run_reference(name, steps, precision, device, checkpointing=False):
     text.requires_grad_(False)
     embeddings.weight.requires_grad_(True)
     text.train()
+    unet.eval(), vae.eval()  # as from_pretrained gives them to the example
     if checkpointing:  # the example's --gradient_checkpointing
         unet.train()
         text.gradient_checkpointing_enable()
@@ -276,7 +280,13 @@ def child(side, name, steps, precision, device, checkpointing, half_weights):
     if side == "ours":
         import inversion.textual_inversion  # noqa: F401
     else:
-        import diffusers, transformers  # noqa: F401
+        import diffusers, transformers
+        import ldm.convert  # noqa: F401
+        # These load their classes on first use (about 100 MB): load them now, into the baseline.
+        for module, names in ((diffusers, ("UNet2DConditionModel", "AutoencoderKL", "DDPMScheduler")),
+                              (transformers, ("CLIPTextModel", "CLIPTextConfig")), (torch.optim, ("AdamW",))):
+            for class_name in names:
+                getattr(module, class_name)
     torch.manual_seed(0)
     baseline = current_rss_mb() if device == "cpu" else 0.0  # the interpreter and the libraries
     if side == "ours":

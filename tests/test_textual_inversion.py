@@ -194,6 +194,24 @@ def test_the_cached_posteriors_and_a_training_batch_carry_no_graph(model, images
     assert all(torch.equal(a, b) for a, b in zip((z_t, noise, t), again))
 
 
+def test_large_images_are_encoded_a_few_pixels_at_a_time(model, images, monkeypatch):
+    """The encoder's memory grows with its batch's pixels: images go at most 8 at a time and at
+    most ENCODE_BATCH_PIXELS at a time (at SD's 256 px, one by one: 8 of them in fp32 took
+    SD's encoder 1.3 GB), with the same posteriors."""
+    import inversion.textual_inversion as ti
+    batches, encode = [], model.vae.encode
+    monkeypatch.setattr(model.vae, "encode", lambda x: batches.append(len(x)) or encode(x))
+    five = torch.cat([images, images[:2].flip(-2)])  # 5 images of 16 px, and their 5 mirror images
+    means, stds = ti.encode_images(model, five)
+    assert batches == [8, 2]
+    assert max(1, min(ti.ENCODE_BATCH_IMAGES, ti.ENCODE_BATCH_PIXELS // (256 * 256))) == 1  # SD at 256 px
+    batches.clear()
+    monkeypatch.setattr(ti, "ENCODE_BATCH_PIXELS", 3 * 16 * 16)
+    fewer, _ = ti.encode_images(model, five)
+    assert batches == [3, 3, 3, 1]
+    torch.testing.assert_close(fewer, means, rtol=1e-5, atol=1e-6)
+
+
 def test_whole_context_learns_the_images_with_the_frozen_model(model, images):
     """The results tables' comparison row: the 77 × D context itself, learned with TI's loss."""
     import torch.nn.functional as F
