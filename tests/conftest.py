@@ -43,6 +43,19 @@ def _torch_threads_restored():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """A folder of three random 24×20 RGB PNGs: training images for the command-line tests
+    (one folder per test module, so that a module's changes to it stay there)."""
+    import numpy as np
+    from PIL import Image
+    folder = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return tiny_config()

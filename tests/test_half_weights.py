@@ -137,15 +137,6 @@ def spy_on_half_layers(monkeypatch) -> list:
     return used
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
-
-
 @pytest.mark.parametrize("method, learned", [("ti", "learned_embeds.safetensors"), ("neti", "neti_mapper.safetensors"),
                                              ("hiper", "hiper_tail.safetensors")])
 def test_invert_learns_the_same_numbers_from_an_fp16_file(fp16_ckpt, image_folder, tmp_path, capsys, monkeypatch,

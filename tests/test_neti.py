@@ -322,15 +322,6 @@ def test_save_and_load_round_trip(model, tmp_path):
 
 # ----------------------------------------------------------------------------- command lines
 
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
-
-
 def invert(argv, capsys):
     import invert as invert_py
     from ldm.cli import run
@@ -345,9 +336,9 @@ def sample(argv, capsys):
     return rc, capsys.readouterr()
 
 
-def test_invert_writes_a_mapper_that_sample_py_reads(ckpt, image_dir, tmp_path, capsys):
+def test_invert_writes_a_mapper_that_sample_py_reads(ckpt, image_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    rc, cap = invert(["--ckpt", str(ckpt), "--images", str(image_dir), "--placeholder", "<toy>", "--init-word", "toy",
+    rc, cap = invert(["--ckpt", str(ckpt), "--images", str(image_folder), "--placeholder", "<toy>", "--init-word", "toy",
                       "--steps", "2", "--batch", "2", "--out", str(out)], capsys)
     assert rc == 0, cap.err
     assert "effective lr = 0.001 x batch 2 x 1 = 0.002" in cap.out
@@ -359,7 +350,7 @@ def test_invert_writes_a_mapper_that_sample_py_reads(ckpt, image_dir, tmp_path, 
     assert len(meta["base_model_hash"]) == 16 and mapper.config.num_layers == 4
     assert meta["base_model"] == ckpt.name
 
-    rc, cap = invert(["--ckpt", str(ckpt), "--images", str(image_dir), "--placeholder", "<toy>", "--init-word", "toy",
+    rc, cap = invert(["--ckpt", str(ckpt), "--images", str(image_folder), "--placeholder", "<toy>", "--init-word", "toy",
                       "--steps", "3", "--batch", "2", "--out", str(out), "--resume"], capsys)
     assert rc == 0 and "resuming at step 2" in cap.out, cap.err
 
@@ -393,19 +384,19 @@ def test_default_run_learns_a_tiny_world_concept(ckpt, tmp_path, capsys):
     assert len(list((out / "train_images").glob("*.png"))) == 2
 
 
-def test_bad_input_gives_one_line_exit_2_and_no_files(ckpt, image_dir, tmp_path, capsys):
-    common = ["--ckpt", str(ckpt), "--images", str(image_dir), "--placeholder", "<toy>", "--init-word", "toy"]
+def test_bad_input_gives_one_line_exit_2_and_no_files(ckpt, image_folder, tmp_path, capsys):
+    common = ["--ckpt", str(ckpt), "--images", str(image_folder), "--placeholder", "<toy>", "--init-word", "toy"]
     for argv, message in [
         (common + ["--num-vectors", "2"], "--num-vectors is not an option of --method neti"),
-        (common + ["--image", str(image_dir)], "--image is not an option of --method neti"),
+        (common + ["--image", str(image_folder)], "--image is not an option of --method neti"),
         (common + ["--nested-dropout", "1.5"], "--nested-dropout"),
         (common + ["--sigma-t", "0"], "--sigma-t"),
         (common + ["--grad-accum", "0"], "--grad-accum"),
-        (["--ckpt", str(ckpt), "--images", str(image_dir), "--placeholder", "<a>", "--init-word", "gold fish tank"],
+        (["--ckpt", str(ckpt), "--images", str(image_folder), "--placeholder", "<a>", "--init-word", "gold fish tank"],
          "one token"),
-        (["--ckpt", str(ckpt), "--images", str(image_dir), "--placeholder", "cat", "--init-word", "toy"],
+        (["--ckpt", str(ckpt), "--images", str(image_folder), "--placeholder", "cat", "--init-word", "toy"],
          "already a word"),
-        (["--ckpt", str(ckpt), "--images", str(image_dir)], "--placeholder"),
+        (["--ckpt", str(ckpt), "--images", str(image_folder)], "--placeholder"),
         (common + ["--resume"], "--resume"),
     ]:
         out = tmp_path / "bad"
