@@ -308,7 +308,7 @@ def measure(side, name, steps, precision, device, checkpointing, half_weights):
 
 
 def main(argv=None):
-    from ldm.cli import CLIError, Parser, positive_int
+    from ldm.cli import CLIError, Parser, check_half_weights, positive_int
     p = Parser(prog="python bench/ti_step.py", description=__doc__.split("\n\n")[0],
                epilog="examples:\n" + __doc__.split("\n\n")[1])
     p.add_argument("--only", choices=list(CONFIGS), default=None,
@@ -334,8 +334,7 @@ def main(argv=None):
         child(args.child, args.only, args.steps, args.precision, args.device, args.gradient_checkpointing,
               args.half_weights)
         return
-    if args.half_weights and args.precision != "fp32":
-        raise CLIError("--half-weights keeps fp16 weights for fp32 arithmetic: leave out --precision")
+    check_half_weights(args.half_weights, args.precision, dtype_of(args.precision))  # as invert.py does
     import torch
     check_memory_meter(args.device)
     if args.device == "cuda":

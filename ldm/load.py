@@ -28,8 +28,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ldm import convert
 from clip.config import CLIPTextConfig
+from ldm import convert
 from ldm.config import ModelConfig
 from ldm.half_weights import STORAGE_DTYPE, half_weight_names, keep_weights_in_fp16
 from ldm.model import StableDiffusion

@@ -100,3 +100,13 @@ def test_memory_is_read_from_proc_on_linux_and_from_psutil_elsewhere(monkeypatch
     with pytest.raises(CLIError, match=r"needs psutil \(pip install psutil\)"):
         ti_step.main(["--only", "tiny", "--steps", "1"])
     ti_step.check_memory_meter("cuda")  # on a GPU the memory is CUDA's own count
+
+
+def test_half_weights_with_bf16_is_one_line():
+    """--half-weights keeps fp16 weights for fp32 arithmetic: with --precision bf16, refused as
+    invert.py refuses it, before anything runs."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "ti_step.py"), "--half-weights", "--precision", "bf16"],
+                         capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "add --precision fp32" in lines[0], out.stderr
+    assert out.stdout == ""
