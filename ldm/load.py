@@ -390,9 +390,9 @@ def _load_single_file(path: Path, device, dtype, ema: bool, half_weights: bool =
     if config.text.vocab_size > CLIP_VOCAB_SIZE:  # a table grown by a training run
         try:
             named = json.loads(metadata.get(ADDED_TOKENS_METADATA_KEY, "{}"))
-            added = {int(i): str(word) for word, i in named.items()}
-        except (ValueError, TypeError, AttributeError) as e:
+        except ValueError as e:
             raise LoadError(f"{path}: its '{ADDED_TOKENS_METADATA_KEY}' metadata is not {{word: id}} ({e})") from None
+        added = _ids_to_words(named, f"{path}: its '{ADDED_TOKENS_METADATA_KEY}' metadata")
         _register_added_tokens(model, added, str(path))
     return model
 
@@ -419,13 +419,25 @@ def _added_tokens(tokenizer_folder: Path) -> Dict[int, str]:
         if not path.is_file():
             continue
         data = _read_json(path)
-        if name == "tokenizer.json":
-            found.update({int(t["id"]): t["content"] for t in data.get("added_tokens", [])})
-        elif name == "added_tokens.json":
-            found.update({int(i): word for word, i in data.items()})
-        else:
-            found.update({int(i): t["content"] for i, t in data.get("added_tokens_decoder", {}).items()})
+        try:
+            if name == "tokenizer.json":
+                named = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+            elif name == "added_tokens.json":
+                named = data
+            else:
+                named = {t["content"]: i for i, t in data.get("added_tokens_decoder", {}).items()}
+        except (AttributeError, TypeError, KeyError) as e:  # not the layout the tokenizer files have
+            raise LoadError(f"{path}: its added tokens are not in the layout tokenizers write ({e!r})") from None
+        found.update(_ids_to_words(named, str(path)))
     return found
+
+
+def _ids_to_words(named, where: str) -> Dict[int, str]:
+    """{word: id}, as tokenizer files and our single files record added words -> {id: word}."""
+    try:
+        return {int(i): str(word) for word, i in named.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise LoadError(f"{where} is not {{word: id}} with integer ids ({e})") from None
 
 
 def _register_added_tokens(model: StableDiffusion, added: Dict[int, str], where: str) -> None:

@@ -498,3 +498,35 @@ def test_a_configuration_this_version_cannot_read_is_one_error(model, tmp_path, 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata={"ldm_config": config})
     with pytest.raises(ldm.LoadError, match="its 'ldm_config' metadata is not a configuration this version reads"):
         ldm.load(path)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("added_tokens.json", {"<x>": "forty"}),
+    ("added_tokens.json", ["<x>", 49408]),
+    ("tokenizer.json", {"added_tokens": [{"content": "<x>"}]}),
+    ("tokenizer.json", {"added_tokens": [{"id": None, "content": "<x>"}]}),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"x49408": {"content": "<x>"}}}),
+    ("tokenizer_config.json", {"added_tokens_decoder": ["<x>"]}),
+])
+def test_a_tokenizer_files_bad_added_tokens_are_one_error(tmp_path, name, content):
+    """The names of a diffusers folder's added words, read from any of the three tokenizer files,
+    are a LoadError naming the file when they are not {word: integer id}, not a traceback."""
+    from ldm.load import _added_tokens
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / name).write_text(json.dumps(content))
+    with pytest.raises(LoadError, match=f"{name}.* is not|{name}: its added tokens are not in the layout"):
+        _added_tokens(tokenizer)
+
+
+@pytest.mark.parametrize("named", ['{"<x>": "forty"}', '["<x>"]', "{not json"])
+def test_a_single_files_bad_added_tokens_metadata_is_one_error(model, tmp_path, named):
+    grown = model.config.to_dict()
+    grown["text"]["vocab_size"] += 1
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    table = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    sd[table] = torch.cat([sd[table], sd[table][:1]])
+    path = tmp_path / "grown.safetensors"
+    save_file(sd, path, metadata={"ldm_config": json.dumps(grown), "added_tokens": named})
+    with pytest.raises(ldm.LoadError, match="its 'added_tokens' metadata is not {word: id}"):
+        ldm.load(path)
