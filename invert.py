@@ -2,7 +2,7 @@
 
     python invert.py                       # learn a held-out shape of the tiny world, then score it
     python invert.py --images my_toy/ --placeholder "<my-toy>" --init-word toy \\
-                     --ckpt v1-5-pruned-emaonly.safetensors
+                     --ckpt v1-5-pruned-emaonly.safetensors --out outputs/my-toy
 
 The frozen model is asked to reconstruct the images from prompts such as "a photo of a
 <my-toy>"; only the new word's embedding is trained. The result loads in sample.py,
@@ -31,6 +31,9 @@ SD_DEFAULTS = dict(steps=5000, batch=4, lr=5e-3, save_every=500)
 # Methods beside Textual Inversion live in their own modules, each with
 # add_arguments(parser) (its own argument group) and main(args) -> int.
 METHOD_MODULES = {"hiper": "inversion.hiper_cli", "neti": "inversion.neti_cli"}
+# Each method's own default output folder, so that one method's run does not block another's.
+DEFAULT_OUT = {"ti": Path("outputs") / "textual_inversion", "neti": Path("outputs") / "neti",
+               "hiper": Path("outputs") / "hiper"}
 
 
 def build_parser() -> Parser:
@@ -85,7 +88,9 @@ def build_parser() -> Parser:
     run_ = p.add_argument_group("model and outputs")
     run_.add_argument("--ckpt", type=path_arg, default=None,
                       help=f"SD v1.x weights (default: {DEFAULT_CKPT.relative_to(ROOT)})")
-    run_.add_argument("--out", type=path_arg, default=Path("outputs") / "inversion", help="output folder")
+    run_.add_argument("--out", type=path_arg, default=None,
+                      help="output folder (default: outputs/<method>: " + ", ".join(map(str, DEFAULT_OUT.values()))
+                           + "; a folder that holds a run is refused unless --resume)")
     run_.add_argument("--save-every", type=positive_int, default=None,
                       help="checkpoint and learned files every N steps (default: ti 100 on the tiny model, 500 on "
                            "SD; neti 100, 250; hiper 50, 100)")
@@ -281,6 +286,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_options_used(parser, args, argv)
+    if args.out is None:
+        args.out = DEFAULT_OUT[args.method]
     if args.method != "ti":
         return importlib.import_module(METHOD_MODULES[args.method]).main(args)
     from inversion.data import DataError, templates, validation_prompts

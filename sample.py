@@ -2,9 +2,9 @@
 
     python sample.py --prompt "a large blue circle on the left"          # the shipped tiny model
     python sample.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a photo of a cat" --n 4
-    python sample.py --embedding outputs/inversion/learned_embeds.safetensors --prompt "a <ring> on the left"
-    python sample.py --neti outputs/inversion/neti_mapper.safetensors --prompt "a <ring>" --truncation 32
-    python sample.py --hiper outputs/inversion/hiper_tail.safetensors --prompt "a red circle on the right" --alpha 0.8
+    python sample.py --embedding outputs/textual_inversion/learned_embeds.safetensors --prompt "a <ring> on the left"
+    python sample.py --neti outputs/neti/neti_mapper.safetensors --prompt "a <ring>" --truncation 32
+    python sample.py --hiper outputs/hiper/hiper_tail.safetensors --prompt "a red circle on the right" --alpha 0.8
 
 Writes one PNG per image, NNNNN-<seed>.png (prompt, seed and settings in its text metadata),
 numbered on from what --out already holds, and their grid, grid-NNNNN.png (NNNNN: the first image's

@@ -2,12 +2,13 @@
 
     python invert.py --method hiper                   # tiny world: render an image, learn, show edits
     python invert.py --method hiper --image dog.png --source "a standing dog" \\
+                     --ckpt v1-5-pruned-emaonly.safetensors --out outputs/dog
+    python sample.py --hiper outputs/dog/hiper_tail.safetensors --prompt "a sitting dog" \\
                      --ckpt v1-5-pruned-emaonly.safetensors
-    python sample.py --hiper outputs/inversion/hiper_tail.safetensors --prompt "a sitting dog"
 
-Writes hiper_tail.safetensors (the tail, with K, the source prompt and the base model's hash),
-checkpoint.pt, loss.csv, source.png (the image as the model sees it) and
-samples/reconstruction.png (the source image, then the model's drawings from
+Writes to --out (default outputs/hiper) hiper_tail.safetensors (the tail, with K, the source
+prompt and the base model's hash), checkpoint.pt, loss.csv, source.png (the image as the model
+sees it) and samples/reconstruction.png (the source image, then the model's drawings from
 [e_src[:77-K]; e_hiper]).
 """
 from __future__ import annotations

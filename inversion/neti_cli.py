@@ -2,13 +2,13 @@
 
     python invert.py --method neti                     # tiny world: a held-out concept, then its scores
     python invert.py --method neti --images my_toy/ --placeholder "<my-toy>" --init-word toy \\
-                     --ckpt v1-5-pruned-emaonly.safetensors
-    python sample.py --neti outputs/inversion/neti_mapper.safetensors --prompt "a photo of <my-toy>" \\
-                     [--truncation 32]
+                     --ckpt v1-5-pruned-emaonly.safetensors --out outputs/my-toy-neti
+    python sample.py --neti outputs/my-toy-neti/neti_mapper.safetensors --prompt "a photo of <my-toy>" \\
+                     --ckpt v1-5-pruned-emaonly.safetensors [--truncation 32]
 
-Writes neti_mapper.safetensors (the mapper's weights, its configuration, the placeholder, the
-init word and the base model's hash), checkpoint.pt, loss.csv and validation grids
-samples/step-000100.png (every --sample-every steps and at the end).
+Writes to --out (default outputs/neti) neti_mapper.safetensors (the mapper's weights, its
+configuration, the placeholder, the init word and the base model's hash), checkpoint.pt, loss.csv
+and validation grids samples/step-000100.png (every --sample-every steps and at the end).
 """
 from __future__ import annotations
 

@@ -549,3 +549,21 @@ def test_a_refused_resume_leaves_the_rendered_training_images_as_they_were(ckpt,
     rc, cap = call(base + ["--steps", "2", "--seed", "1", "--num-images", "3", "--resume"], capsys)
     assert rc == 2 and "other images" in cap.err
     assert {p.name: p.read_bytes() for p in (tmp_path / "train_images").iterdir()} == before
+
+
+def test_each_method_has_its_own_default_output_folder(ckpt, images, tmp_path, monkeypatch, capsys):
+    """Without --out, each method writes to outputs/<method>, so that the README's commands run one
+    after another: a NeTI or HiPer run is not refused because a Textual Inversion run came first."""
+    monkeypatch.chdir(tmp_path)
+    word = ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"]
+    image = sorted(images.iterdir())[0]
+    runs = {"textual_inversion": (word, "learned_embeds.safetensors"),
+            "neti": (["--method", "neti", *word], "neti_mapper.safetensors"),
+            "hiper": (["--method", "hiper", "--image", str(image), "--source", "a red circle"], "hiper_tail.safetensors")}
+    for folder, (argv, learned) in runs.items():
+        rc, cap = call(["--ckpt", str(ckpt), "--steps", "1", "--batch", "1", *argv], capsys)
+        assert rc == 0, cap.err
+        assert (tmp_path / "outputs" / folder / learned).is_file() and (tmp_path / "outputs" / folder / "checkpoint.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == sorted(runs)
+    rc, cap = call(["--ckpt", str(ckpt), "--steps", "1", "--batch", "1", *word], capsys)  # the same run again
+    assert rc == 2 and f"{Path('outputs') / 'textual_inversion'} already holds a run: pass --resume" in cap.err
