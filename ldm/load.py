@@ -390,9 +390,10 @@ def _load_single_file(path: Path, device, dtype, ema: bool, half_weights: bool =
     if config.text.vocab_size > CLIP_VOCAB_SIZE:  # a table grown by a training run
         try:
             named = json.loads(metadata.get(ADDED_TOKENS_METADATA_KEY, "{}"))
-        except ValueError as e:
+            pairs = list(named.items())
+        except (ValueError, AttributeError) as e:  # not JSON, or not a JSON object
             raise LoadError(f"{path}: its '{ADDED_TOKENS_METADATA_KEY}' metadata is not {{word: id}} ({e})") from None
-        added = _ids_to_words(named, f"{path}: its '{ADDED_TOKENS_METADATA_KEY}' metadata")
+        added = _ids_to_words(pairs, f"{path}: its '{ADDED_TOKENS_METADATA_KEY}' metadata")
         _register_added_tokens(model, added, str(path))
     return model
 
@@ -419,24 +420,24 @@ def _added_tokens(tokenizer_folder: Path) -> Dict[int, str]:
         if not path.is_file():
             continue
         data = _read_json(path)
-        try:
+        try:  # (word, id) pairs
             if name == "tokenizer.json":
-                named = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+                pairs = [(t["content"], t["id"]) for t in data.get("added_tokens", [])]
             elif name == "added_tokens.json":
-                named = data
+                pairs = list(data.items())
             else:
-                named = {t["content"]: i for i, t in data.get("added_tokens_decoder", {}).items()}
+                pairs = [(t["content"], i) for i, t in data.get("added_tokens_decoder", {}).items()]
         except (AttributeError, TypeError, KeyError) as e:  # not the layout the tokenizer files have
             raise LoadError(f"{path}: its added tokens are not in the layout tokenizers write ({e!r})") from None
-        found.update(_ids_to_words(named, str(path)))
+        found.update(_ids_to_words(pairs, str(path)))
     return found
 
 
-def _ids_to_words(named, where: str) -> Dict[int, str]:
-    """{word: id}, as tokenizer files and our single files record added words -> {id: word}."""
+def _ids_to_words(pairs, where: str) -> Dict[int, str]:
+    """(word, id) pairs, as tokenizer files and our single files record added words -> {id: word}."""
     try:
-        return {int(i): str(word) for word, i in named.items()}
-    except (ValueError, TypeError, AttributeError) as e:
+        return {int(i): str(word) for word, i in pairs}
+    except (ValueError, TypeError) as e:
         raise LoadError(f"{where} is not {{word: id}} with integer ids ({e})") from None
 
 
