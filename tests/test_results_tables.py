@@ -241,7 +241,7 @@ def test_neti_results_lr_reaches_the_mapper_only_and_a_bad_one_is_refused(ckpt32
     ("tinyworld.evaluate", ["--grid", "."], "argument --grid: .: name a .png"),
     ("tinyworld.hiper_eval", ["--grid", "a-file/g.png"], "--grid a-file/g.png: cannot write there"),
     ("tinyworld.hiper_eval", ["--tail", "100"], "--tail must be between 1 and 75"),
-    ("tinyworld.hiper_eval", ["--alphas", "0.5,nan"], "each α must be a number >= 0"),
+    ("tinyworld.hiper_eval", ["--alphas", "0.5,nan"], "each α must be between 0 and 10"),
     ("tinyworld.world", ["--grid", "g.txt"], "argument --grid: g.txt: name a .png"),
     ("tinyworld.evaluate", ["--n", "0"], "argument --n: must be at least 1"),        # was a traceback
     ("tinyworld.evaluate", ["--steps", "0"], "argument --steps: must be at least 1"),  # was a traceback
@@ -256,6 +256,14 @@ def test_neti_results_lr_reaches_the_mapper_only_and_a_bad_one_is_refused(ckpt32
     ("tinyworld.ti_results", ["--rows", "ring", "--context-lr", "1e-3"], "--context-lr"),
     ("tinyworld.hiper_eval", ["--no-ti", "--ti-steps", "3"], "--no-ti"),
     ("tinyworld.hiper_eval", ["--texture-ceiling", "--steps", "3"], "--texture-ceiling does not use it"),
+    # DDIM steps past the schedule were a traceback after all the training
+    ("tinyworld.evaluate", ["--steps", "1001"], "--steps 1001: at most 1000, the model's training timesteps"),
+    ("tinyworld.ti_results", ["--sample-steps", "1001"], "--sample-steps 1001: at most 1000"),
+    ("tinyworld.neti_results", ["--sample-steps", "1001"], "--sample-steps 1001: at most 1000"),
+    ("tinyworld.hiper_eval", ["--sample-steps", "1001"], "--sample-steps 1001: at most 1000"),
+    ("tinyworld.ti_results", ["--threads", "100000"], "--threads: must be between 1 and 1024"),  # crashed torch
+    ("tinyworld.hiper_eval", ["--alphas", "0.5,1e38"], "each α must be between 0 and 10"),  # black images
+    ("tinyworld.hiper_eval", ["--alphas", ","], "give at least one α"),  # ran the main table's α alone
 ])
 def test_research_commands_refuse_bad_numbers_and_useless_options(module, argv, message, capsys, tmp_path,
                                                                    monkeypatch):
@@ -268,6 +276,43 @@ def test_research_commands_refuse_bad_numbers_and_useless_options(module, argv, 
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # and nothing written
+
+
+@pytest.mark.parametrize("module, steps_flag", [("tinyworld.evaluate", "--steps"),
+                                               ("tinyworld.ti_results", "--sample-steps"),
+                                               ("tinyworld.neti_results", "--sample-steps"),
+                                               ("tinyworld.hiper_eval", "--sample-steps")])
+def test_research_commands_refuse_a_model_that_is_not_the_tiny_worlds(module, steps_flag, tmp_path, capsys,
+                                                                     monkeypatch):
+    import importlib
+    from conftest import write_random_checkpoint
+    from ldm.cli import run
+    big = write_random_checkpoint(tmp_path / "big", image_size=128)
+    monkeypatch.chdir(tmp_path)
+    rc = run(importlib.import_module(module).main, ["--ckpt", str(big), steps_flag, "2"], prog=module)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is a 128-px model; the tiny world needs the tiny model" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules")  # runpy, on a module imported before
+@pytest.mark.parametrize("module", ["tinyworld.evaluate", "tinyworld.ti_results", "tinyworld.neti_results",
+                                    "tinyworld.hiper_eval"])
+def test_research_commands_out_of_memory_advice_names_no_option_they_lack(module, monkeypatch, capsys, tmp_path):
+    import runpy
+    import sys
+    import tinyworld.tools
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+    monkeypatch.setattr(tinyworld.tools, "load_tiny_model", no_memory)  # what the command imports as it runs
+    monkeypatch.setattr(sys, "argv", [module])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_module(module, run_name="__main__")  # as `python -m`, with the command's own advice
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 1 and "Tried to allocate 20.00 MiB" in err and "well under 1 GiB" in err, err
+    assert "--resolution" not in err and "--batch" not in err
 
 
 def test_ti_results_runs_only_the_rows_asked_for(ckpt32, tmp_path, monkeypatch, capsys):

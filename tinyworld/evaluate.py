@@ -19,6 +19,7 @@ import torch
 
 from ldm.cli import (Parser, check_file_writable, image_path_arg, nonnegative_float, path_arg, positive_int,
                      seed_int)
+from tinyworld.tools import MEMORY_ADVICE, load_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORED = ("shape", "color", "size", "position", "background")
@@ -133,14 +134,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.grid is not None:
         check_file_writable(args.grid, "--grid")
-    import ldm
     from ldm.cli import pick_device
     device = pick_device(args.device)  # a bad name: one line, from ldm.cli.run
-    try:
-        model = ldm.load(args.ckpt, device=device)
-    except ldm.LoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = load_tiny_model(args.ckpt, device, sample_steps={"--steps": args.steps})
     evaluate_model(model, n=args.n, steps=args.steps, scale=args.scale, seed=args.seed, grid=args.grid)
     n_tex = max(1, args.n // 4)
     print_table(f"\n{n_tex} prompts naming a texture (striped or dotted)",
@@ -153,4 +149,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from ldm.cli import run
-    sys.exit(run(main, prog="tinyworld.evaluate"))
+    sys.exit(run(main, prog="tinyworld.evaluate", memory_advice=MEMORY_ADVICE))

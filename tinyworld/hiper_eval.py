@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from tinyworld import world as W
+from tinyworld.tools import MEMORY_ADVICE, load_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = ("size", "color", "shape", "position", "background", "texture")   # what a source prompt says
@@ -273,7 +274,8 @@ CEILING_OPTIONS = {"ckpt", "device", "sample_steps", "scale", "texture_ceiling",
 
 
 def build_parser():
-    from ldm.cli import Parser, image_path_arg, learning_rate, nonnegative_float, path_arg, positive_int, seed_int
+    from ldm.cli import (Parser, image_path_arg, learning_rate, nonnegative_float, path_arg, positive_int, seed_int,
+                         thread_count)
     from inversion.hiper_cli import TINY_DEFAULTS
     from invert import TINY_DEFAULTS as TI_DEFAULTS
     p = Parser(prog="python -m tinyworld.hiper_eval", description=__doc__.split("\n\n")[0])
@@ -294,7 +296,7 @@ def build_parser():
     p.add_argument("--grid", type=image_path_arg, default=Path("outputs") / "hiper_eval.png",
                    help="before/after grid of the first 8 sources")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto: a GPU if there is one")
-    p.add_argument("--threads", type=positive_int, default=2,
+    p.add_argument("--threads", type=thread_count, default=2,
                    help="torch threads; the README's tables were measured with 2 (another count sums in another "
                         "order, and the last-digit differences grow into other scores)")
     p.add_argument("--texture-ceiling", action="store_true",
@@ -305,7 +307,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from inversion.hiper import HiPerError, check_tail_size
+    from inversion.hiper import MAX_ALPHA, HiPerError, check_tail_size
     from ldm.cli import CLIError, check_file_writable, flags, pick_device
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -315,11 +317,15 @@ def main(argv=None) -> int:
         raise CLIError(f"{flags(unused)}: --texture-ceiling does not use {'them' if len(unused) > 1 else 'it'} "
                        f"(it takes only {flags(sorted(CEILING_OPTIONS - {'texture_ceiling'}))})")
     try:
-        alphas = sorted({float(a) for a in args.alphas.split(",") if a.strip()} | {ALPHA})
+        alphas = {float(a) for a in args.alphas.split(",") if a.strip()}
     except ValueError:
         raise CLIError(f"--alphas {args.alphas!r}: expected numbers separated by commas") from None
-    if not all(0 <= a < float("inf") for a in alphas):  # also refuses nan
-        raise CLIError(f"--alphas {args.alphas!r}: each α must be a number >= 0 (the paper's are 0 to 1)")
+    if not alphas:
+        raise CLIError("--alphas: give at least one α, e.g. --alphas 0.4,1 (0.8, the main table's, is always run)")
+    if not all(0 <= a <= MAX_ALPHA for a in alphas):  # also refuses nan
+        raise CLIError(f"--alphas {args.alphas!r}: each α must be between 0 and {MAX_ALPHA:g} (the paper's are 0 "
+                       "to 1)")
+    alphas = sorted(alphas | {ALPHA})
     try:
         check_tail_size(args.tail)
     except HiPerError as e:
@@ -334,11 +340,8 @@ def main(argv=None) -> int:
         raise CLIError("--ti-steps and --ti-batch set the Textual Inversion baseline, which --no-ti skips")
     if not args.ckpt.exists():
         raise CLIError(f"--ckpt {args.ckpt}: no such file (train the tiny model first, or pass --ckpt)")
-    import ldm
     torch.set_num_threads(args.threads)
-    model = ldm.load(args.ckpt, device=pick_device(args.device))
-    if model.config.image_size > 64:
-        raise CLIError(f"{args.ckpt} is a {model.config.image_size}-px model; the tiny world needs the tiny model")
+    model = load_tiny_model(args.ckpt, pick_device(args.device), sample_steps={"--sample-steps": args.sample_steps})
     if args.texture_ceiling:
         print_texture_ceiling(model, CEILING_STEPS, CEILING_SAMPLES, args.sample_steps, args.scale)
         return 0
@@ -371,4 +374,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from ldm.cli import run
-    sys.exit(run(main, prog="tinyworld.hiper_eval"))
+    sys.exit(run(main, prog="tinyworld.hiper_eval", memory_advice=MEMORY_ADVICE))

@@ -47,7 +47,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ldm.cli import (Parser, check_file_writable, check_writable, distinct_seeds, given_options, image_path_arg,
-                     learning_rate, nonnegative_int, path_arg, positive_int, seed_int)
+                     learning_rate, nonnegative_int, path_arg, positive_int, seed_int, thread_count)
+from tinyworld.tools import MEMORY_ADVICE, load_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUNCATIONS = (2, 4, 8, 16, 32, 64, 128)
@@ -279,13 +280,12 @@ def main(argv=None) -> int:
                    help="NeTI's base learning rate, x batch (default: invert.py --method neti's tiny default)")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="seeds run at once, each in its own process (the scores do not change)")
-    p.add_argument("--threads", type=positive_int, default=1,
+    p.add_argument("--threads", type=thread_count, default=1,
                    help="torch threads of each seed: a seed's scores are bit for bit the same for the same "
                         "threads (with another count, last-digit differences grow into another mapper)")
     p.add_argument("--out", type=path_arg, default=Path("outputs") / "neti_results", help="trainers' checkpoints")
     args = p.parse_args(argv)
 
-    import ldm
     from invert import TINY_DEFAULTS
     from inversion.neti_cli import TINY_DEFAULTS as NETI_TINY
     from tinyworld.concepts import concept_attribute, mean_scores
@@ -307,7 +307,8 @@ def main(argv=None) -> int:
     check_writable(args.out)
     if args.grid is not None:
         check_file_writable(args.grid, "--grid")
-    model = ldm.load(args.ckpt)  # also with --jobs, where each worker loads its own: a bad --ckpt fails here
+    # here also with --jobs, where each worker loads its own: a bad --ckpt fails before any work
+    model = load_tiny_model(args.ckpt, sample_steps={"--sample-steps": args.sample_steps})
     args.steps = args.steps or TINY_DEFAULTS["steps"]
     t_all = time.time()
 
@@ -389,4 +390,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from ldm.cli import run
-    sys.exit(run(main, prog="tinyworld.neti_results"))
+    sys.exit(run(main, prog="tinyworld.neti_results", memory_advice=MEMORY_ADVICE))

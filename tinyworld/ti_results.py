@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from ldm.cli import (Parser, check_writable, distinct_seeds, given_options, learning_rate, nonnegative_float, path_arg,
-                     positive_int, seed_int)
+                     positive_int, seed_int, thread_count)
+from tinyworld.tools import MEMORY_ADVICE, load_tiny_model
 from tinyworld.whole_context import CONTEXT_LR
 
 
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--context-lr", type=learning_rate, default=CONTEXT_LR,
                    help="Adam learning rate of the -context rows, not scaled by the batch")
     p.add_argument("--no-baseline", action="store_true", help="skip the best-plain-word rows")
-    p.add_argument("--threads", type=positive_int, default=2,
+    p.add_argument("--threads", type=thread_count, default=2,
                    help="torch threads; the README's table was measured with 2 (another count sums in another "
                         "order, and the last-digit differences grow into other scores)")
     p.add_argument("--out", type=path_arg, default=Path("outputs") / "ti_results",
@@ -109,12 +110,11 @@ def main(argv=None) -> int:
         p.error("--n: the baseline picks its word on n/2 samples, so it needs at least 2 (or pass --no-baseline)")
     distinct_seeds(args.seeds)
     check_writable(args.out)
-    import ldm
     import torch
     from invert import TINY_DEFAULTS
     from tinyworld.concepts import best_plain_caption, evaluate_context, evaluate_word, mean_scores
     torch.set_num_threads(args.threads)
-    model = ldm.load(args.ckpt)
+    model = load_tiny_model(args.ckpt, sample_steps={"--sample-steps": args.sample_steps})
     steps = args.steps or TINY_DEFAULTS["steps"]
     seeds = args.seeds
     words = set(args.rows) - set(CONTEXT_ROWS)
@@ -171,4 +171,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from ldm.cli import run
-    sys.exit(run(main, prog="tinyworld.ti_results"))
+    sys.exit(run(main, prog="tinyworld.ti_results", memory_advice=MEMORY_ADVICE))
