@@ -178,6 +178,59 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, cas
     assert not (tmp_path / "run").exists() and not (tmp_path / "out.safetensors").exists()
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A two-step training run's folder and the arguments that made it."""
+    folder = tmp_path_factory.mktemp("finished")
+    argv = ["--run", str(folder / "run"), "--out", str(folder / "tiny.safetensors"), "--images", "16",
+            "--vae-steps", "2", "--vae-batch", "2", "--steps", "2", "--batch", "2", "--eval-every", "0",
+            "--threads", "1"]
+    assert train.main(argv) == 0
+    return folder / "run", argv
+
+
+def damage(path, how):
+    if how == "cut short":
+        path.write_bytes(path.read_bytes()[:100])
+    elif how == "another state":  # a readable file that is not this stage's checkpoint
+        torch.save({"step": "three", "vae": {"x": torch.zeros(1)}, "model": [], "opt": {}}, path)
+    else:
+        path.write_text("{not json")
+
+
+@pytest.mark.parametrize("name, how", [("config.json", "garbled"), ("vae.pt", "cut short"),
+                                       ("diffusion.pt", "cut short"), ("vae.pt", "another state"),
+                                       ("diffusion.pt", "another state")])
+def test_resume_on_a_damaged_checkpoint_is_one_line_naming_it(finished_run, name, how, tmp_path, capsys):
+    import shutil
+    run, argv = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    damage(copy / name, how)
+    argv = [*argv, "--resume", "--steps", "3", "--run", str(copy), "--out", str(tmp_path / "again.safetensors")]
+    assert train.main(argv) == 2  # was a traceback
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and f"{copy / name} is damaged" in err.splitlines()[-1], err
+    assert "Traceback" not in err and not (tmp_path / "again.safetensors").exists()
+
+
+@pytest.mark.parametrize("how", ["cut short", "another state"])
+def test_resume_computes_a_damaged_latent_cache_again(finished_run, how, tmp_path, capsys):
+    import shutil
+    run, argv = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    kept = torch.load(copy / "latents.pt", weights_only=True)
+    damage(copy / "latents.pt", how)
+    out = tmp_path / "again.safetensors"
+    assert train.main([*argv, "--resume", "--steps", "3", "--run", str(copy), "--out", str(out)]) == 0
+    if how == "cut short":  # another run's cache is stale, and computed again without a word
+        assert "computing the latents again" in capsys.readouterr().err
+    again = torch.load(copy / "latents.pt", weights_only=True)
+    assert torch.equal(again["latents"], kept["latents"]) and again["vae_step"] == kept["vae_step"]
+    assert torch.load(copy / "diffusion.pt", weights_only=True)["step"] == 3
+
+
 @pytest.mark.skipif(not SHIPPED.exists(), reason="the tiny model is not trained yet")
 def test_shipped_model_loads_and_matches_its_recorded_hash():
     recorded = (ROOT / "weights" / "tiny.sha256").read_text().split()[0]

@@ -45,6 +45,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
 import time
@@ -55,9 +56,10 @@ import torch
 import torch.nn.functional as F
 
 from ldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
-from ldm.cli import (CLIError, Parser, check_file_writable, check_writable, checked_number, given_options,
-                     learning_rate, nonnegative_int, path_arg, positive_int, progress_bar, seed_int)
-from ldm.load import atomic_write
+from ldm.cli import (MAX_THREADS, CLIError, Parser, check_file_writable, check_writable, checked_number,
+                     given_options, learning_rate, nonnegative_int, out_of_memory, path_arg, positive_int,
+                     progress_bar, seed_int)
+from ldm.load import atomic_write, load_error_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +96,32 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# What reading a damaged checkpoint, or restoring one that does not fit the run, raises.
+DAMAGED = (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError,
+           IndexError)
+STAGE_FILES = ("vae.pt", "decoder.pt", "latents.pt", "diffusion.pt")
+
+
+class ResumeError(Exception):
+    """A checkpoint of the run cannot be read, or does not fit the model it is to restore."""
+
+
+def damaged(path: Path, error: BaseException) -> ResumeError:
+    return ResumeError(f"--resume: {path} is damaged or from another run ({load_error_reason(error)}); delete "
+                       "it to train its stage again, or start another --run")
+
+
+def resume_from(path: Path, restore):
+    """restore(state) with the checkpoint at `path`, which exists: the stage's step (and more).
+    A file that cannot be read or does not fit is a ResumeError naming it, not a traceback."""
+    try:
+        return restore(load_checkpoint(path))
+    except DAMAGED as e:
+        if out_of_memory(e):
+            raise
+        raise damaged(path, e) from None
+
+
 # ----------------------------------------------------------------------------- stage 1: VAE
 
 def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -108,10 +136,11 @@ def fit_autoencoder(vae, params, loss_of_batch, images: np.ndarray, args, steps:
     opt = torch.optim.Adam(params, lr=lr)
     step = 0
     if ckpt.exists():
-        state = load_checkpoint(ckpt)
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
+        def restore(state):
+            vae.load_state_dict(state["vae"])
+            opt.load_state_dict(state["opt"])
+            return int(state["step"])
+        step = resume_from(ckpt, restore)
     if step >= steps:
         return vae.eval()
     vae.train()
@@ -189,11 +218,16 @@ def cache_latents(vae, images: np.ndarray, run: Path, batch: int = 500):
     """The encoder means of all training images and the scale that gives them unit variance;
     cached in the run, and computed again when the autoencoder has trained on since."""
     path, vae_ckpt = run / "latents.pt", run / "vae.pt"
-    vae_step = load_checkpoint(vae_ckpt)["step"] if vae_ckpt.exists() else 0
-    if path.exists():
-        state = load_checkpoint(path)
-        if state.get("vae_step") == vae_step:
-            return state["latents"], state["scale_factor"]
+    vae_step = resume_from(vae_ckpt, lambda state: int(state["step"])) if vae_ckpt.exists() else 0
+    try:  # a cache that cannot be read, or is not one, is computed again
+        state = load_checkpoint(path) if path.exists() else {}
+        if state.get("vae_step") == vae_step and state["latents"].shape[0] == len(images):
+            return state["latents"], float(state["scale_factor"])
+    except DAMAGED as e:
+        if out_of_memory(e):
+            raise
+        print(f"warning: {path} cannot be used ({load_error_reason(e)}); computing the latents again",
+              file=sys.stderr)
     device = next(vae.parameters()).device
     means = torch.cat([vae.encode(to_tensor(images[i:i + batch]).to(device)).mean.cpu()
                        for i in range(0, len(images), batch)])
@@ -277,11 +311,12 @@ def train_diffusion(args, model, latents: torch.Tensor, attrs: list, run: Path, 
     opt = torch.optim.AdamW(trainable.parameters(), lr=args.lr, weight_decay=0.0)
     step, seconds = 0, 0.0
     if ckpt.exists():
-        state = load_checkpoint(ckpt)
-        trainable.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step, seconds = state["step"], state["seconds"]
+        def restore(state):
+            trainable.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
+            return int(state["step"]), float(state["seconds"])
+        step, seconds = resume_from(ckpt, restore)
     schedule = model.schedule
     batches = draw_batches(args, attrs, model.tokenizer, first=step)
     log = open(run / "diffusion_log.csv", "a")
@@ -387,7 +422,9 @@ def build_parser():
     p.add_argument("--checkpoint-every", type=positive_int, default=250,
                    help="steps between checkpoints in --run (one is also saved when a stage ends or stops)")
     p.add_argument("--eval-every", type=nonnegative_int, default=1000, help="quick accuracy check (0 = never)")
-    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=checked_number(int, "a whole number", lambda v: 0 <= v <= MAX_THREADS,
+                                                    f"between 0 (torch's default) and {MAX_THREADS}"),
+                   default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--workers", type=nonnegative_int, default=0,
                    help="processes that write and tokenize the diffusion stage's captions ahead of the training "
                         "steps (0 = the trainer, between steps); 256 captions take about 20 ms of a core, about "
@@ -443,9 +480,23 @@ def check_run(args) -> str:
         return f"{run} already holds a run; pass --resume to continue it or choose another --run"
     if args.resume and not holds_run:
         return f"--resume: {run} holds no run to continue; leave out --resume to start one"
+    if not args.resume:
+        return ""
+    for name in STAGE_FILES:  # each stage reads its own when it starts; unreadable ones are told now
+        if (run / name).exists() and name != "latents.pt":  # a damaged cache is computed again
+            try:
+                load_checkpoint(run / name)
+            except DAMAGED as e:
+                return str(damaged(run / name, e))
     saved = run / "config.json"
-    if args.resume and saved.exists():
-        before = json.loads(saved.read_text())
+    if saved.exists():
+        try:
+            before = json.loads(saved.read_text())
+            if not isinstance(before, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            return (f"--resume: {saved} is damaged ({e}); it records the run's options: restore it, or delete it "
+                    "to resume without comparing them")
         now = json.loads(json.dumps(vars(args), default=str))
         changed = [k for k in SAME_ON_RESUME if before.get(k) != now.get(k)]
         if changed:
@@ -509,6 +560,9 @@ def main(argv=None) -> int:
         model = StableDiffusion(cfg) if start is None else start
         model.vae.load_state_dict(vae.state_dict())
         model, steps, seconds = train_diffusion(args, model, latents * scale_factor, attrs, run, device=device)
+    except ResumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: what was learned is saved in {run}; continue with the same arguments and --resume",
               file=sys.stderr)
