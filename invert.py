@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 
 from inversion.precision import fp16_warning, training_dtype
-from ldm.cli import (CLIError, Parser, check_half_weights, check_writable, checked_number, flags, learning_rate,
-                     nonnegative_float, nonnegative_int, path_arg, pick_device, positive_int, run, seed_int,
-                     shell_command, word_arg)
+from ldm.cli import (CLIError, Parser, check_half_weights, check_output_names, check_writable, checked_number, flags,
+                     learning_rate, nonnegative_float, nonnegative_int, path_arg, pick_device, positive_int, run,
+                     seed_int, shell_command, word_arg)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
@@ -220,8 +220,9 @@ MAX_RENDERED = 100   # tiny-world images rendered for a run without --images
 MAX_RESOLUTION = 2048
 
 
-def check_paths(args) -> None:
-    """The checks every method shares: model, images and output folder (before anything is loaded)."""
+def check_paths(args, files=(), folders=()) -> None:
+    """The checks every method shares: model, images and output folder (before anything is loaded);
+    `files` and `folders` are the names the method writes in --out besides the shared ones."""
     if args.ckpt is None and not DEFAULT_CKPT.exists():
         raise CLIError(f"no default model at {DEFAULT_CKPT.relative_to(ROOT)}: pass --ckpt with an SD v1.x "
                        "checkpoint (see weights/README.md)")
@@ -236,6 +237,7 @@ def check_paths(args) -> None:
     if args.resolution is not None and args.images is None:
         raise CLIError("--resolution applies to --images; the tiny world's images are rendered at the model's size")
     check_writable(args.out)
+    check_output_names(args.out, files=("checkpoint.pt", "loss.csv", *files), folders=("samples", *folders))
     if args.resume and not (args.out / "checkpoint.pt").exists():
         raise CLIError(f"--resume: {args.out / 'checkpoint.pt'} does not exist")
     if not args.resume and (args.out / "checkpoint.pt").exists():
@@ -294,7 +296,7 @@ def main(argv=None) -> int:
     from inversion.files import BaseModel, save_a1111, save_embeddings
     from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError, check_words
 
-    check_paths(args)
+    check_paths(args, files=("learned_embeds.safetensors",), folders=("train_images",))
     t_start = time.time()
     ckpt, model, device = load_model(args)
     tiny = model.config.image_size <= 64
@@ -332,6 +334,7 @@ def main(argv=None) -> int:
 
     base = trainer.base_model.metadata()
     ours, a1111_pt, a1111_st = output_files(args.out, placeholder, model.tokenizer)
+    check_output_names(args.out, files=(a1111_pt.name, a1111_st.name))
 
     def save(t: TextualInversion) -> None:
         vec = t.embedding()

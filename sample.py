@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from inversion.hiper import MAX_ALPHA
 from ldm.cli import (DTYPES, CLIError, Parser, check_half_weights, check_writable, checked_number, nonnegative_float,
                      path_arg, pick_device, pick_dtype, positive_int, run, seed_int)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
+MAX_IMAGES = 1000  # a run keeps every image for its grid; more come from another run with a later --seed
 
 
 def build_parser() -> Parser:
@@ -38,7 +40,10 @@ def build_parser() -> Parser:
     p.add_argument("--scale", type=nonnegative_float, default=7.5,
                    help="classifier-free guidance scale; 1 turns guidance off")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the first image; image i uses seed + i")
-    p.add_argument("--n", type=positive_int, default=4, help="number of images")
+    p.add_argument("--n", type=checked_number(int, "a whole number", lambda v: 1 <= v <= MAX_IMAGES,
+                                              f"between 1 and {MAX_IMAGES} (each run keeps its images for the "
+                                              "grid; run again with a later --seed for more)"),
+                   default=4, help="number of images")
     p.add_argument("--batch-size", type=positive_int, default=4, help="images per U-Net batch")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
                    help="ddim: deterministic, few steps; ddpm: ancestral, stochastic")
@@ -59,7 +64,9 @@ def build_parser() -> Parser:
     p.add_argument("--hiper", type=path_arg, default=None, metavar="FILE",
                    help="a HiPer tail (invert.py --method hiper): --prompt is the target text, the tail keeps "
                         "the source image's subject")
-    p.add_argument("--alpha", type=nonnegative_float, default=0.8,
+    p.add_argument("--alpha", type=checked_number(float, "a number", lambda v: 0 <= v <= MAX_ALPHA,
+                                                  f"between 0 and {MAX_ALPHA:g} (the paper's are 0 to 1)"),
+                   default=0.8,
                    help="with --hiper: the weight α of the tail (the paper's value)")
     p.add_argument("--neti", type=path_arg, default=None, metavar="FILE",
                    help="a NeTI mapper (invert.py --method neti); write its placeholder in --prompt")
@@ -192,7 +199,7 @@ def main(argv=None) -> int:
                   "defines it; it is read as ordinary text", file=sys.stderr)
 
     from ldm.cli import progress_bar
-    from ldm.generate import generate, make_grid, save_png, to_pil
+    from ldm.generate import SamplingError, generate, make_grid, save_png, to_pil
 
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_name = (args.ckpt or DEFAULT_CKPT).resolve().name  # its name, not its path: images get shared
@@ -223,10 +230,15 @@ def main(argv=None) -> int:
 
     for start in batches:
         batch_seeds = seeds[start:start + args.batch_size]
-        batch = generate(model, [prompt] * len(batch_seeds), batch_seeds, negative_prompt=negative,
-                         steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta,
-                         height=height, width=width, new_embeddings=new_embeddings, cond=cond, progress=progress,
-                         uncond=uncond, value_cond=value_cond, value_uncond=value_uncond)
+        try:
+            batch = generate(model, [prompt] * len(batch_seeds), batch_seeds, negative_prompt=negative,
+                             steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta,
+                             height=height, width=width, new_embeddings=new_embeddings, cond=cond, progress=progress,
+                             uncond=uncond, value_cond=value_cond, value_uncond=value_uncond)
+        except SamplingError as e:
+            bar.close()
+            done = f"the {len(paths)} images before seed {batch_seeds[0]} were written" if paths else "nothing written"
+            raise CLIError(f"{e}; {done}") from None
         for i, (seed, image) in enumerate(zip(batch_seeds, to_pil(batch)), start=first + start):
             path = args.out / f"{i:05d}-{seed}.png"
             save_png(image, path, png_info({**settings, "seed": seed}))

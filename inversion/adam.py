@@ -76,6 +76,9 @@ class AdamW:
         for i, key in enumerate(order):
             if key in state_dict["state"]:
                 s, p = state_dict["state"][key], self.params[i]
+                if s["exp_avg"].shape != p.shape or s["exp_avg_sq"].shape != p.shape:
+                    raise RuntimeError(f"optimizer moments of shape {tuple(s['exp_avg'].shape)} for a tensor of "
+                                       f"shape {tuple(p.shape)}")
                 self.state[i] = {"step": s["step"].detach().float().cpu().clone().reshape(()),
                                  "exp_avg": s["exp_avg"].to(p.device, p.dtype).clone(),
                                  "exp_avg_sq": s["exp_avg_sq"].to(p.device, p.dtype).clone()}

@@ -37,13 +37,15 @@ from torch import nn
 from inversion.adam import Adam
 from inversion.data import image_digest, resume_mismatch
 from inversion.files import BaseModel, EmbeddingError
-from inversion.textual_inversion import TextualInversion, encode_images, noisy_latents
+from inversion.textual_inversion import TextualInversion, encode_images, noisy_latents, restore_progress, restore_tensor
 from inversion.precision import autocast
 from ldm.load import atomic_write, load_error_reason
 
 CONTEXT_LENGTH = 77             # rows of the text encoder's output
 TAIL_KEY = "hiper_tail"         # the tensor's name in our .safetensors files
 MAX_FILE_BYTES = 1 << 20        # a tail is K x D floats: 5 x 768 x 4 bytes = 15 KB
+MAX_ALPHA = 10.0                # the tail's weight α: the paper's are 0 to 1; far above, the tail swamps
+                                # the prompt (and at 1e38 overflows float32 into black images)
 
 
 class HiPerError(ValueError):
@@ -240,11 +242,9 @@ class HiPer:
         mismatch = resume_mismatch(self.checkpoint_path, state.get("config"), self.settings())
         if mismatch:
             raise HiPerError(mismatch)
-        with torch.no_grad():
-            self.tail.copy_(state["tail"])
+        restore_tensor(self.tail, state["tail"], "tail")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.losses = [tuple(r) for r in state["losses"].tolist()]
+        self.step, self.losses = restore_progress(state)
 
     # The step, the files and the loop are Textual Inversion's: one optimizer step per batch (a
     # non-finite loss skipped), checkpoint.pt written atomically, loss.csv, run() with its

@@ -62,7 +62,7 @@ def check_arguments(args) -> None:
         check_tail_size(args.tail)
     except HiPerError as e:
         raise CLIError(str(e)) from None
-    check_paths(args)
+    check_paths(args, files=(TAIL_FILE, "source.png"))
     if args.source is not None and not args.source.strip():
         raise CLIError("--source is empty; write the prompt that describes --image, e.g. 'a standing dog'")
     if args.image is not None:
@@ -148,9 +148,13 @@ def write_source_image(image: torch.Tensor, path: Path, tiny: bool) -> None:
 @torch.no_grad()
 def write_reconstruction(model, trainer, image: torch.Tensor, path: Path, tiny: bool, n: int = 4) -> None:
     """The source image, then n drawings from [e_src[:77-K]; e_hiper] (DDIM 50, guidance 7.5)."""
-    from ldm.generate import generate, make_grid, save_png, to_pil
+    from ldm.generate import SamplingError, generate, make_grid, save_png, to_pil
     cond = trainer.context()[None].to(model.dtype)
-    images = generate(model, [""] * n, list(range(n)), cond=cond, steps=50)
+    try:
+        images = generate(model, [""] * n, list(range(n)), cond=cond, steps=50)
+    except SamplingError as e:  # the tail is saved already
+        print(f"warning: {path} not written: {e}", file=sys.stderr)
+        return
     grid = make_grid(to_pil(torch.cat([((image[None] + 1) / 2).clamp(0, 1), images])), columns=n + 1)
     save_png(grid, path, upscale=4 if tiny else 1)
 

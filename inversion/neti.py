@@ -51,7 +51,8 @@ from torch import nn
 from inversion.adam import AdamW
 from inversion.data import image_digest, resume_mismatch
 from inversion.files import BaseModel
-from inversion.textual_inversion import TextualInversion, TrainingError, check_words, encode_images, noisy_latents
+from inversion.textual_inversion import (TextualInversion, TrainingError, check_words, encode_images, noisy_latents,
+                                         restore_progress)
 from inversion.precision import autocast, no_autocast
 from ldm.load import PICKLE_SUFFIXES, LoadError, atomic_write, load_error_reason, read_failure
 
@@ -460,10 +461,9 @@ class NeTI:
         mismatch = resume_mismatch(self.checkpoint_path, state.get("config"), self.settings())
         if mismatch:
             raise TrainingError(mismatch)
-        self.mapper.load_state_dict(state["mapper"])
+        self.mapper.load_state_dict(state["mapper"])  # strict: every tensor, of its shape
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.losses = [tuple(r) for r in state["losses"].tolist()]
+        self.step, self.losses = restore_progress(state)
 
     # Resume settings, checkpointing, the loss log and the loop are Textual Inversion's: same files, same rules.
     progress_label = "NeTI"

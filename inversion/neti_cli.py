@@ -49,7 +49,7 @@ def add_arguments(parser) -> set:
 
 def check_arguments(args) -> None:
     """Everything that can be checked before the model is loaded; CLIError otherwise."""
-    from inversion.neti import NeTIConfig, check_config
+    from inversion.neti import MAPPER_FILE, NeTIConfig, check_config
     from inversion.textual_inversion import TrainingError
     from invert import check_paths
     try:  # the numbers the user chose, before anything is loaded
@@ -57,7 +57,7 @@ def check_arguments(args) -> None:
                                 lr=args.lr or 1e-3))
     except TrainingError as e:
         raise CLIError(str(e)) from None
-    check_paths(args)
+    check_paths(args, files=(MAPPER_FILE,), folders=("train_images",))
 
 
 def main(args) -> int:

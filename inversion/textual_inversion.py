@@ -99,6 +99,38 @@ def check_words(model, cfg: TIConfig) -> torch.Tensor:
     return model.text_encoder.text_model.embeddings.token_embedding.weight[init_id].detach().float().clone()
 
 
+class AlteredCheckpoint(Exception):
+    """A checkpoint's field is not what this tool writes there (resume() names the file)."""
+
+
+def restore_tensor(target: torch.Tensor, saved, name: str) -> None:
+    """Copy a checkpoint's tensor into a learned one of the same shape (copy_ alone would
+    broadcast a (1, D) row over (n, D) vectors without a word)."""
+    if not isinstance(saved, torch.Tensor) or saved.shape != target.shape:
+        got = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+        raise AlteredCheckpoint(f"{name} is {got}, this run learns {tuple(target.shape)}")
+    with torch.no_grad():
+        target.copy_(saved)
+
+
+def restore_progress(state: dict) -> tuple:
+    """(step, losses) of a checkpoint, every method's: a step number >= 0 and (step, loss) rows."""
+    step, losses = state["step"], state["losses"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise AlteredCheckpoint(f"step {step!r} is not a step number")
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 2 or losses.shape[1] != 2:
+        raise AlteredCheckpoint("losses is not a table of (step, loss) rows")
+    return step, [tuple(r) for r in losses.tolist()]
+
+
+def check_restored(optimizer) -> None:
+    """After a resume: the learned values and Adam's moments must be finite numbers (training
+    never saves others: check_finite stops a run before its checkpoint)."""
+    tensors = [*optimizer.params, *(m for s in optimizer.state.values() for m in (s["exp_avg"], s["exp_avg_sq"]))]
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise AlteredCheckpoint("it holds NaN or infinite values")
+
+
 def image_token(cfg: TIConfig, i: int) -> str:
     return f"{cfg.placeholder}-img{i}"
 
@@ -254,12 +286,18 @@ class TextualInversion:
         mismatch = resume_mismatch(self.checkpoint_path, state["config"], self.settings())
         if mismatch:
             raise TrainingError(mismatch)
-        with torch.no_grad():
-            for v, saved in zip(self.learned.vectors, state["vectors"]):
-                v.copy_(saved)
+        vectors = state["vectors"]
+        if not isinstance(vectors, list) or len(vectors) != len(self.learned.vectors):
+            raise AlteredCheckpoint(f"vectors is not a list of {len(self.learned.vectors)} tensors (the word's, then "
+                             "the per-image tokens')")
+        for v, saved in zip(self.learned.vectors, vectors):
+            restore_tensor(v, saved, "vectors")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.active = int(state["step"]), int(state["active"])
-        self.losses = [tuple(r) for r in state["losses"].tolist()]
+        self.step, self.losses = restore_progress(state)
+        active = state["active"]
+        if isinstance(active, bool) or not isinstance(active, int) or not 1 <= active <= self.cfg.num_vectors:
+            raise AlteredCheckpoint(f"active {active!r} is not 1 to {self.cfg.num_vectors} vectors")
+        self.active = active
 
     def save_checkpoint(self) -> None:
         state = self.state_dict()
@@ -284,7 +322,9 @@ class TextualInversion:
                             f"({saved.get('base_model', 'named in it')}), or start a new --out folder")
         try:
             self.load_state_dict(state)
-        except (KeyError, IndexError, TypeError, RuntimeError) as e:  # a key missing, a tensor of another shape
+            check_restored(self.optimizer)
+        except (KeyError, IndexError, TypeError, RuntimeError, AlteredCheckpoint) as e:  # a key missing, a
+            # tensor of another shape, a number where a table was saved, NaN values
             what = f"no {e.args[0]!r}" if isinstance(e, KeyError) else load_error_reason(e)
             raise LoadError(f"{self.checkpoint_path} is an incomplete or altered checkpoint ({what}); delete it to "
                             "start again, or choose another --out") from None

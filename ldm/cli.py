@@ -94,6 +94,11 @@ nonnegative_float = checked_number(float, "a number", lambda v: 0 <= v < float("
 learning_rate = checked_number(float, "a number", lambda v: 0 < v <= 1,
                                "> 0 and at most 1 (Adam moves each number by about that much a step)")
 seed_int = checked_number(int, "a whole number", lambda v: 0 <= v < 2 ** 63, "between 0 and 2**63 - 1")
+# torch starts every thread at once; tens of thousands crash the process, and more threads
+# than cores only slow the work down.
+MAX_THREADS = 1024
+thread_count = checked_number(int, "a whole number", lambda v: 1 <= v <= MAX_THREADS,
+                              f"between 1 and {MAX_THREADS} (more threads than cores only slow torch down)")
 
 
 def progress_bar(total: int, desc: str, initial: int = 0, unit: str = "step", disable: bool = False, **kwargs):
@@ -192,6 +197,19 @@ def check_writable(out: Path) -> None:
     blocked = blocking_path(out)
     if blocked is not None:
         raise CLIError(f"--out {out}: cannot make a folder there ({blocked} is not a writable folder)")
+
+
+def check_output_names(out: Path, files=(), folders=()) -> None:
+    """Inside --out, a name the run writes a file under must not be a folder, and a name it
+    writes a folder under must not be a file: found before the work, not at its first save."""
+    for name in files:
+        if (out / name).is_dir():
+            raise CLIError(f"{out / name} is a folder, and this run writes a file there; move it or choose another "
+                           "--out")
+    for name in folders:
+        if (out / name).exists() and not (out / name).is_dir():
+            raise CLIError(f"{out / name} is a file, and this run writes a folder there; move it or choose another "
+                           "--out")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -314,11 +332,12 @@ def run(main, argv=None, prog: str = "", memory_advice: str = MEMORY_ADVICE) -> 
 
 
 def _run(main, argv, prog: str, memory_advice: str) -> int:
+    from ldm.generate import SamplingError
     from ldm.load import LoadError
     try:
         check_text(sys.argv[1:] if argv is None else argv)
         return main(argv) or 0
-    except (CLIError, LoadError) as e:
+    except (CLIError, LoadError, SamplingError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError

@@ -8,6 +8,7 @@ slightly (tests/test_sample_cli.py allows two levels of 255).
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -16,6 +17,12 @@ from ldm.model import StableDiffusion
 from ldm.samplers import ddim_sample, ddpm_sample, guided_denoiser
 
 SAMPLERS = ("ddim", "ddpm")
+
+
+class SamplingError(Exception):
+    """The sampled images hold NaN or infinite numbers: a guidance scale, a learned vector or a
+    weight so large that float32 (or float16) overflowed on the way. Raised rather than handing
+    back images that would be saved as black squares."""
 
 
 def latent_shape(model: StableDiffusion, height: int, width: int) -> tuple:
@@ -68,8 +75,12 @@ def generate(model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int
         z = ddim_sample(denoiser, x_T, model.schedule, steps, eta=eta, generator=generators, progress=progress)
     else:
         z = ddpm_sample(denoiser, x_T, model.schedule, steps, generator=generators, progress=progress)
-    images = model.decode_latents(z)
-    return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+    images = model.decode_latents(z).float()
+    if not torch.isfinite(images).all():
+        raise SamplingError(f"the sampled images hold NaN or infinite numbers (guidance scale {scale:g}, "
+                            f"{str(model.dtype).removeprefix('torch.')}): the scale, a learned file's numbers or "
+                            "the model's weights are too large for the precision")
+    return ((images + 1) / 2).clamp(0, 1).cpu()
 
 
 def to_pil(images: torch.Tensor):
@@ -98,8 +109,13 @@ def save_prompt_row(model: StableDiffusion, prompts: Sequence[str], path, steps:
                     **conditioning) -> None:
     """One image of each prompt (seeds 0, 1, ...), side by side in one PNG: a training run's
     validation grid. `conditioning` is what `generate` takes besides the prompts (learned
-    token vectors, or NeTI's per-layer text encodings)."""
-    images = generate(model, prompts, list(range(len(prompts))), steps=steps, **conditioning)
+    token vectors, or NeTI's per-layer text encodings). Images that overflowed are not written:
+    a warning says so, and the training goes on."""
+    try:
+        images = generate(model, prompts, list(range(len(prompts))), steps=steps, **conditioning)
+    except SamplingError as e:
+        print(f"warning: {path} not written: {e}", file=sys.stderr)
+        return
     save_png(make_grid(to_pil(images), columns=len(prompts)), path, upscale=upscale)
 
 

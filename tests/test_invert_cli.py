@@ -1,4 +1,5 @@
 """invert.py end to end on a tiny random checkpoint: outputs, interop with sample.py, bad input."""
+import copy
 import importlib
 from pathlib import Path
 
@@ -525,6 +526,77 @@ def test_an_altered_checkpoint_on_resume_is_one_line(ckpt, images, tmp_path, cap
     rc, cap = call(base[:-4] + ["--steps", "2", "--resume", "--out", str(tmp_path)], capsys)
     lines = cap.err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "is an incomplete or altered checkpoint" in lines[0], cap.err
+
+
+@pytest.mark.parametrize("method, name, kind", [
+    ("ti", "samples", "file"), ("ti", "learned_embeds.safetensors", "folder"), ("ti", "toy-embedding.pt", "folder"),
+    ("ti", "loss.csv", "folder"), ("neti", "neti_mapper.safetensors", "folder"), ("hiper", "source.png", "folder"),
+    ("hiper", "hiper_tail.safetensors", "folder")])
+def test_an_output_name_taken_by_the_other_kind_inside_out_is_refused_before_training(ckpt, images, tmp_path, capsys,
+                                                                                      method, name, kind):
+    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
+            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+    (tmp_path / name).mkdir() if kind == "folder" else (tmp_path / name).write_text("")
+    rc, cap = call(["--method", method, "--ckpt", str(ckpt), *data, "--batch", "1", "--steps", "2",
+                    "--out", str(tmp_path)], capsys)
+    lines = cap.err.strip().splitlines()
+    # was a traceback, or "Is a directory", at the first save: after the training
+    assert rc == 2 and len(lines) == 1 and f"{tmp_path / name} is a {kind}, and this run writes" in lines[0], cap.err
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def altered(state: dict, how: str) -> dict:
+    """A copy of a checkpoint with one field changed the way a hand or another tool might."""
+    state = copy.deepcopy(state)
+    learned = next(k for k in ("vectors", "mapper", "tail") if k in state)
+    if how == "step as text":
+        state["step"] = "1"
+    elif how == "negative step":
+        state["step"] = -5
+    elif how == "losses as a list":
+        state["losses"] = [[1, 0.5]]
+    elif how == "losses of another shape":
+        state["losses"] = torch.zeros(3)
+    elif how == "one number for many":  # copy_ broadcast it over every learned number
+        if learned == "mapper":
+            state["mapper"] = {k: v.flatten()[:1] for k, v in state["mapper"].items()}
+        else:
+            state[learned] = ([v.flatten()[:1] for v in state[learned]] if learned == "vectors"
+                              else state[learned].flatten()[:1])
+    elif how == "no vectors":  # zip() over nothing restored nothing
+        state[learned] = [] if learned == "vectors" else {} if learned == "mapper" else torch.zeros(0)
+    elif how == "NaN values":
+        if learned == "mapper":
+            state["mapper"] = {k: v * float("nan") for k, v in state["mapper"].items()}
+        else:
+            state[learned] = [v * float("nan") for v in state[learned]] if learned == "vectors" \
+                else state[learned] * float("nan")
+    elif how == "moments of another shape":
+        for moments in state["optimizer"]["state"].values():
+            moments["exp_avg"] = moments["exp_avg"].flatten()[:1]
+    return state
+
+
+@pytest.mark.parametrize("method", ["ti", "neti", "hiper"])
+def test_a_checkpoint_with_fields_of_another_type_or_shape_is_one_line_on_resume(ckpt, images, tmp_path, capsys,
+                                                                                  method):
+    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
+            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+    base = ["--method", method, "--ckpt", str(ckpt), *data, "--batch", "1", "--steps", "1", "--out", str(tmp_path)]
+    assert call(base, capsys)[0] == 0
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    learned = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".safetensors", ".pt"))
+    for how in ("step as text", "negative step", "losses as a list", "losses of another shape", "one number for many",
+                "no vectors", "NaN values", "moments of another shape"):
+        torch.save(altered(state, how), path)
+        before = {name: (tmp_path / name).read_bytes() for name in learned if name != "checkpoint.pt"}
+        rc, cap = call(base[:-4] + ["--steps", "2", "--resume", "--out", str(tmp_path)], capsys)
+        lines = cap.err.strip().splitlines()
+        # were tracebacks, a run resumed from the initial vectors, or "lower --lr" for numbers never learned
+        assert rc == 2 and len(lines) == 1 and "is an incomplete or altered checkpoint" in lines[0], (how, cap.err)
+        assert "--lr" not in lines[0], (how, lines)
+        assert all((tmp_path / name).read_bytes() == data for name, data in before.items()), how  # untouched
 
 
 def test_resume_of_a_finished_run_asks_for_more_steps_and_short_progressive_runs_are_warned(ckpt, images, tmp_path,

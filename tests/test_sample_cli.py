@@ -131,6 +131,8 @@ def test_auto_device_and_precision(monkeypatch):
     (["--eta", "1.5"], "--eta: must be between 0 and 1"),            # its noise would pass the schedule's
     (["--seed", str(2 ** 63 - 1), "--n", "2"], "give a smaller --seed"),  # image 2's seed could not be given back
     (["--out="], "--out: is empty"),                                # would be the current folder
+    (["--n", "1001"], "--n: must be between 1 and 1000"),            # 10**12 was killed for memory
+    (["--alpha", "11"], "--alpha: must be between 0 and 10"),        # 1e38 drew black images
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(ckpt, tmp_path, args, message):
     argv = ["--prompt", "x", "--out", str(tmp_path / "o")]
@@ -271,6 +273,30 @@ def test_generate_refuses_a_scale_or_seed_that_would_give_nonsense():
                         (dict(seeds=[2 ** 63]), "seeds")):
         with pytest.raises(ValueError, match=message):
             generate(model, ["a"], **kw)
+
+
+def test_guidance_that_overflows_is_one_line_and_writes_no_black_images(ckpt, tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(ckpt), "--prompt", "x", "--out", str(out),
+                           "--scale", "1e38", "--steps", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert "NaN or infinite" in last and "guidance scale 1e+38" in last and "nothing written" in last
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_generate_raises_on_images_that_overflowed_and_a_validation_row_is_skipped(ckpt, tmp_path, capsys):
+    import ldm
+    from ldm.generate import SamplingError, generate, save_prompt_row
+    model = ldm.load(ckpt)
+    cond = model.encode_prompts(["a red circle"])
+    with pytest.raises(SamplingError, match="NaN or infinite"):
+        generate(model, ["a red circle"], [0], steps=2, cond=cond * float("nan"))
+    with pytest.raises(SamplingError):  # a learned vector too large for float32
+        generate(model, ["a red circle"], [0], steps=2, cond=cond * 1e38)
+    save_prompt_row(model, ["a red circle"], tmp_path / "row.png", steps=2, cond=cond * float("nan"))
+    assert not (tmp_path / "row.png").exists()  # a training run goes on, with a warning
+    assert "row.png not written" in capsys.readouterr().err
 
 
 def test_validation_row_is_each_prompt_with_its_seed(ckpt, tmp_path):
