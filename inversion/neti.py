@@ -59,6 +59,7 @@ from ldm.load import PICKLE_SUFFIXES, LoadError, atomic_write, load_error_reason
 Layers = List[torch.Tensor]  # one (B, 77, D) text encoding per cross-attention layer
 
 MAPPER_FILE = "neti_mapper.safetensors"
+MAX_SIGMA = 100.0  # the largest --sigma-t or --sigma-l: the encoding's frequencies stay finite numbers
 CONFIG_KEY = "neti_config"  # metadata key of the mapper's MapperConfig, as JSON
 
 
@@ -381,6 +382,10 @@ def check_config(cfg: NeTIConfig) -> None:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value > 0):
             raise TrainingError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    for name in ("sigma_t", "sigma_l"):  # frequencies x timestep (up to 1000): past this, noise, then inf
+        if getattr(cfg, name) > MAX_SIGMA:
+            raise TrainingError(f"--{name.replace('_', '-')} must be at most {MAX_SIGMA:g} (the paper's: "
+                                f"σ_t 0.03, σ_l 2), got {getattr(cfg, name):g}")
     for name in ("steps", "batch", "grad_accum", "hidden", "num_features", "time_anchors"):
         if getattr(cfg, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be at least 1")

@@ -391,6 +391,8 @@ def test_bad_input_gives_one_line_exit_2_and_no_files(ckpt, image_folder, tmp_pa
         (common + ["--image", str(image_folder)], "--image is not an option of --method neti"),
         (common + ["--nested-dropout", "1.5"], "--nested-dropout"),
         (common + ["--sigma-t", "0"], "--sigma-t"),
+        (common + ["--sigma-t", "1e39"], "--sigma-t must be at most 100"),  # trained on NaN: "lower --lr"
+        (common + ["--sigma-l", "101"], "--sigma-l must be at most 100"),
         (common + ["--grad-accum", "0"], "--grad-accum"),
         (["--ckpt", str(ckpt), "--images", str(image_folder), "--placeholder", "<a>", "--init-word", "gold fish tank"],
          "one token"),
