@@ -116,7 +116,7 @@ def _read_tail(path: Path) -> Tuple[torch.Tensor, Dict[str, str]]:
     if path.is_dir():
         raise TailFileError(f"{path}: is a folder; give the file in it (hiper_tail.safetensors)")
     if not path.is_file():
-        raise TailFileError(f"{path}: no such file")
+        raise TailFileError(f"{path}: {'is not a regular file' if path.exists() else 'no such file'}")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise TailFileError(f"{path}: is {path.stat().st_size / 2**20:,.0f} MB, far too big for a HiPer tail (a few KB)")
     try:

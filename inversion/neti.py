@@ -279,7 +279,7 @@ def load_mapper(path: Union[str, Path], model=None, device="cpu") -> Tuple[NeTIM
     if path.is_dir():
         raise NeTIError(f"{path}: is a folder; give the file in it (neti_mapper.safetensors)")
     if not path.is_file():
-        raise NeTIError(f"{path}: no such file")
+        raise NeTIError(f"{path}: {'is not a regular file' if path.exists() else 'no such file'}")
     if path.suffix.lower() in PICKLE_SUFFIXES:  # invert.py writes mappers as .safetensors only
         raise NeTIError(f"{path}: a NeTI mapper is a .safetensors file (neti_mapper.safetensors); a .pt or .bin "
                         "learned word (Textual Inversion, AUTOMATIC1111) goes to --embedding")
