@@ -288,8 +288,8 @@ class TextualInversion:
             raise TrainingError(mismatch)
         vectors = state["vectors"]
         if not isinstance(vectors, list) or len(vectors) != len(self.learned.vectors):
-            raise AlteredCheckpoint(f"vectors is not a list of {len(self.learned.vectors)} tensors (the word's, then "
-                             "the per-image tokens')")
+            raise AlteredCheckpoint(f"vectors is not a list of {len(self.learned.vectors)} tensors (the word's, "
+                                    "then the per-image tokens')")
         for v, saved in zip(self.learned.vectors, vectors):
             restore_tensor(v, saved, "vectors")
         self.optimizer.load_state_dict(state["optimizer"])
