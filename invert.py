@@ -19,12 +19,15 @@ from typing import Optional
 import torch
 
 from inversion.precision import fp16_warning, training_dtype
-from ldm.cli import (CLIError, Parser, check_half_weights, check_output_names, check_writable, checked_number, flags,
-                     learning_rate, nonnegative_float, nonnegative_int, path_arg, pick_device, positive_int, run,
+from ldm.cli import (CLIError, Parser, at_most, check_half_weights, check_output_names, check_writable, checked_number,
+                     flags, learning_rate, nonnegative_float, nonnegative_int, path_arg, pick_device, positive_int, run,
                      seed_int, shell_command, word_arg)
+from ldm.generate import MAX_RESOLUTION
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"
+MAX_RENDERED = 100   # tiny-world images rendered for a run without --images
+MAX_BATCH = 1024     # images a step (far more than fits in any memory at 512 px)
 # Measured on the tiny model (see README, "Results on the tiny world"); SD uses the paper's recipe.
 TINY_DEFAULTS = dict(steps=400, batch=8, lr=5e-3, save_every=100)
 SD_DEFAULTS = dict(steps=5000, batch=4, lr=5e-3, save_every=500)
@@ -79,7 +82,7 @@ def build_parser() -> Parser:
     opt.add_argument("--lr", type=learning_rate, default=None,
                      help="base learning rate (ti 5e-3 and neti 1e-3, each multiplied by the images per step; "
                           "hiper 5e-3 as it is)")
-    opt.add_argument("--batch", type=positive_int, default=None,
+    opt.add_argument("--batch", type=at_most(MAX_BATCH, "the paper's is 4 a GPU"), default=None,
                      help="images per step (tiny model / SD: ti 8 / 4; neti 8 / 2, with --grad-accum 4 on SD; "
                           "hiper 4 / 1)")
     opt.add_argument("--seed", type=seed_int, default=0,
@@ -216,8 +219,6 @@ def output_files(out: Path, placeholder: str, tokenizer):
     return out / "learned_embeds.safetensors", out / f"{safe}.pt", out / f"{safe}.safetensors"
 
 
-MAX_RENDERED = 100   # tiny-world images rendered for a run without --images
-MAX_RESOLUTION = 2048
 
 
 def check_paths(args, files=(), folders=()) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from inversion.hiper import MAX_ALPHA
-from ldm.cli import (DTYPES, CLIError, Parser, check_half_weights, check_writable, checked_number, nonnegative_float,
+from ldm.generate import MAX_RESOLUTION
+from ldm.cli import (DTYPES, at_most, CLIError, Parser, check_half_weights, check_writable, checked_number, nonnegative_float,
                      path_arg, pick_device, pick_dtype, positive_int, run, seed_int)
 
 ROOT = Path(__file__).resolve().parent
@@ -49,8 +50,9 @@ def build_parser() -> Parser:
                    help="ddim: deterministic, few steps; ddpm: ancestral, stochastic")
     p.add_argument("--eta", type=checked_number(float, "a number", lambda v: 0 <= v <= 1, "between 0 and 1"),
                    default=0.0, help="DDIM noise, 0 to 1 (0 = deterministic, 1 = as much as DDPM's)")
-    p.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's)")
-    p.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's)")
+    side = at_most(MAX_RESOLUTION, "SD v1 draws at 512")
+    p.add_argument("--height", type=side, default=None, help="image height (default: the model's)")
+    p.add_argument("--width", type=side, default=None, help="image width (default: the model's)")
     p.add_argument("--out", type=path_arg, default=Path("outputs"), help="folder for the PNGs and the grid")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import CLIError, flags, positive_int, shell_command
+from ldm.cli import CLIError, at_most, flags, shell_command
 
 # SD: NeTI's recipe (training/config.py of the authors' code): lr 1e-3 scaled by the images
 # per step, batch 2 with 4 accumulated micro-batches, 1000 steps, a checkpoint every 250.
@@ -37,7 +37,7 @@ def add_arguments(parser) -> set:
         "NeTI (--method neti)",
         "a mapper gives the word's vector for every timestep and cross-attention layer; --init-word is the "
         f"super-category word; also uses {flags(SHARED_OPTIONS)} (SD defaults: 1000 steps, lr 1e-3 x 8 images)")
-    own = [g.add_argument("--grad-accum", type=positive_int, default=None,
+    own = [g.add_argument("--grad-accum", type=at_most(1024, "the paper's is 4"), default=None,
                           help="micro-batches per step; the lr is scaled by batch x grad-accum (SD: 4, tiny: 1)"),
            g.add_argument("--sigma-t", type=float, default=0.03, help="scale of the time frequencies of the encoding"),
            g.add_argument("--sigma-l", type=float, default=2.0, help="scale of the layer frequencies of the encoding"),

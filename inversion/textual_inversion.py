@@ -60,7 +60,7 @@ class TIConfig:
         return self.lr * self.batch
 
 
-MAX_PLACEHOLDER = 64   # characters; the placeholder names the AUTOMATIC1111 files
+MAX_PLACEHOLDER = 64   # characters (and twice as many bytes); the placeholder names the AUTOMATIC1111 files
 MAX_SKIPPED_STEPS = 10  # steps in a row with a NaN or infinite loss that stop a run
 
 
@@ -81,9 +81,10 @@ def check_words(model, cfg: TIConfig) -> torch.Tensor:
                             "choose a string it does not know, such as '<my-toy>'")
     if not cfg.placeholder.strip() or any(c.isspace() for c in cfg.placeholder):
         raise TrainingError(f"--placeholder {cfg.placeholder!r} must be one word without spaces, such as '<my-toy>'")
-    if len(cfg.placeholder) > MAX_PLACEHOLDER:
-        raise TrainingError(f"--placeholder is {len(cfg.placeholder)} characters; at most {MAX_PLACEHOLDER} "
-                            "(it names the output files)")
+    if len(cfg.placeholder) > MAX_PLACEHOLDER or len(cfg.placeholder.encode("utf-8")) > 2 * MAX_PLACEHOLDER:
+        raise TrainingError(f"--placeholder is {len(cfg.placeholder)} characters, {len(cfg.placeholder.encode())} "
+                            f"bytes in UTF-8; at most {MAX_PLACEHOLDER} and {2 * MAX_PLACEHOLDER} (it names the "
+                            "output files, whose names have at most 255 bytes)")
     inside = [t for t in templates(cfg.learnable_property) if cfg.placeholder.lower() in t.format("").lower()]
     if inside:  # the tokenizer finds a new token anywhere in the text, inside other words too
         raise TrainingError(f"--placeholder {cfg.placeholder!r} is part of the training prompt {inside[0]!r}, "

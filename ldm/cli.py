@@ -94,6 +94,12 @@ nonnegative_float = checked_number(float, "a number", lambda v: 0 <= v < float("
 learning_rate = checked_number(float, "a number", lambda v: 0 < v <= 1,
                                "> 0 and at most 1 (Adam moves each number by about that much a step)")
 seed_int = checked_number(int, "a whole number", lambda v: 0 <= v < 2 ** 63, "between 0 and 2**63 - 1")
+def at_most(most: int, why: str):
+    """An argparse type: a whole number from 1 to `most` (larger ones overflow, or need far more
+    memory than any machine has, only after the model is loaded)."""
+    return checked_number(int, "a whole number", lambda v: 1 <= v <= most, f"between 1 and {most} ({why})")
+
+
 # torch starts every thread at once; tens of thousands crash the process, and more threads
 # than cores only slow the work down.
 MAX_THREADS = 1024
@@ -162,9 +168,10 @@ def can_write_in(folder: Path) -> bool:
 def blocking_path(folder: Path) -> Optional[Path]:
     """Why `folder` (made if missing) cannot be written in: the nearest existing path at or above
     it, when that is no folder or not a writable one (or the drive, when none of it exists: a
-    missing drive or network share); None when it can."""
+    missing drive or network share); None when it can. A link to nothing blocks: no folder can
+    be made where it is."""
     folder = folder.absolute()
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    existing = next((p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), None)
     if existing is None:
         return Path(folder.anchor or folder)
     return None if existing.is_dir() and can_write_in(existing) else existing
@@ -202,6 +209,10 @@ def check_writable(out: Path) -> None:
 def check_output_names(out: Path, files=(), folders=()) -> None:
     """Inside --out, a name the run writes a file under must not be a folder, and a name it
     writes a folder under must not be a file: found before the work, not at its first save."""
+    for name in (*files, *folders):
+        if (out / name).is_symlink() and not (out / name).exists():
+            raise CLIError(f"{out / name} is a link to something that does not exist; remove it or choose another "
+                           "--out")
     for name in files:
         if (out / name).is_dir():
             raise CLIError(f"{out / name} is a folder, and this run writes a file there; move it or choose another "

@@ -17,6 +17,7 @@ from ldm.model import StableDiffusion
 from ldm.samplers import ddim_sample, ddpm_sample, guided_denoiser
 
 SAMPLERS = ("ddim", "ddpm")
+MAX_RESOLUTION = 2048  # pixels a side that the tools accept (SD v1 is trained at 512)
 
 
 class SamplingError(Exception):

@@ -1,6 +1,7 @@
 """invert.py end to end on a tiny random checkpoint: outputs, interop with sample.py, bad input."""
 import copy
 import importlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,12 @@ def bad_cases(ckpt, images, tmp_path):
         (["--ckpt", str(ckpt), "--num-images", "100000"], "--num-images"),
         (["--ckpt", str(ckpt), "--method", "hiper", "--image", str(images / "0.png"), "--source", " "], "--source is empty"),
         (["--ckpt", str(ckpt), "--method", "hiper", "--image", str(images), "--source", "a dog"], "is a folder"),
+        # overflowed only after the model was loaded, or named a file too long for the disk after training
+        (common + ["--batch", str(2 ** 64)], "--batch: must be between 1 and 1024"),
+        (common + ["--method", "neti", "--grad-accum", str(10 ** 20)], "--grad-accum: must be between 1 and 1024"),
+        (common[:4] + ["--placeholder", "\U0001d400" * 64, "--init-word", "toy"], "256 bytes in UTF-8; at most 64 and 128"),
+        *([(["--ckpt", str(ckpt), "--method", "hiper", "--image", os.devnull, "--source", "a dog"],
+            "is not a regular file")] if os.name == "posix" else []),
     ]
 
 
@@ -531,17 +538,21 @@ def test_an_altered_checkpoint_on_resume_is_one_line(ckpt, images, tmp_path, cap
 @pytest.mark.parametrize("method, name, kind", [
     ("ti", "samples", "file"), ("ti", "learned_embeds.safetensors", "folder"), ("ti", "toy-embedding.pt", "folder"),
     ("ti", "loss.csv", "folder"), ("neti", "neti_mapper.safetensors", "folder"), ("hiper", "source.png", "folder"),
-    ("hiper", "hiper_tail.safetensors", "folder")])
+    ("hiper", "hiper_tail.safetensors", "folder"), ("ti", "samples", "broken link")])
 def test_an_output_name_taken_by_the_other_kind_inside_out_is_refused_before_training(ckpt, images, tmp_path, capsys,
                                                                                       method, name, kind):
     data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
             else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
-    (tmp_path / name).mkdir() if kind == "folder" else (tmp_path / name).write_text("")
+    if kind == "broken link":  # trained to the end, then "File exists"
+        (tmp_path / name).symlink_to(tmp_path / "nowhere" / "x")
+        kind = "link to something that does not exist"
+    else:
+        (tmp_path / name).mkdir() if kind == "folder" else (tmp_path / name).write_text("")
     rc, cap = call(["--method", method, "--ckpt", str(ckpt), *data, "--batch", "1", "--steps", "2",
                     "--out", str(tmp_path)], capsys)
     lines = cap.err.strip().splitlines()
     # was a traceback, or "Is a directory", at the first save: after the training
-    assert rc == 2 and len(lines) == 1 and f"{tmp_path / name} is a {kind}, and this run writes" in lines[0], cap.err
+    assert rc == 2 and len(lines) == 1 and f"{tmp_path / name} is a {kind}" in lines[0], cap.err
     assert [p.name for p in tmp_path.iterdir()] == [name]
 
 

@@ -243,6 +243,7 @@ def test_neti_results_lr_reaches_the_mapper_only_and_a_bad_one_is_refused(ckpt32
     ("tinyworld.hiper_eval", ["--tail", "100"], "--tail must be between 1 and 75"),
     ("tinyworld.hiper_eval", ["--alphas", "0.5,nan"], "each α must be between 0 and 10"),
     ("tinyworld.world", ["--grid", "g.txt"], "argument --grid: g.txt: name a .png"),
+    ("tinyworld.world", ["-n", str(10 ** 20)], "argument -n: must be between 1 and 10000"),  # a traceback
     ("tinyworld.evaluate", ["--n", "0"], "argument --n: must be at least 1"),        # was a traceback
     ("tinyworld.evaluate", ["--steps", "0"], "argument --steps: must be at least 1"),  # was a traceback
     ("tinyworld.ti_results", ["--n", "0"], "argument --n: must be at least 1"),      # was a traceback

@@ -133,6 +133,7 @@ def test_auto_device_and_precision(monkeypatch):
     (["--out="], "--out: is empty"),                                # would be the current folder
     (["--n", "1001"], "--n: must be between 1 and 1000"),            # 10**12 was killed for memory
     (["--alpha", "11"], "--alpha: must be between 0 and 10"),        # 1e38 drew black images
+    (["--width", "16000000"], "--width: must be between 1 and 2048"),  # was killed for memory
     *([(["--hiper", os.devnull], "is not a regular file"),          # was "no such file"
        (["--neti", os.devnull], "is not a regular file")] if os.name == "posix" else []),
 ])

@@ -643,16 +643,17 @@ def save_grid(path: str, images: np.ndarray, captions: Sequence[str] | None = No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ldm.cli import Parser, check_file_writable, image_path_arg, positive_int, seed_int
+    from ldm.cli import Parser, at_most, check_file_writable, image_path_arg, seed_int
     ap = Parser(prog="python -m tinyworld.world", description="Write a grid of tiny-world samples.")
     ap.add_argument("--grid", type=image_path_arg, default=Path("tinyworld_grid.png"), help="the PNG to write")
-    ap.add_argument("-n", type=positive_int, default=48, help="images in the grid")
+    ap.add_argument("-n", type=at_most(10000, "one grid"), default=48, help="images in the grid")
     ap.add_argument("--seed", type=seed_int, default=0, help="seed of the rendered images")
     ap.add_argument("--split", choices=("train", "eval", "any"), default="train",
                     help="train: the training images; eval: held-out combinations only; any: no restriction")
     ap.add_argument("--concept", choices=(*HELDOUT_SHAPES, *HELDOUT_TEXTURES), default=None,
                     help="draw one held-out concept instead")
-    ap.add_argument("--scale", type=positive_int, default=4, help="each pixel drawn as scale x scale")
+    ap.add_argument("--scale", type=at_most(64, "a 32-px image 2048 px wide"), default=4,
+                    help="each pixel drawn as scale x scale")
     args = ap.parse_args(argv)
     if args.concept and "split" in ap.given_options(argv):
         ap.error("--split chooses the dataset's images; --concept draws a held-out concept instead")
@@ -671,4 +672,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
     from ldm.cli import run
-    sys.exit(run(main, prog="tinyworld.world"))
+    sys.exit(run(main, prog="tinyworld.world", memory_advice="try a smaller -n or --scale"))
