@@ -76,6 +76,8 @@ class AdamW:
         for i, key in enumerate(order):
             if key in state_dict["state"]:
                 s, p = state_dict["state"][key], self.params[i]
+                if not s["step"].reshape(()) >= 0:  # a count of steps (a negative one divides by zero)
+                    raise RuntimeError(f"optimizer step count {s['step'].item()}")
                 if s["exp_avg"].shape != p.shape or s["exp_avg_sq"].shape != p.shape:
                     raise RuntimeError(f"optimizer moments of shape {tuple(s['exp_avg'].shape)} for a tensor of "
                                        f"shape {tuple(p.shape)}")

@@ -37,7 +37,8 @@ from torch import nn
 from inversion.adam import Adam
 from inversion.data import image_digest, resume_mismatch
 from inversion.files import BaseModel, EmbeddingError
-from inversion.textual_inversion import TextualInversion, encode_images, noisy_latents, restore_progress, restore_tensor
+from inversion.textual_inversion import (TextualInversion, TrainingError, encode_images, noisy_latents, restore_progress,
+                                         restore_tensor)
 from inversion.precision import autocast
 from ldm.load import atomic_write, load_error_reason
 
@@ -48,7 +49,7 @@ MAX_ALPHA = 10.0                # the tail's weight α: the paper's are 0 to 1; 
                                 # the prompt (and at 1e38 overflows float32 into black images)
 
 
-class HiPerError(ValueError):
+class HiPerError(TrainingError):
     """Bad settings for HiPer (tail size, prompt length, resume); the message is one line."""
 
 

@@ -121,6 +121,8 @@ def restore_progress(state: dict) -> tuple:
         raise AlteredCheckpoint(f"step {step!r} is not a step number")
     if not isinstance(losses, torch.Tensor) or losses.dim() != 2 or losses.shape[1] != 2:
         raise AlteredCheckpoint("losses is not a table of (step, loss) rows")
+    if not torch.isfinite(losses).all():  # a NaN loss is skipped, never logged
+        raise AlteredCheckpoint("losses holds NaN or infinite values")
     return step, [tuple(r) for r in losses.tolist()]
 
 
@@ -316,19 +318,23 @@ class TextualInversion:
                             "again, or choose another --out") from None
         if not isinstance(state, dict) or "config" not in state:
             raise LoadError(f"{self.checkpoint_path} is not a checkpoint of this tool; delete it or choose another --out")
+        altered = f"{self.checkpoint_path} is an incomplete or altered checkpoint"
         saved = state.get("base_model")
-        if isinstance(saved, dict) and self.base_model is not None and not self.base_model.recognises(saved):
+        if saved is not None and not (isinstance(saved, dict) and all(isinstance(v, str) for v in saved.values())):
+            raise LoadError(f"{altered} (its base_model is not text); delete it to start again, or choose another --out")
+        if saved is not None and self.base_model is not None and not self.base_model.recognises(saved):
             raise LoadError(f"{self.checkpoint_path} was trained on another base model "
                             f"({self.base_model.difference(saved)}); resume with the --ckpt it was trained on "
                             f"({saved.get('base_model', 'named in it')}), or start a new --out folder")
         try:
             self.load_state_dict(state)
             check_restored(self.optimizer)
-        except (KeyError, IndexError, TypeError, RuntimeError, AlteredCheckpoint) as e:  # a key missing, a
-            # tensor of another shape, a number where a table was saved, NaN values
+        except TrainingError:  # other settings or images (HiPerError too): its own message
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, AlteredCheckpoint) as e:
+            # a key missing, a tensor of another shape, a number where a table was saved, NaN values
             what = f"no {e.args[0]!r}" if isinstance(e, KeyError) else load_error_reason(e)
-            raise LoadError(f"{self.checkpoint_path} is an incomplete or altered checkpoint ({what}); delete it to "
-                            "start again, or choose another --out") from None
+            raise LoadError(f"{altered} ({what}); delete it to start again, or choose another --out") from None
         return True
 
     def write_loss_log(self) -> None:

@@ -585,6 +585,16 @@ def altered(state: dict, how: str) -> dict:
     elif how == "moments of another shape":
         for moments in state["optimizer"]["state"].values():
             moments["exp_avg"] = moments["exp_avg"].flatten()[:1]
+    elif how == "Adam's step count negative":  # divided by zero at the next step
+        for moments in state["optimizer"]["state"].values():
+            moments["step"] = torch.tensor(-1.0)
+    elif how == "Adam's step count as text":
+        for moments in state["optimizer"]["state"].values():
+            moments["step"] = "x"
+    elif how == "NaN losses":  # failed as loss.csv was written, after the training
+        state["losses"] = torch.full((2, 2), float("nan"))
+    elif how == "base model hash as a number":
+        state["base_model"] = {"base_model_hash": 5}
     return state
 
 
@@ -599,7 +609,8 @@ def test_a_checkpoint_with_fields_of_another_type_or_shape_is_one_line_on_resume
     state = torch.load(path, weights_only=True)
     learned = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".safetensors", ".pt"))
     for how in ("step as text", "negative step", "losses as a list", "losses of another shape", "one number for many",
-                "no vectors", "NaN values", "moments of another shape"):
+                "no vectors", "NaN values", "moments of another shape", "Adam's step count negative",
+                "Adam's step count as text", "NaN losses", "base model hash as a number"):
         torch.save(altered(state, how), path)
         before = {name: (tmp_path / name).read_bytes() for name in learned if name != "checkpoint.pt"}
         rc, cap = call(base[:-4] + ["--steps", "2", "--resume", "--out", str(tmp_path)], capsys)
