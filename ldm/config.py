@@ -5,7 +5,8 @@ Each dataclass's defaults are the sizes of the public SD v1.x checkpoints, so
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+import math
+from dataclasses import dataclass, field, fields, asdict
 
 from clip.config import CLIPTextConfig
 
@@ -71,7 +72,46 @@ class ModelConfig:
                 if isinstance(v, list):
                     values[k] = tuple(v)
             return klass(**values)
+        if not isinstance(d, dict):
+            raise TypeError(f"a configuration is a JSON object, not {type(d).__name__}")
         return cls(unet=build(UNetConfig, d.get("unet")), vae=build(VAEConfig, d.get("vae")),
                    text=build(CLIPTextConfig, d.get("text")),
                    schedule=build(ScheduleConfig, d.get("schedule")),
-                   image_size=int(d.get("image_size", 512)))
+                   image_size=d.get("image_size", 512))
+
+    def check(self) -> None:
+        """ValueError naming the first size that no network can be built with, or that would
+        fail only later (a head count that does not divide the width fails mid-sampling)."""
+        for part in (self.unet, self.vae, self.text, self.schedule, self):
+            for f in fields(part):
+                value = getattr(part, f.name)
+                if f.type in ("int", int) and not _count(value):
+                    raise ValueError(f"{f.name} is {value!r}, not a whole number from 1 to {MAX_SIZE:,}")
+                if f.type in ("tuple", tuple) and not (isinstance(value, tuple) and all(map(_count, value))):
+                    raise ValueError(f"{f.name} is {value!r}, not a list of whole numbers from 1 to {MAX_SIZE:,}")
+                if f.type in ("float", float) and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                       and math.isfinite(value) and value > 0):
+                    raise ValueError(f"{f.name} is {value!r}, not a number > 0")
+        if not self.unet.channel_mult or not self.vae.ch_mult:
+            raise ValueError("channel_mult and ch_mult need one entry per level")
+        if not self.schedule.linear_start <= self.schedule.linear_end < 1:
+            raise ValueError(f"the noise schedule's betas run from {self.schedule.linear_start} to "
+                             f"{self.schedule.linear_end}; they must rise and stay below 1")
+        unet, vae, text = self.unet, self.vae, self.text
+        for name, width, groups in [*((f"U-Net width {unet.model_channels * m}", unet.model_channels * m,
+                                       unet.norm_groups) for m in (1, *unet.channel_mult)),
+                                    *((f"VAE width {vae.ch * m}", vae.ch * m, vae.norm_groups) for m in vae.ch_mult)]:
+            if width % groups:
+                raise ValueError(f"{name} is not divisible by its {groups} norm groups")
+        for m in unet.channel_mult:
+            if (unet.model_channels * m) % unet.num_heads:
+                raise ValueError(f"U-Net width {unet.model_channels * m} is not divisible by its {unet.num_heads} heads")
+        if text.hidden_size % text.num_attention_heads:
+            raise ValueError(f"text width {text.hidden_size} is not divisible by its {text.num_attention_heads} heads")
+
+
+MAX_SIZE = 1 << 20  # no size of an SD v1 network is near it (the largest, the vocabulary, is 49,408)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE

@@ -376,7 +376,9 @@ def _load_single_file(path: Path, device, dtype, ema: bool, half_weights: bool =
     if CONFIG_METADATA_KEY in metadata:
         try:
             config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
-        except (ValueError, TypeError) as e:  # bad JSON, or fields of another version
+            config.check()
+        except (ValueError, TypeError, AttributeError) as e:  # bad JSON, fields of another version, sizes
+            # no network can be built with
             raise LoadError(f"{path}: its '{CONFIG_METADATA_KEY}' metadata is not a configuration this version "
                             f"reads ({e})") from None
     else:
@@ -497,8 +499,14 @@ def _load_diffusers_folder(folder: Path, device, dtype, half_weights: bool = Fal
     try:
         config = convert.read_diffusers_configs(parts["unet"], parts["vae"], parts["text_encoder"],
                                                 _read_json(scheduler) if scheduler.exists() else None)
-    except ValueError as e:
+    except ValueError as e:  # an architecture SD v1 is not
         raise LoadError(f"{folder}: {e}") from None
+    except (TypeError, AttributeError, KeyError) as e:  # a config.json that is not an object of settings
+        raise LoadError(f"{folder}: a config.json is not a diffusers configuration ({load_error_reason(e)})") from None
+    try:
+        config.check()
+    except ValueError as e:
+        raise LoadError(f"{folder}: its configuration is invalid ({e})") from None
     sd: Dict[str, torch.Tensor] = {}
     to_compvis = {"unet": (lambda s: convert.unet_diffusers_to_compvis(s, config.unet), convert.PREFIX_UNET),
                   "vae": (lambda s: convert.vae_diffusers_to_compvis(s, config.vae), convert.PREFIX_VAE),

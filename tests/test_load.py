@@ -1,6 +1,7 @@
 """Loading and saving: both public layouts, the quirks real files have, and clear errors."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -442,6 +443,49 @@ def test_missing_tensor_and_wrong_shape_are_reported(model, tmp_path):
     path = compvis_file_with(model, tmp_path, lambda sd: sd.__setitem__(key, torch.zeros(4, 32, 1, 1)), "shape.safetensors")
     with pytest.raises(LoadError, match="wrong shape"):
         ldm.load(path)
+
+
+def edited(config: dict, part: str, **values):
+    config = json.loads(json.dumps(config))
+    config[part].update(values)
+    return config
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: [1, 2], "a configuration is a JSON object, not list"),
+    (lambda c: edited(c, "schedule", num_timesteps=0), "num_timesteps is 0"),
+    (lambda c: edited(c, "schedule", num_timesteps="1000"), "num_timesteps is '1000'"),
+    (lambda c: edited(c, "schedule", linear_start=0.5, linear_end=2.0), "they must rise and stay below 1"),
+    (lambda c: edited(c, "unet", norm_groups=7), "is not divisible by its 7 norm groups"),
+    (lambda c: edited(c, "unet", num_heads=3), "is not divisible by its 3 heads"),         # failed mid-sampling
+    (lambda c: edited(c, "text", num_attention_heads=3), "is not divisible by its 3 heads"),
+    (lambda c: edited(c, "unet", channel_mult="12"), "channel_mult is '12'"),
+    (lambda c: edited(c, "unet", model_channels=10 ** 12), "model_channels is 1000000000000"),  # overflowed
+    (lambda c: edited(c, "vae", scale_factor="x"), "scale_factor is 'x'"),  # failed after the sampling
+])
+def test_a_configuration_no_network_can_be_built_with_is_one_error(model, tmp_path, change, message):
+    path = tmp_path / "odd.safetensors"
+    config = json.dumps(change(model.config.to_dict()))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata={"ldm_config": config})
+    with pytest.raises(LoadError, match="its 'ldm_config' metadata is not a configuration") as error:
+        ldm.load(path)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("file, change, message", [
+    ("unet/config.json", lambda c: [], "a config.json is not a diffusers configuration"),
+    ("scheduler/scheduler_config.json", lambda c: [], "a config.json is not a diffusers configuration"),
+    ("scheduler/scheduler_config.json", lambda c: {**c, "num_train_timesteps": 0}, "num_timesteps is 0"),
+    ("unet/config.json", lambda c: {**c, "attention_head_dim": 0}, "num_heads is 0"),
+    ("unet/config.json", lambda c: {**c, "norm_num_groups": 7}, "not divisible by its 7 norm groups"),
+    ("vae/config.json", lambda c: {**c, "scaling_factor": "x"}, "scale_factor is 'x'"),
+])
+def test_a_diffusers_configuration_no_network_can_be_built_with_is_one_error(model, tmp_path, file, change, message):
+    folder = ldm.save(model, tmp_path / "sd")
+    path = folder / file
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    with pytest.raises(LoadError, match=re.escape(message)):
+        ldm.load(folder)
 
 
 def test_incomplete_diffusers_folder(model, tmp_path):
