@@ -59,6 +59,10 @@ from ldm.load import PICKLE_SUFFIXES, LoadError, atomic_write, load_error_reason
 Layers = List[torch.Tensor]  # one (B, 77, D) text encoding per cross-attention layer
 
 MAPPER_FILE = "neti_mapper.safetensors"
+# The largest sizes a mapper file may ask for (the paper's: D 768, L 16, T 1000, 128 hidden units,
+# 1024 frequencies, 10 time anchors): the network they build stays under 1 GB.
+MAPPER_LIMITS = {"width": 1 << 14, "num_layers": 1024, "num_timesteps": 1 << 20, "hidden": 4096,
+                 "num_features": 16384, "time_anchors": 1 << 20, "seed": 2 ** 63 - 1}
 MAX_SIGMA = 100.0  # the largest --sigma-t or --sigma-l: the encoding's frequencies stay finite numbers
 CONFIG_KEY = "neti_config"  # metadata key of the mapper's MapperConfig, as JSON
 
@@ -86,9 +90,26 @@ class MapperConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "MapperConfig":
+        """The configuration a mapper file records, checked (ValueError) before a network of its
+        sizes is built: a file's numbers must not ask for more memory than any machine has."""
         values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"its configuration is a JSON {type(values).__name__}, not an object")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        cfg = cls(**{k: v for k, v in values.items() if k in known})
+        for f in fields(cls):
+            value, most = getattr(cfg, f.name), MAPPER_LIMITS.get(f.name)
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name} is {value!r}, not true or false")
+            if f.type == "int" and not (whole and (0 if f.name == "seed" else 1) <= value <= most):
+                raise ValueError(f"{f.name} is {value!r}, not a whole number up to {most:,}")
+            if f.type == "float" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and math.isfinite(value) and value > 0):
+                raise ValueError(f"{f.name} is {value!r}, not a number > 0")
+        if cfg.time_anchors > cfg.num_timesteps:
+            raise ValueError(f"time_anchors {cfg.time_anchors} is more than the {cfg.num_timesteps} timesteps")
+        return cfg
 
 
 class FourierFeatures(nn.Module):

@@ -320,6 +320,31 @@ def test_save_and_load_round_trip(model, tmp_path):
         load_mapper(tmp_path / "word.pt", model)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("num_features", 10 ** 7, "num_features is 10000000, not a whole number up to 16,384"),  # was killed for memory
+    ("hidden", 10 ** 6, "hidden is 1000000"),
+    ("target_norm", "x", "target_norm is 'x', not a number > 0"),   # failed mid-sampling
+    ("bypass", "no", "bypass is 'no', not true or false"),          # was read as true
+    ("time_anchors", 0, "time_anchors is 0"),
+    ("time_anchors", 5000, "time_anchors 5000 is more than the 1000 timesteps"),
+    ("sigma_t", float("inf"), "sigma_t is inf"),
+])
+def test_a_mapper_file_whose_configuration_cannot_be_built_is_one_error(model, tmp_path, field, value, message):
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = save_mapper(tmp_path / "m.safetensors", mapper_for(model), {"placeholder": "<x>", "step": 1})
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["neti_config"])
+    config[field] = value
+    meta["neti_config"] = json.dumps(config)
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(NeTIError, match="a damaged NeTI mapper") as error:
+        load_mapper(path, model)
+    assert message in str(error.value)
+
+
 # ----------------------------------------------------------------------------- command lines
 
 def invert(argv, capsys):
