@@ -151,6 +151,9 @@ def load_tail(path: Union[str, Path], width: Optional[int] = None,
     hash, which the tail also records, matches."""
     path = Path(path)
     tail, meta = _read_tail(path)
+    if tail.layout != torch.strided or tail.is_meta:  # a .pt can hold sparse or data-less tensors
+        raise TailFileError(f"{path}: the tail is a {'meta' if tail.is_meta else 'sparse'} tensor; expected an "
+                            "ordinary (dense) one")
     if tail.dim() == 3 and tail.shape[0] == 1:          # the paper's code keeps the batch dimension
         tail = tail[0]
     if tail.dim() != 2 or tail.numel() == 0 or not tail.is_floating_point():

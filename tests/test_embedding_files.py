@@ -180,6 +180,21 @@ def test_huge_file_is_refused_before_reading(tmp_path):
     one_line_error(path, ["300 MB", "too big"])
 
 
+@pytest.mark.parametrize("layout", ["sparse", "meta"])
+def test_sparse_and_meta_tensors_in_a_pt_are_refused_by_name(tmp_path, layout):
+    """A .pt may hold any tensor: a sparse one failed in reshape, a meta one (no data) in .item()."""
+    from inversion.hiper import TailFileError, load_tail
+    make = (lambda *shape: torch.zeros(*shape).to_sparse()) if layout == "sparse" else \
+        (lambda *shape: torch.empty(*shape, device="meta"))
+    for i, obj in enumerate([{"<a>": make(1, 32)}, {"string_to_param": {"*": make(1, 32)}}]):
+        torch.save(obj, tmp_path / f"w{i}.pt")
+        with pytest.raises(EmbeddingError, match=f"are a {layout} tensor; expected an ordinary"):
+            load_embeddings(tmp_path / f"w{i}.pt", width=32)
+    torch.save(make(1, 5, 32), tmp_path / "tail.pt")
+    with pytest.raises(TailFileError, match=f"the tail is a {layout} tensor"):
+        load_tail(tmp_path / "tail.pt", 32)
+
+
 def test_a1111_layout_without_a_tensor_is_one_line(tmp_path):
     torch.save({"string_to_param": {"*": {"clip_l": vectors(1), "clip_g": vectors(1)}}, "name": "x"}, tmp_path / "x.pt")
     one_line_error(tmp_path / "x.pt", ["'string_to_param' holds a dict, not a tensor"])
