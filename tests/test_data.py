@@ -203,3 +203,16 @@ def test_a_dark_16_bit_grey_png_stays_dark(tmp_path):
         as_older_pillows_open_it = dark.convert("I")  # mode "I": the file's format tells it is 16-bit
         assert np.asarray(to_rgb(as_older_pillows_open_it, png=True)).max() == 1
         assert np.asarray(to_rgb(as_older_pillows_open_it)).max() == 200  # otherwise read as 8-bit values
+
+
+def test_an_image_of_90_to_180_megapixels_is_read_without_pils_warning(tmp_path, monkeypatch):
+    """PIL warns (two lines, before the tool's own) between MAX_IMAGE_PIXELS and twice that, at
+    opening and again at the crop; such an image is read like any other."""
+    import warnings
+    from inversion.data import load_image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 40 = 1600 pixels: between 1x and 2x
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "big.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = load_image(tmp_path / "big.png", 16)
+    assert image.shape == (3, 16, 16) and not caught, [str(w.message) for w in caught]
