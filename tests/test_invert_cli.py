@@ -26,6 +26,21 @@ def call(argv, capsys):
     return rc, capsys.readouterr()
 
 
+def method_data(method: str, images) -> list:
+    """The arguments naming what a method learns from: HiPer one image and its prompt, the others a folder."""
+    return (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
+            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+
+
+def one_step_run(ckpt, images, out, capsys, method):
+    """(its arguments, checkpoint path, checkpoint) of a one-step run of `method` into `out`."""
+    base = ["--method", method, "--ckpt", str(ckpt), *method_data(method, images), "--batch", "1", "--steps", "1",
+            "--out", str(out)]
+    assert call(base, capsys)[0] == 0
+    path = out / "checkpoint.pt"
+    return base, path, torch.load(path, weights_only=True)
+
+
 def test_training_writes_every_output_and_sample_py_reads_them(ckpt, images, tmp_path, capsys):
     out = tmp_path / "run"
     rc, cap = call(["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>", "--init-word", "toy",
@@ -204,8 +219,7 @@ def test_resume_refuses_a_checkpoint_of_another_base_model_and_takes_the_same_on
     --resume on another model is one line; the diffusers folder of the same weights resumes."""
     import ldm
     from conftest import write_random_checkpoint
-    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
-            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+    data = method_data(method, images)
     base = ["--method", method, *data, "--batch", "1", "--out", str(tmp_path / "run")]
     assert call(base + ["--ckpt", str(ckpt), "--steps", "1"], capsys)[0] == 0
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["base_model"]
@@ -227,8 +241,7 @@ def test_gradient_checkpointing_learns_the_same_numbers(ckpt, images, tmp_path, 
     """--gradient-checkpointing changes what the backward pass keeps, not what it computes: the
     learned file is the same bit for bit, and the U-Net really ran with it."""
     import ldm.unet
-    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
-            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+    data = method_data(method, images)
     base = ["--method", method, "--ckpt", str(ckpt), *data, "--batch", "2", "--steps", "2"]
     blocks = []
     run_block = ldm.unet.UNetModel.run_block
@@ -446,8 +459,7 @@ def test_ctrl_c_in_each_method_names_what_it_saved_and_resume_finishes(ckpt, ima
         return step(self)
 
     monkeypatch.setattr(trainer_class, "train_step", stopped_at_step_2)
-    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
-            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+    data = method_data(method, images)
     argv = ["--method", method, "--ckpt", str(ckpt), *data, "--steps", "4", "--batch", "1", "--out", str(tmp_path)]
     rc, cap = call(argv, capsys)
     last = cap.err.strip().splitlines()[-1]
@@ -485,8 +497,7 @@ def test_a_step_that_makes_the_values_nan_stops_in_one_line_and_saves_nothing(ck
         for p in self.params:
             p.data.fill_(float("inf"))
     monkeypatch.setattr(AdamW, "step", overflowing_step)
-    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
-            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+    data = method_data(method, images)
     rc, cap = call(["--method", method, "--ckpt", str(ckpt), *data, "--steps", "2", "--batch", "1",
                     "--out", str(tmp_path)], capsys)
     err = cap.err.strip().splitlines()
@@ -515,12 +526,7 @@ def test_an_empty_value_is_refused_not_taken_as_the_default_or_the_current_folde
 @pytest.mark.parametrize("method", ["ti", "neti", "hiper"])
 @pytest.mark.parametrize("alter", ["no optimizer", "wrong shape", "optimizer of more tensors"])
 def test_an_altered_checkpoint_on_resume_is_one_line(ckpt, images, tmp_path, capsys, method, alter):
-    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
-            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
-    base = ["--method", method, "--ckpt", str(ckpt), *data, "--batch", "1", "--steps", "1", "--out", str(tmp_path)]
-    assert call(base, capsys)[0] == 0
-    path = tmp_path / "checkpoint.pt"
-    state = torch.load(path, weights_only=True)
+    base, path, state = one_step_run(ckpt, images, tmp_path, capsys, method)
     if alter == "no optimizer":
         del state["optimizer"]
     elif alter == "optimizer of more tensors":
@@ -541,8 +547,7 @@ def test_an_altered_checkpoint_on_resume_is_one_line(ckpt, images, tmp_path, cap
     ("hiper", "hiper_tail.safetensors", "folder"), ("ti", "samples", "broken link")])
 def test_an_output_name_taken_by_the_other_kind_inside_out_is_refused_before_training(ckpt, images, tmp_path, capsys,
                                                                                       method, name, kind):
-    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
-            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
+    data = method_data(method, images)
     if kind == "broken link":  # trained to the end, then "File exists"
         (tmp_path / name).symlink_to(tmp_path / "nowhere" / "x")
         kind = "link to something that does not exist"
@@ -601,12 +606,7 @@ def altered(state: dict, how: str) -> dict:
 @pytest.mark.parametrize("method", ["ti", "neti", "hiper"])
 def test_a_checkpoint_with_fields_of_another_type_or_shape_is_one_line_on_resume(ckpt, images, tmp_path, capsys,
                                                                                   method):
-    data = (["--image", str(images / "0.png"), "--source", "a toy"] if method == "hiper"
-            else ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"])
-    base = ["--method", method, "--ckpt", str(ckpt), *data, "--batch", "1", "--steps", "1", "--out", str(tmp_path)]
-    assert call(base, capsys)[0] == 0
-    path = tmp_path / "checkpoint.pt"
-    state = torch.load(path, weights_only=True)
+    base, path, state = one_step_run(ckpt, images, tmp_path, capsys, method)
     learned = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".safetensors", ".pt"))
     for how in ("step as text", "negative step", "losses as a list", "losses of another shape", "one number for many",
                 "no vectors", "NaN values", "moments of another shape", "Adam's step count negative",
