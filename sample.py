@@ -20,8 +20,8 @@ import torch
 
 from inversion.hiper import MAX_ALPHA
 from ldm.generate import MAX_RESOLUTION
-from ldm.cli import (DTYPES, at_most, CLIError, Parser, check_half_weights, check_writable, checked_number, nonnegative_float,
-                     path_arg, pick_device, pick_dtype, positive_int, run, seed_int)
+from ldm.cli import (DTYPES, CLIError, Parser, at_most, check_half_weights, check_writable, checked_number,
+                     nonnegative_float, path_arg, pick_device, pick_dtype, positive_int, run, seed_int)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "weights" / "tiny.safetensors"

@@ -37,8 +37,8 @@ from torch import nn
 from inversion.adam import Adam
 from inversion.data import image_digest, resume_mismatch
 from inversion.files import BaseModel, EmbeddingError
-from inversion.textual_inversion import (TextualInversion, TrainingError, encode_images, noisy_latents, restore_progress,
-                                         restore_tensor)
+from inversion.textual_inversion import (TextualInversion, TrainingError, encode_images, noisy_latents,
+                                         restore_progress, restore_tensor)
 from inversion.precision import autocast
 from ldm.load import atomic_write, load_error_reason
 

@@ -69,7 +69,8 @@ def check_arguments(args) -> None:
         if args.image.is_dir():
             raise CLIError(f"--image {args.image}: is a folder; HiPer learns from one image file")
         if not args.image.is_file():
-            raise CLIError(f"--image {args.image}: {'is not a regular file' if args.image.exists() else 'no such file'}")
+            what = "is not a regular file" if args.image.exists() else "no such file"
+            raise CLIError(f"--image {args.image}: {what}")
         try:
             load_image(args.image, 8)  # decodes the file: an unreadable image fails before the model loads
         except DataError as e:

@@ -321,7 +321,8 @@ class TextualInversion:
         altered = f"{self.checkpoint_path} is an incomplete or altered checkpoint"
         saved = state.get("base_model")
         if saved is not None and not (isinstance(saved, dict) and all(isinstance(v, str) for v in saved.values())):
-            raise LoadError(f"{altered} (its base_model is not text); delete it to start again, or choose another --out")
+            raise LoadError(f"{altered} (its base_model is not text); delete it to start again, or choose another "
+                            "--out")
         if saved is not None and self.base_model is not None and not self.base_model.recognises(saved):
             raise LoadError(f"{self.checkpoint_path} was trained on another base model "
                             f"({self.base_model.difference(saved)}); resume with the --ckpt it was trained on "

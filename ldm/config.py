@@ -105,7 +105,8 @@ class ModelConfig:
                 raise ValueError(f"{name} is not divisible by its {groups} norm groups")
         for m in unet.channel_mult:
             if (unet.model_channels * m) % unet.num_heads:
-                raise ValueError(f"U-Net width {unet.model_channels * m} is not divisible by its {unet.num_heads} heads")
+                raise ValueError(f"U-Net width {unet.model_channels * m} is not divisible by its {unet.num_heads} "
+                                 "heads")
         if text.hidden_size % text.num_attention_heads:
             raise ValueError(f"text width {text.hidden_size} is not divisible by its {text.num_attention_heads} heads")
 

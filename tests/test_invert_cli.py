@@ -169,7 +169,8 @@ def bad_cases(ckpt, images, tmp_path):
         # overflowed only after the model was loaded, or named a file too long for the disk after training
         (common + ["--batch", str(2 ** 64)], "--batch: must be between 1 and 1024"),
         (common + ["--method", "neti", "--grad-accum", str(10 ** 20)], "--grad-accum: must be between 1 and 1024"),
-        (common[:4] + ["--placeholder", "\U0001d400" * 64, "--init-word", "toy"], "256 bytes in UTF-8; at most 64 and 128"),
+        (common[:4] + ["--placeholder", "\U0001d400" * 64, "--init-word", "toy"],
+         "256 bytes in UTF-8; at most 64 and 128"),
         *([(["--ckpt", str(ckpt), "--method", "hiper", "--image", os.devnull, "--source", "a dog"],
             "is not a regular file")] if os.name == "posix" else []),
     ]
