@@ -125,6 +125,8 @@ def image_files(paths_or_dir: Union[str, Path, Sequence[Union[str, Path]]],
     for f in files:
         if not f.exists():
             raise DataError(f"cannot read {f}: no such file or folder")
+        if not f.is_file():  # a pipe would block the read until it is written to
+            raise DataError(f"cannot read {f}: it is not a regular file")
     return files
 
 

@@ -131,6 +131,8 @@ def _read(path: Path) -> Tuple[object, Dict[str, str]]:
     """The raw object of a file (a dict of tensors, usually) and its safetensors metadata."""
     if not path.exists():
         raise EmbeddingError(f"{path}: no such file")
+    if not path.is_file() and not path.is_dir():  # a pipe would block the read until it is written to
+        raise EmbeddingError(f"{path}: is not a regular file or a folder")
     if path.is_dir():
         files = [path / n for n in ("learned_embeds.safetensors", "learned_embeds.bin") if (path / n).is_file()]
         if not files:

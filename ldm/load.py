@@ -542,6 +542,8 @@ def load(path, device="cpu", dtype=torch.float32, ema: bool = False, half_weight
     path = Path(path)
     if not path.exists():
         raise LoadError(f"{path}: no such file or folder")
+    if not path.is_file() and not path.is_dir():  # a pipe would block the read until it is written to
+        raise LoadError(f"{path}: is not a regular file or a folder")
     device = torch.device(device)
     if path.is_dir():
         if ema:

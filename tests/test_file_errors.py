@@ -1,5 +1,7 @@
 """What the tools say when a file cannot be read or written: the file's own name, and the
 reason in words a user can act on."""
+import os
+
 import pytest
 
 from ldm.load import atomic_write, load_error_reason, read_failure
@@ -72,3 +74,34 @@ def test_a_file_held_open_on_windows_is_tried_again(tmp_path, monkeypatch):
     with pytest.raises(PermissionError):
         atomic_write(tmp_path / "other.csv", lambda tmp: open(tmp, "w").write("x"))
     assert len(calls) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["loss.csv"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX's")
+def test_a_named_pipe_given_as_a_file_is_refused_not_read(tmp_path):
+    """Reading a pipe blocks until something writes to it: --ckpt, --embedding and --images
+    FILE waited for ever. In a child process, so that a regression fails here instead of hanging."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    pipe = tmp_path / "pipe.safetensors"
+    os.mkfifo(pipe)
+    code = """if True:
+        import sys, ldm
+        from inversion.data import DataError, image_files
+        from inversion.files import EmbeddingError, load_embeddings
+        for read, error in ((ldm.load, ldm.LoadError), (load_embeddings, EmbeddingError),
+                            (lambda p: image_files([p]), DataError)):
+            try:
+                read(sys.argv[1])
+            except error as e:
+                print(e)
+        """
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(pipe)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a read of the pipe blocked")
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 3, out.stderr[-500:]
+    assert "is not a regular file or a folder" in lines[0] and "is not a regular file or a folder" in lines[1]
+    assert "it is not a regular file" in lines[2]
