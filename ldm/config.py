@@ -92,6 +92,9 @@ class ModelConfig:
                 if f.type in ("float", float) and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                                        and math.isfinite(value) and value > 0):
                     raise ValueError(f"{f.name} is {value!r}, not a number > 0")
+        if self.schedule.num_timesteps < MIN_TIMESTEPS:
+            raise ValueError(f"num_timesteps is {self.schedule.num_timesteps}; the tools sample with up to "
+                             f"{MIN_TIMESTEPS} DDIM steps, so at least {MIN_TIMESTEPS} (SD v1 has 1000)")
         if not self.unet.channel_mult or not self.vae.ch_mult:
             raise ValueError("channel_mult and ch_mult need one entry per level")
         if not self.schedule.linear_start <= self.schedule.linear_end < 1:
@@ -111,6 +114,7 @@ class ModelConfig:
             raise ValueError(f"text width {text.hidden_size} is not divisible by its {text.num_attention_heads} heads")
 
 
+MIN_TIMESTEPS = 50  # DDIM 50, the default of every sampling tool and of the training runs' validation grids
 MAX_SIZE = 1 << 20  # no size of an SD v1 network is near it (the largest, the vocabulary, is 49,408)
 
 
