@@ -219,8 +219,6 @@ def output_files(out: Path, placeholder: str, tokenizer):
     return out / "learned_embeds.safetensors", out / f"{safe}.pt", out / f"{safe}.safetensors"
 
 
-
-
 def check_paths(args, files=(), folders=()) -> None:
     """The checks every method shares: model, images and output folder (before anything is loaded);
     `files` and `folders` are the names the method writes in --out besides the shared ones."""

@@ -41,9 +41,8 @@ def build_parser() -> Parser:
     p.add_argument("--scale", type=nonnegative_float, default=7.5,
                    help="classifier-free guidance scale; 1 turns guidance off")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the first image; image i uses seed + i")
-    p.add_argument("--n", type=checked_number(int, "a whole number", lambda v: 1 <= v <= MAX_IMAGES,
-                                              f"between 1 and {MAX_IMAGES} (each run keeps its images for the "
-                                              "grid; run again with a later --seed for more)"),
+    p.add_argument("--n", type=at_most(MAX_IMAGES, "each run keeps its images for the grid; run again with a "
+                                                   "later --seed for more"),
                    default=4, help="number of images")
     p.add_argument("--batch-size", type=positive_int, default=4, help="images per U-Net batch")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",

@@ -259,12 +259,17 @@ def _classify(path: Path, obj, metadata: Dict[str, str]) -> Tuple[Embeddings, Di
     return list(tensors.items()), metadata
 
 
+def odd_layout(tensor: torch.Tensor) -> Optional[str]:
+    """'sparse' or 'meta' for a tensor a .pt file may hold but no vector is (no dense data), else None."""
+    return "meta" if tensor.is_meta else "sparse" if tensor.layout != torch.strided else None
+
+
 def _check_vectors(path: Path, word: str, vec: torch.Tensor, width: Optional[int]) -> torch.Tensor:
     if not isinstance(word, str) or not word.strip():
         raise EmbeddingError(f"{path}: has a word {word!r} that cannot be written in a prompt")
-    if vec.layout != torch.strided or vec.is_meta:  # a .pt can hold sparse or data-less tensors
-        raise EmbeddingError(f"{path}: the vectors of {word!r} are a {'meta' if vec.is_meta else 'sparse'} tensor; "
-                             "expected an ordinary (dense) one")
+    if odd_layout(vec):
+        raise EmbeddingError(f"{path}: the vectors of {word!r} are a {odd_layout(vec)} tensor; expected an ordinary "
+                             "(dense) one")
     if vec.dim() not in (1, 2) or vec.numel() == 0:
         raise EmbeddingError(f"{path}: the vectors of {word!r} have shape {list(vec.shape)}; expected (n, D)")
     if not vec.is_floating_point():

@@ -36,11 +36,11 @@ from torch import nn
 
 from inversion.adam import Adam
 from inversion.data import image_digest, resume_mismatch
-from inversion.files import BaseModel, EmbeddingError
+from inversion.files import BaseModel, EmbeddingError, odd_layout
 from inversion.textual_inversion import (TextualInversion, TrainingError, encode_images, noisy_latents,
                                          restore_progress, restore_tensor)
 from inversion.precision import autocast
-from ldm.load import atomic_write, load_error_reason
+from ldm.load import atomic_write, load_error_reason, not_a_file
 
 CONTEXT_LENGTH = 77             # rows of the text encoder's output
 TAIL_KEY = "hiper_tail"         # the tensor's name in our .safetensors files
@@ -117,7 +117,7 @@ def _read_tail(path: Path) -> Tuple[torch.Tensor, Dict[str, str]]:
     if path.is_dir():
         raise TailFileError(f"{path}: is a folder; give the file in it (hiper_tail.safetensors)")
     if not path.is_file():
-        raise TailFileError(f"{path}: {'is not a regular file' if path.exists() else 'no such file'}")
+        raise TailFileError(f"{path}: {not_a_file(path)}")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise TailFileError(f"{path}: is {path.stat().st_size / 2**20:,.0f} MB, far too big for a HiPer tail (a few KB)")
     try:
@@ -151,9 +151,8 @@ def load_tail(path: Union[str, Path], width: Optional[int] = None,
     hash, which the tail also records, matches."""
     path = Path(path)
     tail, meta = _read_tail(path)
-    if tail.layout != torch.strided or tail.is_meta:  # a .pt can hold sparse or data-less tensors
-        raise TailFileError(f"{path}: the tail is a {'meta' if tail.is_meta else 'sparse'} tensor; expected an "
-                            "ordinary (dense) one")
+    if odd_layout(tail):
+        raise TailFileError(f"{path}: the tail is a {odd_layout(tail)} tensor; expected an ordinary (dense) one")
     if tail.dim() == 3 and tail.shape[0] == 1:          # the paper's code keeps the batch dimension
         tail = tail[0]
     if tail.dim() != 2 or tail.numel() == 0 or not tail.is_floating_point():

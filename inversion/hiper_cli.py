@@ -69,8 +69,8 @@ def check_arguments(args) -> None:
         if args.image.is_dir():
             raise CLIError(f"--image {args.image}: is a folder; HiPer learns from one image file")
         if not args.image.is_file():
-            what = "is not a regular file" if args.image.exists() else "no such file"
-            raise CLIError(f"--image {args.image}: {what}")
+            from ldm.load import not_a_file
+            raise CLIError(f"--image {args.image}: {not_a_file(args.image)}")
         try:
             load_image(args.image, 8)  # decodes the file: an unreadable image fails before the model loads
         except DataError as e:
@@ -149,12 +149,10 @@ def write_source_image(image: torch.Tensor, path: Path, tiny: bool) -> None:
 @torch.no_grad()
 def write_reconstruction(model, trainer, image: torch.Tensor, path: Path, tiny: bool, n: int = 4) -> None:
     """The source image, then n drawings from [e_src[:77-K]; e_hiper] (DDIM 50, guidance 7.5)."""
-    from ldm.generate import SamplingError, generate, make_grid, save_png, to_pil
+    from ldm.generate import generate_or_warn, make_grid, save_png, to_pil
     cond = trainer.context()[None].to(model.dtype)
-    try:
-        images = generate(model, [""] * n, list(range(n)), cond=cond, steps=50)
-    except SamplingError as e:  # the tail is saved already
-        print(f"warning: {path} not written: {e}", file=sys.stderr)
+    images = generate_or_warn(path, model, [""] * n, list(range(n)), cond=cond, steps=50)
+    if images is None:  # the tail is saved already
         return
     grid = make_grid(to_pil(torch.cat([((image[None] + 1) / 2).clamp(0, 1), images])), columns=n + 1)
     save_png(grid, path, upscale=4 if tiny else 1)

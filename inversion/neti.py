@@ -54,7 +54,8 @@ from inversion.files import BaseModel
 from inversion.textual_inversion import (TextualInversion, TrainingError, check_words, encode_images, noisy_latents,
                                          restore_progress)
 from inversion.precision import autocast, no_autocast
-from ldm.load import PICKLE_SUFFIXES, LoadError, atomic_write, load_error_reason, read_failure
+from ldm.config import positive_number, whole_number
+from ldm.load import PICKLE_SUFFIXES, LoadError, atomic_write, load_error_reason, not_a_file, read_failure
 
 Layers = List[torch.Tensor]  # one (B, 77, D) text encoding per cross-attention layer
 
@@ -99,13 +100,11 @@ class MapperConfig:
         cfg = cls(**{k: v for k, v in values.items() if k in known})
         for f in fields(cls):
             value, most = getattr(cfg, f.name), MAPPER_LIMITS.get(f.name)
-            whole = isinstance(value, int) and not isinstance(value, bool)
             if f.type == "bool" and not isinstance(value, bool):
                 raise ValueError(f"{f.name} is {value!r}, not true or false")
-            if f.type == "int" and not (whole and (0 if f.name == "seed" else 1) <= value <= most):
+            if f.type == "int" and not whole_number(value, 0 if f.name == "seed" else 1, most):
                 raise ValueError(f"{f.name} is {value!r}, not a whole number up to {most:,}")
-            if f.type == "float" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                          and math.isfinite(value) and value > 0):
+            if f.type == "float" and not positive_number(value):
                 raise ValueError(f"{f.name} is {value!r}, not a number > 0")
         if cfg.time_anchors > cfg.num_timesteps:
             raise ValueError(f"time_anchors {cfg.time_anchors} is more than the {cfg.num_timesteps} timesteps")
@@ -300,7 +299,7 @@ def load_mapper(path: Union[str, Path], model=None, device="cpu") -> Tuple[NeTIM
     if path.is_dir():
         raise NeTIError(f"{path}: is a folder; give the file in it (neti_mapper.safetensors)")
     if not path.is_file():
-        raise NeTIError(f"{path}: {'is not a regular file' if path.exists() else 'no such file'}")
+        raise NeTIError(f"{path}: {not_a_file(path)}")
     if path.suffix.lower() in PICKLE_SUFFIXES:  # invert.py writes mappers as .safetensors only
         raise NeTIError(f"{path}: a NeTI mapper is a .safetensors file (neti_mapper.safetensors); a .pt or .bin "
                         "learned word (Textual Inversion, AUTOMATIC1111) goes to --embedding")

@@ -81,10 +81,11 @@ def check_words(model, cfg: TIConfig) -> torch.Tensor:
                             "choose a string it does not know, such as '<my-toy>'")
     if not cfg.placeholder.strip() or any(c.isspace() for c in cfg.placeholder):
         raise TrainingError(f"--placeholder {cfg.placeholder!r} must be one word without spaces, such as '<my-toy>'")
-    if len(cfg.placeholder) > MAX_PLACEHOLDER or len(cfg.placeholder.encode("utf-8")) > 2 * MAX_PLACEHOLDER:
-        raise TrainingError(f"--placeholder is {len(cfg.placeholder)} characters, {len(cfg.placeholder.encode())} "
-                            f"bytes in UTF-8; at most {MAX_PLACEHOLDER} and {2 * MAX_PLACEHOLDER} (it names the "
-                            "output files, whose names have at most 255 bytes)")
+    size = len(cfg.placeholder.encode("utf-8"))
+    if len(cfg.placeholder) > MAX_PLACEHOLDER or size > 2 * MAX_PLACEHOLDER:
+        raise TrainingError(f"--placeholder is {len(cfg.placeholder)} characters, {size} bytes in UTF-8; at most "
+                            f"{MAX_PLACEHOLDER} and {2 * MAX_PLACEHOLDER} (it names the output files, whose names "
+                            "have at most 255 bytes)")
     inside = [t for t in templates(cfg.learnable_property) if cfg.placeholder.lower() in t.format("").lower()]
     if inside:  # the tokenizer finds a new token anywhere in the text, inside other words too
         raise TrainingError(f"--placeholder {cfg.placeholder!r} is part of the training prompt {inside[0]!r}, "

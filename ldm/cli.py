@@ -94,6 +94,8 @@ nonnegative_float = checked_number(float, "a number", lambda v: 0 <= v < float("
 learning_rate = checked_number(float, "a number", lambda v: 0 < v <= 1,
                                "> 0 and at most 1 (Adam moves each number by about that much a step)")
 seed_int = checked_number(int, "a whole number", lambda v: 0 <= v < 2 ** 63, "between 0 and 2**63 - 1")
+
+
 def at_most(most: int, why: str):
     """An argparse type: a whole number from 1 to `most` (larger ones overflow, or need far more
     memory than any machine has, only after the model is loaded)."""
@@ -103,8 +105,7 @@ def at_most(most: int, why: str):
 # torch starts every thread at once; tens of thousands crash the process, and more threads
 # than cores only slow the work down.
 MAX_THREADS = 1024
-thread_count = checked_number(int, "a whole number", lambda v: 1 <= v <= MAX_THREADS,
-                              f"between 1 and {MAX_THREADS} (more threads than cores only slow torch down)")
+thread_count = at_most(MAX_THREADS, "more threads than cores only slow torch down")
 
 
 def progress_bar(total: int, desc: str, initial: int = 0, unit: str = "step", disable: bool = False, **kwargs):

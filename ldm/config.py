@@ -85,12 +85,11 @@ class ModelConfig:
         for part in (self.unet, self.vae, self.text, self.schedule, self):
             for f in fields(part):
                 value = getattr(part, f.name)
-                if f.type in ("int", int) and not _count(value):
+                if f.type in ("int", int) and not whole_number(value):
                     raise ValueError(f"{f.name} is {value!r}, not a whole number from 1 to {MAX_SIZE:,}")
-                if f.type in ("tuple", tuple) and not (isinstance(value, tuple) and all(map(_count, value))):
+                if f.type in ("tuple", tuple) and not (isinstance(value, tuple) and all(map(whole_number, value))):
                     raise ValueError(f"{f.name} is {value!r}, not a list of whole numbers from 1 to {MAX_SIZE:,}")
-                if f.type in ("float", float) and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                                       and math.isfinite(value) and value > 0):
+                if f.type in ("float", float) and not positive_number(value):
                     raise ValueError(f"{f.name} is {value!r}, not a number > 0")
         if self.schedule.num_timesteps < MIN_TIMESTEPS:
             raise ValueError(f"num_timesteps is {self.schedule.num_timesteps}; the tools sample with up to "
@@ -118,5 +117,11 @@ MIN_TIMESTEPS = 50  # DDIM 50, the default of every sampling tool and of the tra
 MAX_SIZE = 1 << 20  # no size of an SD v1 network is near it (the largest, the vocabulary, is 49,408)
 
 
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE
+def whole_number(value, least: int = 1, most: int = MAX_SIZE) -> bool:
+    """A configuration's whole number (not a bool, a float or a text) from `least` to `most`."""
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= most
+
+
+def positive_number(value) -> bool:
+    """A configuration's finite number > 0 (not a bool or a text)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

@@ -84,6 +84,17 @@ def generate(model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int
     return ((images + 1) / 2).clamp(0, 1).cpu()
 
 
+def generate_or_warn(path, model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int],
+                     **kwargs) -> Optional[torch.Tensor]:
+    """`generate`, for a picture a training run writes at `path` beside what it learned: None when
+    the images overflowed, with a warning that `path` is not written, and the training goes on."""
+    try:
+        return generate(model, prompts, seeds, **kwargs)
+    except SamplingError as e:
+        print(f"warning: {path} not written: {e}", file=sys.stderr)
+        return None
+
+
 def to_pil(images: torch.Tensor):
     """(B, 3, H, W) in [0, 1] -> list of PIL images."""
     from PIL import Image
@@ -110,12 +121,9 @@ def save_prompt_row(model: StableDiffusion, prompts: Sequence[str], path, steps:
                     **conditioning) -> None:
     """One image of each prompt (seeds 0, 1, ...), side by side in one PNG: a training run's
     validation grid. `conditioning` is what `generate` takes besides the prompts (learned
-    token vectors, or NeTI's per-layer text encodings). Images that overflowed are not written:
-    a warning says so, and the training goes on."""
-    try:
-        images = generate(model, prompts, list(range(len(prompts))), steps=steps, **conditioning)
-    except SamplingError as e:
-        print(f"warning: {path} not written: {e}", file=sys.stderr)
+    token vectors, or NeTI's per-layer text encodings)."""
+    images = generate_or_warn(path, model, prompts, list(range(len(prompts))), steps=steps, **conditioning)
+    if images is None:
         return
     save_png(make_grid(to_pil(images), columns=len(prompts)), path, upscale=upscale)
 

@@ -99,6 +99,12 @@ def unsafe_pickle(error: BaseException) -> Optional[str]:
     return None
 
 
+def not_a_file(path: Path) -> str:
+    """Why `path`, which is no regular file, cannot be read as one: 'no such file', or 'is not a
+    regular file' (a device or a pipe, whose read could block for ever)."""
+    return "is not a regular file" if path.exists() else "no such file"
+
+
 def load_error_reason(error: BaseException) -> str:
     """The informative line of a failure to read a file (torch.load, safetensors): for a
     weights_only refusal, what the unpickler met (torch's first lines are about its defaults),

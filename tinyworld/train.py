@@ -99,16 +99,11 @@ def load_checkpoint(path: Path) -> dict:
 # What reading a damaged checkpoint, or restoring one that does not fit the run, raises.
 DAMAGED = (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError,
            IndexError)
-STAGE_FILES = ("vae.pt", "decoder.pt", "latents.pt", "diffusion.pt")
+STAGE_CHECKPOINTS = ("vae.pt", "decoder.pt", "diffusion.pt")  # latents.pt, a cache, is computed again if damaged
 
 
 class ResumeError(Exception):
     """A checkpoint of the run cannot be read, or does not fit the model it is to restore."""
-
-
-def damaged(path: Path, error: BaseException) -> ResumeError:
-    return ResumeError(f"--resume: {path} is damaged or from another run ({load_error_reason(error)}); delete "
-                       "it to train its stage again, or start another --run")
 
 
 def resume_from(path: Path, restore):
@@ -119,7 +114,8 @@ def resume_from(path: Path, restore):
     except DAMAGED as e:
         if out_of_memory(e):
             raise
-        raise damaged(path, e) from None
+        raise ResumeError(f"--resume: {path} is damaged or from another run ({load_error_reason(e)}); delete "
+                          "it to train its stage again, or start another --run") from None
 
 
 # ----------------------------------------------------------------------------- stage 1: VAE
@@ -482,12 +478,12 @@ def check_run(args) -> str:
         return f"--resume: {run} holds no run to continue; leave out --resume to start one"
     if not args.resume:
         return ""
-    for name in STAGE_FILES:  # each stage reads its own when it starts; unreadable ones are told now
-        if (run / name).exists() and name != "latents.pt":  # a damaged cache is computed again
+    for name in STAGE_CHECKPOINTS:  # each stage reads its own when it starts; unreadable ones are told now
+        if (run / name).exists():
             try:
-                load_checkpoint(run / name)
-            except DAMAGED as e:
-                return str(damaged(run / name, e))
+                resume_from(run / name, lambda state: None)
+            except ResumeError as e:
+                return str(e)
     saved = run / "config.json"
     if saved.exists():
         try:
