@@ -82,7 +82,7 @@ def build_parser() -> Parser:
     opt.add_argument("--lr", type=learning_rate, default=None,
                      help="base learning rate (ti 5e-3 and neti 1e-3, each multiplied by the images per step; "
                           "hiper 5e-3 as it is)")
-    opt.add_argument("--batch", type=at_most(MAX_BATCH, "the paper's is 4 a GPU"), default=None,
+    opt.add_argument("--batch", type=at_most(MAX_BATCH, "the paper's is 4 per GPU"), default=None,
                      help="images per step (tiny model / SD: ti 8 / 4; neti 8 / 2, with --grad-accum 4 on SD; "
                           "hiper 4 / 1)")
     opt.add_argument("--seed", type=seed_int, default=0,

@@ -170,7 +170,7 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, cas
     os.link(bad, tmp_path / "link.safetensors")
     assert train.main([*small, *default, *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert err.startswith("tinyworld.train: error: ") and err.count("\n") == 1, err
     expected = {"not a model": "cannot be read as safetensors", "wrong size": "is a 16-px model",
                 "max timestep": "--max-timestep", "minutes": "--minutes", "device": "unknown device 'tpu'",
                 "init missing": "missing.safetensors: no such file"}
@@ -210,7 +210,7 @@ def test_resume_on_a_damaged_checkpoint_is_one_line_naming_it(finished_run, name
     argv = [*argv, "--resume", "--steps", "3", "--run", str(copy), "--out", str(tmp_path / "again.safetensors")]
     assert train.main(argv) == 2  # was a traceback
     err = capsys.readouterr().err
-    assert err.count("error: ") == 1 and f"{copy / name} is damaged" in err.splitlines()[-1], err
+    assert err.count("tinyworld.train: error: ") == 1 and f"{copy / name} is damaged" in err.splitlines()[-1], err
     assert "Traceback" not in err and not (tmp_path / "again.safetensors").exists()
 
 

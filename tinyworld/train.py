@@ -501,6 +501,15 @@ def check_run(args) -> str:
     return ""
 
 
+PROG = "tinyworld.train"
+
+
+def error(problem: str) -> int:
+    """One line on stderr, as the other tools print it; the exit status of bad input."""
+    print(f"{PROG}: error: {problem}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -509,8 +518,7 @@ def main(argv=None) -> int:
     run = args.run
     problem = check_run(args) or check_out(args.out, args.init)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return error(problem)
     import ldm
     from ldm.cli import pick_device
     from ldm.load import read_metadata
@@ -522,12 +530,10 @@ def main(argv=None) -> int:
             start = ldm.load(args.init)
             parent_training = json.loads(read_metadata(args.init).get("training", "{}"))
         except ldm.LoadError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return error(str(e))
         if start.config.image_size != IMAGE_SIZE:
-            print(f"error: {args.init} is a {start.config.image_size}-px model; --init takes a tiny-world "
-                  f"model ({IMAGE_SIZE} px), such as weights/tiny.safetensors", file=sys.stderr)
-            return 2
+            return error(f"{args.init} is a {start.config.image_size}-px model; --init takes a tiny-world "
+                         f"model ({IMAGE_SIZE} px), such as weights/tiny.safetensors")
     cfg = tiny_model_config() if start is None else start.config
     problem = check_args(args, cfg, given_options(parser, argv))
     try:
@@ -535,8 +541,7 @@ def main(argv=None) -> int:
     except CLIError as e:
         problem = str(e)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return error(problem)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(vars(args), default=str, indent=1))
 
@@ -557,8 +562,7 @@ def main(argv=None) -> int:
         model.vae.load_state_dict(vae.state_dict())
         model, steps, seconds = train_diffusion(args, model, latents * scale_factor, attrs, run, device=device)
     except ResumeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(str(e))
     except KeyboardInterrupt:
         print(f"\ninterrupted: what was learned is saved in {run}; continue with the same arguments and --resume",
               file=sys.stderr)
@@ -581,4 +585,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from ldm.cli import run
-    sys.exit(run(main, prog="tinyworld.train"))
+    sys.exit(run(main, prog=PROG))
