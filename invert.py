@@ -259,6 +259,29 @@ def load_model(args):
     return ckpt, model, device
 
 
+def start_trainer(trainer_class, args, model, ckpt, cfg, prop: str):
+    """Everything that can refuse a run of Textual Inversion or NeTI, before its first file is
+    written: the words and validation prompts, the images, then the trainer, built and resumed if
+    asked (a checkpoint of other settings or another model is refused).
+    -> (trainer, images, validation prompts, resumed)."""
+    from inversion.data import DataError, templates, validation_prompts
+    from inversion.files import BaseModel
+    from inversion.textual_inversion import TrainingError, check_words
+    try:
+        check_words(model, cfg)
+        grid_prompts = validation_prompts(cfg.placeholder, prop, args.validation_prompt, model.tokenizer)
+    except (TrainingError, DataError) as e:
+        raise CLIError(str(e)) from None
+    images = training_images(args, model)
+    try:
+        trainer = trainer_class(model, images, cfg, args.out, templates(prop))
+        trainer.base_model = BaseModel(ckpt, model)
+        resumed = args.resume and trainer.resume()
+    except TrainingError as e:
+        raise CLIError(str(e)) from None
+    return trainer, images, grid_prompts, resumed
+
+
 def train(trainer, learned_file: Path, **callbacks) -> bool:
     """trainer.run(**callbacks); False, after saying what was saved, when Ctrl-C (or SIGTERM)
     stops it: the trainer has written its checkpoint and the learned file before returning. A
@@ -291,9 +314,9 @@ def main(argv=None) -> int:
         args.out = DEFAULT_OUT[args.method]
     if args.method != "ti":
         return importlib.import_module(METHOD_MODULES[args.method]).main(args)
-    from inversion.data import DataError, templates, validation_prompts
-    from inversion.files import BaseModel, save_a1111, save_embeddings
-    from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError, check_words
+    from inversion.data import templates
+    from inversion.files import save_a1111, save_embeddings
+    from inversion.textual_inversion import TIConfig, TextualInversion
 
     check_paths(args, files=("learned_embeds.safetensors",), folders=("train_images",))
     t_start = time.time()
@@ -315,18 +338,7 @@ def main(argv=None) -> int:
                    progressive_every=args.progressive_every, reg_weight=args.reg_weight,
                    per_image_tokens=args.per_image_tokens, per_image_prob=args.per_image_prob, seed=args.seed,
                    save_every=args.save_every or defaults["save_every"], sample_every=args.sample_every)
-    try:  # the words, before any file is written
-        check_words(model, cfg)
-        grid_prompts = validation_prompts(placeholder, prop, args.validation_prompt, model.tokenizer)
-    except (TrainingError, DataError) as e:
-        raise CLIError(str(e)) from None
-    images = training_images(args, model)
-    try:
-        trainer = TextualInversion(model, images, cfg, args.out, templates(prop))
-        trainer.base_model = BaseModel(ckpt, model)  # a checkpoint from another model is refused
-        resumed = args.resume and trainer.resume()
-    except TrainingError as e:
-        raise CLIError(str(e)) from None
+    trainer, images, grid_prompts, resumed = start_trainer(TextualInversion, args, model, ckpt, cfg, prop)
     print(f"{'resuming at step ' + str(trainer.step) if resumed else 'training'} {placeholder!r} "
           f"({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)}) from {len(images)} images on {device}; "
           f"effective lr = {cfg.lr:g} x batch {cfg.batch} = {cfg.effective_lr:g}")

@@ -61,11 +61,10 @@ def check_arguments(args) -> None:
 
 
 def main(args) -> int:
-    from inversion.data import DataError, templates, validation_prompts
-    from inversion.files import BaseModel
+    from inversion.data import templates
     from inversion.neti import MAPPER_FILE, NeTI, NeTIConfig, check_config, save_mapper
-    from inversion.textual_inversion import TrainingError, check_words
-    from invert import load_model, the_word, train, training_images
+    from inversion.textual_inversion import TrainingError
+    from invert import load_model, start_trainer, the_word, train
 
     check_arguments(args)
     t_start = time.time()
@@ -82,20 +81,11 @@ def main(args) -> int:
                      flip=not args.no_flip, seed=args.seed, save_every=args.save_every or defaults["save_every"],
                      sample_every=args.sample_every, sigma_t=args.sigma_t, sigma_l=args.sigma_l,
                      nested_dropout=args.nested_dropout, bypass=not args.no_bypass)
-    try:  # the words, before any file is written
-        check_config(cfg)
-        check_words(model, cfg)
-        grid_prompts = validation_prompts(placeholder, prop, args.validation_prompt, model.tokenizer)
-    except (TrainingError, DataError) as e:
-        raise CLIError(str(e)) from None
-    images = training_images(args, model)
-
     try:
-        trainer = NeTI(model, images, cfg, args.out, templates(prop))
-        trainer.base_model = BaseModel(ckpt, model)  # a checkpoint from another model is refused
-        resumed = args.resume and trainer.resume()
+        check_config(cfg)
     except TrainingError as e:
         raise CLIError(str(e)) from None
+    trainer, images, grid_prompts, resumed = start_trainer(NeTI, args, model, ckpt, cfg, prop)
     mc = trainer.mapper.config
     print(f"{'resuming at step ' + str(trainer.step) if resumed else 'training'} a NeTI mapper for {placeholder!r} "
           f"({mc.num_layers} cross-attention layers, {sum(p.numel() for p in trainer.mapper.parameters()):,} "
