@@ -57,9 +57,11 @@ def build_parser() -> Parser:
 
     word = p.add_argument_group("the new word")
     word.add_argument("--placeholder", type=word_arg, default=None,
-                      help="the new token, e.g. '<cat-toy>' (default: <concept>)")
+                      help="the new token, e.g. '<cat-toy>' (needed with --images; default on the tiny world: "
+                           "<concept>)")
     word.add_argument("--init-word", type=word_arg, default=None,
-                      help="a one-token word the embedding starts from, e.g. 'toy' (default: object/pattern)")
+                      help="a one-token word the embedding starts from, e.g. 'toy' (needed with --images; default "
+                           "on the tiny world: object, or pattern for a style)")
     word.add_argument("--property", choices=("object", "style"), default=None,
                       help="object: 'a photo of a <x>' templates; style: 'a painting in the style of <x>' (default: "
                            "object; style for the tiny world's checkered)")
@@ -148,7 +150,7 @@ def tiny_world_images(concept: str, n: int, seed: int, out: Optional[Path]) -> t
     """Render n images of a held-out concept, save them to out/ (if given) to look at, return
     (n, 3, 32, 32)."""
     from PIL import Image
-    from ldm.generate import save_png
+    from ldm.generate import save_image
     from tinyworld.world import concept_images
     from tinyworld.train import to_tensor
     try:
@@ -157,7 +159,7 @@ def tiny_world_images(concept: str, n: int, seed: int, out: Optional[Path]) -> t
         raise CLIError(str(e)) from None
     if out is not None:
         for i, im in enumerate(images):
-            save_png(Image.fromarray(im), out / f"{i:02d}.png", upscale=128 // im.shape[0])
+            save_image(Image.fromarray(im), out / f"{i:02d}.png", upscale=128 // im.shape[0])
     return to_tensor(images)
 
 
@@ -184,16 +186,14 @@ def training_images(args, model) -> torch.Tensor:
     tiny-world images of --concept (saved to --out/train_images to look at; a --resume leaves
     the folder as its first run wrote it, since the checkpoint refuses other images)."""
     from inversion.data import DataError, load_images
-    from ldm.generate import latent_shape
+    from ldm.generate import size_multiple
     if args.images is None:
         images = tiny_world_images(args.concept, args.num_images, args.seed,
                                    None if args.resume else args.out / "train_images")
     else:
         resolution = args.resolution or model.config.image_size
-        try:
-            latent_shape(model, resolution, resolution)
-        except ValueError as e:
-            raise CLIError(f"--resolution: {e}") from None
+        if resolution % size_multiple(model):
+            raise CLIError(f"--resolution {resolution} must be a multiple of {size_multiple(model)} for this model")
         try:
             images = load_images(args.images, resolution, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
         except DataError as e:

@@ -200,7 +200,7 @@ def main(argv=None) -> int:
                   "defines it; it is read as ordinary text", file=sys.stderr)
 
     from ldm.cli import progress_bar
-    from ldm.generate import SamplingError, generate, make_grid, save_png, to_pil
+    from ldm.generate import SamplingError, generate, make_grid, save_image, to_pil
 
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_name = (args.ckpt or DEFAULT_CKPT).resolve().name  # its name, not its path: images get shared
@@ -242,12 +242,12 @@ def main(argv=None) -> int:
             raise CLIError(f"{e}; {done}") from None
         for i, (seed, image) in enumerate(zip(batch_seeds, to_pil(batch)), start=first + start):
             path = args.out / f"{i:05d}-{seed}.png"
-            save_png(image, path, png_info({**settings, "seed": seed}))
+            save_image(image, path, png_info({**settings, "seed": seed}))
             images.append(image)
             paths.append(path)
     bar.close()
     grid_path = args.out / f"grid-{first:05d}.png"  # the grid of the images from number `first` on
-    save_png(make_grid(images), grid_path, png_info(settings))
+    save_image(make_grid(images), grid_path, png_info(settings))
     names = paths[0].name + (f" to {paths[-1].name}" if len(paths) > 1 else "")
     print(f"wrote {len(paths)} image{'s' * (len(paths) > 1)} ({names}) and {grid_path}")
     return 0

@@ -100,4 +100,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from ldm.cli import run
-    sys.exit(run(main, prog="conv_cpu"))
+    sys.exit(run(main, prog="conv_cpu", memory_advice="try a smaller --batch or --resolution"))

@@ -1,6 +1,6 @@
 """Textual Inversion training step: this repository's loop against diffusers' example loop.
 
-    python bench/ti_step.py                 # both configurations below, 6 timed steps each (about 5 min on 2 cores)
+    python bench/ti_step.py                 # SD v1.5 at 256 px, then the tiny model: 6 timed steps each (5 min)
     python bench/ti_step.py --only tiny --steps 20
     python bench/ti_step.py --repeats 3     # each side run 3 times, alternately: medians, and each run's ratio
 
@@ -378,4 +378,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from ldm.cli import run
-    sys.exit(run(main, prog="ti_step"))
+    sys.exit(run(main, prog="ti_step", memory_advice="try --only tiny, --gradient-checkpointing or --half-weights"))

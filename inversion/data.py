@@ -229,7 +229,7 @@ def method_of(settings: dict) -> str:
 
 def settings_difference(saved: str, now: str) -> str:
     """What differs between a checkpoint's settings and this run's, both `str(dict)` as the
-    trainers' `settings()` write them: "--lr 0.005 in the checkpoint, 0.01 now; other images".
+    trainers' `settings()` write them: "other images; --lr 0.005 in the checkpoint, 0.01 now".
     For the one line that refuses to resume; "other settings" if the saved ones cannot be read."""
     try:
         old, new = ast.literal_eval(saved), ast.literal_eval(now)  # literals only: no code runs

@@ -142,20 +142,20 @@ def main(args) -> int:
 
 
 def write_source_image(image: torch.Tensor, path: Path, tiny: bool) -> None:
-    from ldm.generate import save_png, to_pil
-    save_png(to_pil(((image[None] + 1) / 2).clamp(0, 1))[0], path, upscale=4 if tiny else 1)
+    from ldm.generate import save_image, to_pil
+    save_image(to_pil(((image[None] + 1) / 2).clamp(0, 1))[0], path, upscale=4 if tiny else 1)
 
 
 @torch.no_grad()
 def write_reconstruction(model, trainer, image: torch.Tensor, path: Path, tiny: bool, n: int = 4) -> None:
     """The source image, then n drawings from [e_src[:77-K]; e_hiper] (DDIM 50, guidance 7.5)."""
-    from ldm.generate import generate_or_warn, make_grid, save_png, to_pil
+    from ldm.generate import generate_or_warn, make_grid, save_image, to_pil
     cond = trainer.context()[None].to(model.dtype)
     images = generate_or_warn(path, model, [""] * n, list(range(n)), cond=cond, steps=50)
     if images is None:  # the tail is saved already
         return
     grid = make_grid(to_pil(torch.cat([((image[None] + 1) / 2).clamp(0, 1), images])), columns=n + 1)
-    save_png(grid, path, upscale=4 if tiny else 1)
+    save_image(grid, path, upscale=4 if tiny else 1)
 
 
 def report_demo_edits(model, trainer, attrs, targets, samples: int = 4) -> None:

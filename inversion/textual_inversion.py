@@ -150,7 +150,8 @@ def noisy_latents(model, means: torch.Tensor, stds: torch.Tensor, rows: torch.Te
 
 
 # The encoder's activations grow with the pixels of its batch (1.3 GB for 8 images at 256 px
-# in fp32): images are encoded at most 8 at a time and at most 256 × 256 pixels at a time.
+# in fp32): images are encoded at most 8 at a time and at most 256 × 256 pixels at a time, or one
+# at a time where one is larger (512 px: one image, as in a training step of batch 1).
 ENCODE_BATCH_IMAGES, ENCODE_BATCH_PIXELS = 8, 256 * 256
 
 

@@ -9,6 +9,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -34,7 +35,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         one-line text (a description) is wrapped to the terminal."""
         if "\n" in text.strip():
             return "".join(indent + line for line in text.strip("\n").splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+    def _split_lines(self, text, width):
+        """An option's help, wrapped at spaces only: argparse's own wrapping also breaks after a
+        hyphen, which splits a name such as `--init-word` over two lines."""
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class Parser(argparse.ArgumentParser):
@@ -145,11 +152,13 @@ def word_arg(text: str) -> str:
     return text
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # PIL's names
+IMAGE_SUFFIXES = tuple(IMAGE_FORMATS)
 
 
 def image_path_arg(text: str) -> Path:
-    """An argparse type for an image to write (a grid of samples): a .png, .jpg or .webp name."""
+    """An argparse type for an image to write (a grid of samples): a .png, .jpg or .webp name,
+    written in that format (ldm.generate.save_image)."""
     path = path_arg(text)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise argparse.ArgumentTypeError(f"{text}: name a {', '.join(IMAGE_SUFFIXES)} file")
@@ -313,7 +322,8 @@ def stop_like_ctrl_c(signum, frame):
     raise KeyboardInterrupt
 
 
-MEMORY_ADVICE = "try a smaller --batch or --resolution"
+# What every method of invert.py takes; the other tools pass their own advice to run().
+MEMORY_ADVICE = "try a smaller --batch, or --gradient-checkpointing or --half-weights"
 
 
 def tolerant_output() -> None:

@@ -92,8 +92,8 @@ class ModelConfig:
                 if f.type in ("float", float) and not positive_number(value):
                     raise ValueError(f"{f.name} is {value!r}, not a number > 0")
         if self.schedule.num_timesteps < MIN_TIMESTEPS:
-            raise ValueError(f"num_timesteps is {self.schedule.num_timesteps}; the tools sample with up to "
-                             f"{MIN_TIMESTEPS} DDIM steps, so at least {MIN_TIMESTEPS} (SD v1 has 1000)")
+            raise ValueError(f"num_timesteps is {self.schedule.num_timesteps}; the tools sample with "
+                             f"{MIN_TIMESTEPS} DDIM steps by default, so at least {MIN_TIMESTEPS} (SD v1 has 1000)")
         if not self.unet.channel_mult or not self.vae.ch_mult:
             raise ValueError("channel_mult and ch_mult need one entry per level")
         if not self.schedule.linear_start <= self.schedule.linear_end < 1:

@@ -26,10 +26,15 @@ class SamplingError(Exception):
     back images that would be saved as black squares."""
 
 
+def size_multiple(model: StableDiffusion) -> int:
+    """What an image's height and width must be a multiple of: the VAE's factor, then a halving of
+    the latents at every U-Net level but the last (SD v1: 8 × 2³ = 64)."""
+    return model.config.vae.downsample_factor * 2 ** (len(model.config.unet.channel_mult) - 1)
+
+
 def latent_shape(model: StableDiffusion, height: int, width: int) -> tuple:
     """(C, h, w) of the latents for an image, or ValueError if the size does not fit the U-Net."""
-    f = model.config.vae.downsample_factor
-    multiple = f * 2 ** (len(model.config.unet.channel_mult) - 1)  # every U-Net level halves the latents
+    f, multiple = model.config.vae.downsample_factor, size_multiple(model)
     for name, value in (("height", height), ("width", width)):
         if value <= 0 or value % multiple:
             raise ValueError(f"{name} {value} must be a positive multiple of {multiple} for this model")
@@ -125,14 +130,19 @@ def save_prompt_row(model: StableDiffusion, prompts: Sequence[str], path, steps:
     images = generate_or_warn(path, model, prompts, list(range(len(prompts))), steps=steps, **conditioning)
     if images is None:
         return
-    save_png(make_grid(to_pil(images), columns=len(prompts)), path, upscale=upscale)
+    save_image(make_grid(to_pil(images), columns=len(prompts)), path, upscale=upscale)
 
 
-def save_png(image, path, pnginfo=None, upscale: int = 1) -> None:
-    """Write a PIL image as PNG through a temporary file, so that an interrupted run leaves no
-    half-written image; `upscale` enlarges it with square pixels (the tiny model's 32-px images)."""
+def save_image(image, path, pnginfo=None, upscale: int = 1) -> None:
+    """Write a PIL image through a temporary file, so that an interrupted run leaves no
+    half-written image; `upscale` enlarges it with square pixels (the tiny model's 32-px images).
+    The format is the name's (.jpg, .webp), PNG for any other; `pnginfo`, the settings as text,
+    goes into PNG files only."""
     from pathlib import Path
+    from ldm.cli import IMAGE_FORMATS
     from ldm.load import atomic_write
     if upscale > 1:
         image = image.resize((image.width * upscale, image.height * upscale), 0)  # 0 = nearest
-    atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=pnginfo))
+    fmt = IMAGE_FORMATS.get(Path(path).suffix.lower(), "PNG")
+    options = {"pnginfo": pnginfo} if fmt == "PNG" else {"quality": 95}
+    atomic_write(Path(path), lambda tmp: image.save(tmp, format=fmt, **options))

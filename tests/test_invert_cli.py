@@ -137,7 +137,7 @@ def bad_cases(ckpt, images, tmp_path):
         (common + ["--lr", "-1"], "--lr"),                      # was a traceback from the optimizer
         (common + ["--progressive-every", "-1"], "--progressive-every"),
         (common + ["--sample-every", "-2"], "--sample-every"),
-        (common + ["--resolution", "33"], "--resolution"),      # not a size the U-Net can take
+        (common + ["--resolution", "33"], "--resolution 33 must be a multiple of 4 for this model"),  # its U-Net
         (["--ckpt", str(ckpt), "--resolution", "64"], "--resolution"),  # tiny world: it would be ignored
         (common + ["--out", str(blocker / "run")], "--out"),    # was a traceback from mkdir
         (common + ["--out", str(blocker)], "--out"),
@@ -281,6 +281,20 @@ def test_out_of_memory_is_one_line(capsys):
         assert len(err) == 1 and f"out of memory ({hint})" in err[0], err
 
 
+@pytest.mark.parametrize("method", ["ti", "neti", "hiper"])
+def test_out_of_memory_advice_names_only_options_of_the_method(method, monkeypatch, capsys, tmp_path):
+    import re
+
+    def no_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+    monkeypatch.setattr(invert, "load_model", no_memory)
+    rc = run(invert.main, ["--method", method, "--out", str(tmp_path / "o")], prog="invert.py")
+    err = capsys.readouterr().err.strip()
+    advised = {flag[2:].replace("-", "_") for flag in re.findall(r"--[a-z][a-z-]*", err)}
+    assert rc == 1 and "Tried to allocate 20.00 MiB" in err and advised, err
+    assert advised <= invert.build_parser().method_options[method], err  # was --resolution, refused by hiper
+
+
 def test_the_pair_of_files_for_automatic1111_never_takes_a_name_that_is_taken():
     from clip import Tokenizer
     names = lambda word: [p.name for p in invert.output_files(Path("out"), word, Tokenizer())]
@@ -335,6 +349,17 @@ def test_help_shows_the_examples_as_written(capsys):
         lines = capsys.readouterr().out.splitlines()
         examples = [l for l in lines if l.startswith("    python ")]
         assert len(examples) >= 2 and all(l in main.__globals__["__doc__"] for l in examples)
+
+
+@pytest.mark.parametrize("columns", ["60", "80", "100"])
+def test_help_never_splits_an_option_name_over_two_lines(columns, monkeypatch, capsys):
+    import re
+    monkeypatch.setenv("COLUMNS", columns)  # argparse wraps to it
+    for main in (invert.main, sample.main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) > 20 and not [l for l in lines if re.search(r"[A-Za-z]-$", l)], main.__module__
 
 
 def test_an_os_error_mid_run_is_one_line(capsys):

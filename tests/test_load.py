@@ -456,7 +456,8 @@ def edited(config: dict, part: str, **values):
     (lambda c: edited(c, "schedule", num_timesteps=0), "num_timesteps is 0"),
     (lambda c: edited(c, "schedule", num_timesteps="1000"), "num_timesteps is '1000'"),
     # trained, then failed at the validation grid (DDIM 50)
-    (lambda c: edited(c, "schedule", num_timesteps=5), "num_timesteps is 5; the tools sample with up to 50"),
+    (lambda c: edited(c, "schedule", num_timesteps=5),
+     "num_timesteps is 5; the tools sample with 50 DDIM steps by default"),
     (lambda c: edited(c, "schedule", linear_start=0.5, linear_end=2.0), "they must rise and stay below 1"),
     (lambda c: edited(c, "unet", norm_groups=7), "is not divisible by its 7 norm groups"),
     (lambda c: edited(c, "unet", num_heads=3), "is not divisible by its 3 heads"),         # failed mid-sampling

@@ -212,9 +212,20 @@ def test_help_shows_defaults_only_where_there_is_one(capsys):
     assert "(default: 0)" in text and "(default: 7.5)" in text   # a zero is still a default
 
 
+@pytest.mark.parametrize("name, fmt", [("grid.png", "PNG"), ("grid.jpg", "JPEG"), ("grid.JPEG", "JPEG"),
+                                       ("grid.webp", "WEBP")])
+def test_an_image_is_written_in_the_format_its_name_says(name, fmt, tmp_path):
+    from ldm.cli import image_path_arg
+    from ldm.generate import save_image
+    path = image_path_arg(str(tmp_path / name))   # what --grid takes
+    save_image(Image.new("RGB", (8, 8), (200, 10, 10)), path)
+    with Image.open(path) as im:
+        assert im.format == fmt  # a .jpg name held PNG bytes
+
+
 def test_an_interrupted_png_write_leaves_no_file(tmp_path, monkeypatch):
-    """Every image the tools write (samples, grids, validation grids) goes through save_png."""
-    from ldm.generate import save_png
+    """Every image the tools write (samples, grids, validation grids) goes through save_image."""
+    from ldm.generate import save_image
     image = Image.new("RGB", (8, 8), (200, 10, 10))
 
     def cut_short(self, fp, *args, **kwargs):  # a Ctrl-C in the middle of writing
@@ -223,10 +234,10 @@ def test_an_interrupted_png_write_leaves_no_file(tmp_path, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(Image.Image, "save", cut_short)
     with pytest.raises(KeyboardInterrupt):
-        save_png(image, tmp_path / "a.png")
+        save_image(image, tmp_path / "a.png")
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
-    save_png(image, tmp_path / "a.png", upscale=4)
+    save_image(image, tmp_path / "a.png", upscale=4)
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
     with Image.open(tmp_path / "a.png") as im:
         assert im.size == (32, 32) and im.getpixel((31, 31)) == (200, 10, 10)

@@ -14,7 +14,7 @@ from tinyworld import train
 SHIPPED = ROOT / "weights" / "tiny.safetensors"
 
 
-def test_training_smoke_run_exports_a_loadable_model_and_resumes(tmp_path):
+def test_training_smoke_run_exports_a_loadable_model_and_resumes(tmp_path, capsys):
     out = tmp_path / "tiny.safetensors"
     argv = ["--run", str(tmp_path / "run"), "--out", str(out), "--images", "64", "--vae-steps", "3",
             "--vae-batch", "4", "--steps", "2", "--batch", "4", "--eval-every", "0", "--checkpoint-every", "1",
@@ -44,6 +44,12 @@ def test_training_smoke_run_exports_a_loadable_model_and_resumes(tmp_path):
     training = json.loads(read_metadata(again)["training"])
     assert training["init_file"] == out.name and training["init"]["diffusion_steps"] == 3
     assert training["vae_steps"] == 0  # the steps it ran
+    # the diffusers layout, a folder: the size printed is its files' (was the folder entry's, "0.0 MB")
+    capsys.readouterr()
+    assert train.main(["--init", str(out), "--run", str(tmp_path / "run5"), "--out", str(tmp_path / "folder"),
+                       "--vae-steps", "0", "--steps", "0", *small]) == 0
+    size = sum(f.stat().st_size for f in (tmp_path / "folder").rglob("*") if f.is_file()) / 1e6
+    assert size > 0.1 and f"wrote {tmp_path / 'folder'} ({size:.1f} MB)" in capsys.readouterr().out
     # with steps, the autoencoder and the U-Net move
     moved = tmp_path / "moved.safetensors"
     assert train.main(["--init", str(out), "--run", str(tmp_path / "run3"), "--out", str(moved),

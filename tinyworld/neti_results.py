@@ -264,7 +264,8 @@ def main(argv=None) -> int:
     p = Parser(prog="python -m tinyworld.neti_results", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", type=path_arg, default=ROOT / "weights" / "tiny.safetensors", help="a tiny-world model")
     p.add_argument("--concept", default="ring", help="a held-out concept of the tiny world")
-    p.add_argument("--steps", type=positive_int, default=None, help="training steps of both methods; None: invert.py's tiny default, 400")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="training steps of both methods (default: invert.py's on the tiny model, 400)")
     p.add_argument("--every", type=nonnegative_int, default=100,
                    help="score both methods every N steps (n/2 samples); 0: at the end only")
     p.add_argument("--n", type=int, default=64, help="samples per final score (and per truncation)")

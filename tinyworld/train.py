@@ -579,7 +579,8 @@ def main(argv=None) -> int:
         training = {"init": parent_training, "init_file": args.init.name, "anchor": args.anchor, **training}
     meta = {"training": json.dumps(training)}
     ldm.save(model.cpu(), args.out, dtype=torch.float16, metadata=meta)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    files = [args.out] if args.out.is_file() else [f for f in args.out.rglob("*") if f.is_file()]  # or a folder
+    print(f"wrote {args.out} ({sum(f.stat().st_size for f in files) / 1e6:.1f} MB)")
     return 0
 
 

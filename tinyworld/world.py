@@ -25,8 +25,9 @@ only shape wide at the top and bottom and narrow in the middle.  Both keep these
 9 px and under blur, so the analyzer separates them from every named shape and from each
 other (diamonds and stars were rejected: at 9 px they are blobs close to a circle).
 
-Colors are six hues 60 degrees apart (red 0, yellow 60, green 120, teal 180, blue 240,
-purple 300), all strongly saturated, so hue alone identifies them under small color shifts.
+Colors are six hues about 60 degrees apart (drawn at red 0, yellow 54, green 120, teal 180,
+blue 234, purple 297; the analyzer reads each as the nearest of 0, 60, ..., 300), all strongly
+saturated, so hue alone identifies them under small color shifts.
 Every color word and background word is a single CLIP BPE token (that is why "teal" and not
 "cyan").  A (color, background) pair whose colors are closer than :data:`MIN_CONTRAST` (RGB
 distance) is never drawn: of the palette, only yellow on beige (:func:`compatible`).
@@ -638,14 +639,15 @@ def save_grid(path: str, images: np.ndarray, captions: Sequence[str] | None = No
             lines.append(line)
             draw.multiline_text((x, y + cell + 1), "\n".join(lines[:4]) or "''",
                                 fill=(255, 255, 255), spacing=0)
-    from ldm.generate import save_png
-    save_png(canvas, path)  # through a temporary file: no half-written grid
+    from ldm.generate import save_image
+    save_image(canvas, path)  # through a temporary file: no half-written grid
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ldm.cli import Parser, at_most, check_file_writable, image_path_arg, seed_int
     ap = Parser(prog="python -m tinyworld.world", description="Write a grid of tiny-world samples.")
-    ap.add_argument("--grid", type=image_path_arg, default=Path("tinyworld_grid.png"), help="the PNG to write")
+    ap.add_argument("--grid", type=image_path_arg, default=Path("tinyworld_grid.png"),
+                    help="the image to write (.png, .jpg or .webp)")
     ap.add_argument("-n", type=at_most(10000, "one grid"), default=48, help="images in the grid")
     ap.add_argument("--seed", type=seed_int, default=0, help="seed of the rendered images")
     ap.add_argument("--split", choices=("train", "eval", "any"), default="train",
