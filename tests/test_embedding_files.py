@@ -44,7 +44,7 @@ def test_ours_round_trip_with_metadata_and_several_words(tmp_path):
     assert torch.equal(embeds[0][1], a) and torch.equal(embeds[1][1], b)
     assert embeds[0][1].dtype == torch.float32 and embeds[1][1].shape == (1, D)
     assert meta["base_model_hash"] == "abc123" and meta["init_word"] == "toy" and meta["step"] == "500"
-    assert not list(tmp_path.glob(".*tmp"))  # written through a temporary file
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left (an interrupted write: test_file_errors)
 
 
 def test_ours_stores_fp32_even_from_half_precision(tmp_path):

@@ -105,3 +105,52 @@ def test_a_named_pipe_given_as_a_file_is_refused_not_read(tmp_path):
     assert out.returncode == 0 and len(lines) == 3, out.stderr[-500:]
     assert "is not a regular file or a folder" in lines[0] and "is not a regular file or a folder" in lines[1]
     assert "it is not a regular file" in lines[2]
+
+
+def learned_file_writers():
+    """(name, save(path, value), load(path) -> tensor) for each kind of file a run writes again
+    and again as it learns: ours, AUTOMATIC1111's two, HiPer's tail and NeTI's mapper."""
+    import torch
+    from inversion.files import load_embeddings, save_a1111, save_embeddings
+    from inversion.hiper import load_tail, save_tail
+    from inversion.neti import MapperConfig, NeTIMapper, load_mapper, save_mapper
+
+    def mapper(value):
+        m = NeTIMapper(MapperConfig(width=8, num_layers=2))
+        torch.nn.init.constant_(m.output.weight, value)
+        return m
+    return [
+        ("learned_embeds.safetensors", lambda p, v: save_embeddings(p, {"<x>": torch.full((1, 8), v)}),
+         lambda p: load_embeddings(p)[0][0][1]),
+        ("x.pt", lambda p, v: save_a1111(p, "<x>", torch.full((1, 8), v), step=1),
+         lambda p: load_embeddings(p)[0][0][1]),
+        ("x.safetensors", lambda p, v: save_a1111(p, "<x>", torch.full((1, 8), v), step=1),
+         lambda p: load_embeddings(p)[0][0][1]),
+        ("hiper_tail.safetensors", lambda p, v: save_tail(p, torch.full((5, 8), v)), lambda p: load_tail(p)[0]),
+        ("neti_mapper.safetensors", lambda p, v: save_mapper(p, mapper(v), {"placeholder": "<x>"}),
+         lambda p: load_mapper(p)[0].output.weight),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_an_interrupted_save_of_a_learned_file_keeps_the_one_before(index, tmp_path, monkeypatch):
+    """Each learned file is written again at every checkpoint: a Ctrl-C (or a full disk) in the
+    middle of a write leaves the previous file whole, and no temporary file beside it."""
+    import safetensors.torch
+    import torch
+    name, save, load = learned_file_writers()[index]
+    path = tmp_path / name
+    save(path, 1.0)
+
+    def cut_short(*args, **kwargs):  # writes part of the file, then the user presses Ctrl-C
+        target = args[1] if len(args) > 1 else kwargs.get("filename", kwargs.get("f"))
+        with open(target, "wb") as f:
+            f.write(b"\x00" * 10)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        save(path, 2.0)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert (load(path) == 1.0).all()

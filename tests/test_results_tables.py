@@ -18,19 +18,36 @@ def percents(text):
     return [int(x) / 100 for x in re.findall(r"(\d+)%", text)]
 
 
-def check_means(line):
-    """A row `| ... | rec | edit | r0 / e0, r1 / e1 | ...`: the means equal the per-seed averages."""
+def distinct_scores(monkeypatch, module, name):
+    """Wrap the scorer module.name so that each call, after running the real one, returns other
+    known whole percents: on a random model every real score is 0%, which any mean would match."""
+    real, calls = getattr(module, name), []
+
+    def scorer(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        calls.append(name)
+        return {key: ((len(calls) * 37 + i * 11) % 97) / 100 for i, key in enumerate(scores)}
+    monkeypatch.setattr(module, name, scorer)
+    return calls
+
+
+def check_means(line, between=0):
+    """A row `| ... | rec | edit | r0 / e0, r1 / e1 | ...`, with `between` columns after edit
+    (NeTI's table: "edit & concept"): the means equal the per-seed averages, which differ from
+    seed to seed."""
     cells = [c.strip() for c in line.strip("|").split("|")]
     i = next(k for k, c in enumerate(cells) if " / " in c)
     per_seed = [percents(pair) for pair in cells[i].split(",")]
-    (rec,), (edit,) = percents(cells[i - 2]), percents(cells[i - 1])
+    (rec,), (edit,) = percents(cells[i - 2 - between]), percents(cells[i - 1 - between])
     assert len(per_seed) == 2 and all(len(p) == 2 for p in per_seed)
+    assert per_seed[0] != per_seed[1] and rec + edit > 0, line
     assert rec == pytest.approx(sum(p[0] for p in per_seed) / 2, abs=0.006)
     assert edit == pytest.approx(sum(p[1] for p in per_seed) / 2, abs=0.006)
 
 
-def test_ti_results_table(ckpt32, tmp_path, capsys):
-    from tinyworld import ti_results
+def test_ti_results_table(ckpt32, tmp_path, capsys, monkeypatch):
+    from tinyworld import concepts, ti_results
+    words, contexts = (distinct_scores(monkeypatch, concepts, name) for name in ("evaluate_word", "evaluate_context"))
     assert ti_results.main(["--ckpt", str(ckpt32), "--steps", "2", "--n", "2", "--sample-steps", "2",
                             "--seeds", "0", "1", "--out", str(tmp_path / "o")]) == 0
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and "%" in l]
@@ -47,6 +64,8 @@ def test_ti_results_table(ckpt32, tmp_path, capsys):
         per_seed = [pair.split(" / ") for pair in cells[4].split(",")]
         assert cells[3] == "-" and [e.strip() for _, e in per_seed] == ["-", "-"]
         assert percents(cells[2])[0] == pytest.approx(sum(percents(r)[0] for r, _ in per_seed) / 2, abs=0.006)
+        assert percents(per_seed[0][0]) != percents(per_seed[1][0])
+    assert words and contexts  # every score of the table went through the wrappers
     runs = sorted(p.name for p in (tmp_path / "o").iterdir())  # a run's folder per row and seed, named by the row
     assert runs == sorted(f"{row}-seed{s}" for row in ti_results.ROWS for s in (0, 1)), runs
 
@@ -99,8 +118,10 @@ def test_learn_context_trains_only_the_context(ckpt32):
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_neti_results_table(ckpt32, tmp_path, capsys):
+def test_neti_results_table(ckpt32, tmp_path, capsys, monkeypatch):
     from tinyworld import neti_results
+    for scorer in ("score_ti", "score_neti"):
+        distinct_scores(monkeypatch, neti_results, scorer)
     grid = tmp_path / "grid.png"
     assert neti_results.main(["--ckpt", str(ckpt32), "--steps", "2", "--every", "1", "--n", "2",
                               "--sample-steps", "2", "--seeds", "0", "1", "--truncations", "4", "128",
@@ -111,7 +132,7 @@ def test_neti_results_table(ckpt32, tmp_path, capsys):
     final = [l for l in out.splitlines() if l.startswith("| Textual Inversion") or l.startswith("| NeTI (mapper")]
     assert len(final) == 2
     for line in final:
-        check_means(line)
+        check_means(line, between=1)  # the columns were taken one off, which all-0% rows could not show
     assert "| 4 |" in out and "| 128 (full, table 1) |" in out and grid.exists()
 
 

@@ -21,14 +21,17 @@ def test_training_smoke_run_exports_a_loadable_model_and_resumes(tmp_path, capsy
             "--threads", "1"]
     assert train.main(argv) == 0
     model = ldm.load(out)
-    assert model.config == ldm.load(out).config and model.config.image_size == 32
+    expected = train.tiny_model_config()
+    assert (model.config.unet, model.config.text, model.config.image_size) == (expected.unet, expected.text, 32)
     assert model.config.vae.scale_factor != 0.18215  # measured from the cached latents
     state = torch.load(tmp_path / "run" / "diffusion.pt", weights_only=True)
     assert state["step"] == 2
     # a second run refuses to overwrite, and --resume continues to more steps
-    assert train.main(argv) == 2
+    capsys.readouterr()
+    assert train.main(argv) == 2 and "--resume" in capsys.readouterr().err
     # ... and a resume on other images would pair the cached latents with other captions
     assert train.main([*argv, "--resume", "--steps", "3", "--images", "65"]) == 2
+    assert "--images" in capsys.readouterr().err
     assert train.main([*argv, "--resume", "--steps", "3", "--warmup", "0"]) == 0  # 0: no warm-up
     assert torch.load(tmp_path / "run" / "diffusion.pt", weights_only=True)["step"] == 3
     assert json.loads(read_metadata(out)["training"])["vae_steps"] == 3
