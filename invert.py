@@ -7,6 +7,10 @@
 The frozen model is asked to reconstruct the images from prompts such as "a photo of a
 <my-toy>"; only the new word's embedding is trained. The result loads in sample.py,
 diffusers (`load_textual_inversion`) and AUTOMATIC1111 / ComfyUI.
+
+--method neti learns a NeTI mapper instead (a vector per timestep and U-Net layer;
+inversion/neti_cli.py), --method hiper a HiPer tail from one image and its prompt
+(inversion/hiper_cli.py); each has its own group of options in --help.
 """
 from __future__ import annotations
 

@@ -58,10 +58,14 @@ class CLIPTextEmbeddings(nn.Module):
             bad = sorted(set(input_ids[unknown].tolist()))
             raise ValueError(f"token ids {bad} are not in the embedding table and have no learned vector; "
                              "load the embedding that defines them")
+        # A new token's id (>= vocab) has no row in the frozen table: look up a stand-in row,
+        # which the torch.where below replaces with the learned vector.
         x = self.token_embedding(input_ids.clamp(max=vocab - 1))  # (B, L, D)
         for token_id, vector in new_embeddings.items():
             vector = vector.to(x.device, x.dtype)  # learned vectors may live elsewhere (fp32, CPU)
             vector = vector[:, None, :] if vector.dim() == 2 else vector  # (B, 1, D) or (D,)
+            # mask (B, L, 1) with the vector (B, 1, D) or (D,) -> (B, L, D): the word's positions
+            # take the learned vector, every other position keeps the table's row
             x = torch.where((input_ids == token_id).unsqueeze(-1), vector, x)
         positions = self.position_embedding(self.position_ids[:, : input_ids.shape[1]])
         return x + positions

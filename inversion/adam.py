@@ -52,8 +52,8 @@ class AdamW:
             t = s["step"].item()
             if self.weight_decay != 0:
                 p.mul_(1 - self.lr * self.weight_decay)
-            s["exp_avg"].lerp_(g, 1 - beta1)                                   # m
-            s["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)        # v
+            s["exp_avg"].lerp_(g, 1 - beta1)                                   # m <- β1 m + (1 - β1) g
+            s["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)        # v <- β2 v + (1 - β2) g²
             denom = (s["exp_avg_sq"].sqrt() / (1 - beta2 ** t) ** 0.5).add_(self.eps)
             p.addcdiv_(s["exp_avg"], denom, value=-self.lr / (1 - beta1 ** t))
 

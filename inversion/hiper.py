@@ -83,8 +83,10 @@ def encode(model, prompts: Union[str, List[str]], new_embeddings=None) -> torch.
 def edit_context(target: torch.Tensor, tail: torch.Tensor, alpha: float = 0.8) -> torch.Tensor:
     """[e_tgt[:77-K]; α e_hiper]: target (B, 77, D), tail (K, D) -> (B, 77, D) in target's dtype."""
     k = tail.shape[0]
-    tail = (alpha * tail.float()).to(target.device, target.dtype).expand(target.shape[0], k, -1)
-    return torch.cat([target[:, :-k], tail], dim=1)
+    # α scales the learned tail: α = 0 leaves the target prompt with its last K rows zeroed, α = 1
+    # the whole tail; the paper's 0.8 trades some of the subject's identity for the edit
+    tail = (alpha * tail.float()).to(target.device, target.dtype).expand(target.shape[0], k, -1)  # (B, K, D)
+    return torch.cat([target[:, :-k], tail], dim=1)  # (B, 77 - K, D) ++ (B, K, D) -> (B, 77, D)
 
 
 @torch.no_grad()
@@ -218,9 +220,11 @@ class HiPer:
         return torch.cat([self.head, self.tail])
 
     def loss(self, step: int) -> torch.Tensor:
+        """ε-prediction MSE on the one image, with the source prompt's head and the learned tail."""
         cfg, model = self.cfg, self.model
         rng = np.random.default_rng([cfg.seed, step])
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        # B draws from the one image's posterior (row 0), each with its own t and ε
         z_t, noise, t = noisy_latents(model, self.mean, self.std, torch.zeros(cfg.batch, dtype=torch.long), g)
         context = self.context().expand(cfg.batch, -1, -1)   # (B, 77, D)
         with autocast(model):

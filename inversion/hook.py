@@ -1,5 +1,8 @@
 """New words for a frozen text encoder: placeholder tokens and their learned vectors.
 
+The "hook" is an argument, not a PyTorch hook: the text encoder's embedding lookup takes a
+mapping {token id: vector} and splices those vectors in (nothing is registered or patched).
+
 A placeholder such as `<cat-toy>` is added to the tokenizer as one new token. Its vector
 lives here, in a separate fp32 parameter; the text encoder splices it into the token
 embedding lookup (`CLIPTextEmbeddings(new_embeddings=...)`), so the frozen table is never

@@ -115,7 +115,8 @@ class FourierFeatures(nn.Module):
     """(t, ℓ) -> [sin(W x), cos(W x)] / √F with x = (t, ℓ): a unit vector of 2F numbers.
 
     W (F, 2) is drawn once from N(0, 1), its time column scaled by σ_t and its layer column
-    by σ_ℓ (Tancik et al. 2020). A buffer: it is saved with the mapper."""
+    by σ_ℓ (Tancik et al. 2020, without their 2π, as NeTI's code: σ_t = 0.03 and σ_ℓ = 2 are
+    NeTI's values for this form). A buffer: it is saved with the mapper."""
 
     def __init__(self, num_features: int, sigma_t: float, sigma_l: float, generator: torch.Generator):
         super().__init__()
@@ -170,7 +171,7 @@ class NeTIMapper(nn.Module):
         if keep is not None:
             keep = torch.as_tensor(keep, device=h.device).reshape(-1, 1)    # (N or 1, 1)
             h = h * (torch.arange(h.shape[1], device=h.device) < keep)      # zero units k >= keep
-        out = self.output(h)
+        out = self.output(h)  # (N, 2D): [:D] the word's direction, [D:] the bypass vector
         D = self.config.width
         word = F.normalize(out[:, :D], dim=-1) * self.config.target_norm
         return word, (out[:, D:] if self.config.bypass else None)
@@ -202,7 +203,7 @@ def encode_with_bypass(text_encoder, ids: torch.Tensor, token_id: int, word: tor
     h = tm.embeddings(ids, {**(new_embeddings or {}), token_id: word})      # (N, 77, D)
     for block in tm.encoder.layers:
         h = block(h)
-    keys = tm.final_layer_norm(h)
+    keys = tm.final_layer_norm(h)  # the plain text: what cross-attention's keys are computed from
     if bypass is None:
         return keys, None
     at_word = (ids == token_id).unsqueeze(-1)                                   # (N, 77, 1)
@@ -222,11 +223,12 @@ def space_time_conditioning(text_encoder, mapper: NeTIMapper, ids: torch.Tensor,
     (layer-major: rows l·B ... l·B + B-1 are layer l), so the text encoder runs once."""
     B, L = ids.shape[0], mapper.config.num_layers
     layers = torch.arange(L, device=ids.device).repeat_interleave(B)           # (L·B,) 0..0 1..1 ...
-    steps = t.to(ids.device).repeat(L)                                          # (L·B,) t_0..t_B-1 t_0..
+    timesteps = t.to(ids.device).repeat(L)                                      # (L·B,) t_0..t_B-1 t_0..
     with no_autocast(ids.device.type):  # the mapper computes in float32, in training too
-        word, bypass = mapper(steps, layers, keep)
-    keys, values = encode_with_bypass(text_encoder, ids.repeat(L, 1), token_id, word, bypass,
+        word, bypass = mapper(timesteps, layers, keep)                          # (L·B, D) each
+    keys, values = encode_with_bypass(text_encoder, ids.repeat(L, 1), token_id, word, bypass,  # ids (L·B, 77)
                                       mapper.config.bypass_scale, new_embeddings)
+    # (L·B, 77, D) -> L tensors (B, 77, D): layer l's texts for the keys, and for the values
     return list(keys.split(B)), (list(values.split(B)) if values is not None else None)
 
 
@@ -253,9 +255,9 @@ class SpaceTimeConditioning:
     @torch.no_grad()
     def at(self, t: int) -> Tuple[Layers, Optional[Layers]]:
         if t not in self.cache:
-            steps = torch.full((len(self.ids),), int(t), device=self.ids.device)
+            timesteps = torch.full((len(self.ids),), int(t), device=self.ids.device)
             keys, values = space_time_conditioning(self.model.text_encoder, self.mapper, self.ids, self.token_id,
-                                                   steps, self.truncation, self.new_embeddings)
+                                                   timesteps, self.truncation, self.new_embeddings)
             pick = (lambda x: x) if self.rows is None else (lambda x: x[self.rows.to(x.device)])
             as_layers = lambda xs: None if xs is None else [pick(x).to(self.model.dtype) for x in xs]
             self.cache[t] = (as_layers(keys), as_layers(values))

@@ -157,8 +157,13 @@ ENCODE_BATCH_IMAGES, ENCODE_BATCH_PIXELS = 8, 256 * 256
 
 @torch.no_grad()
 def encode_images(model, images: torch.Tensor, batch: Optional[int] = None):
-    """Posterior mean and std (2N, C, h, w) of each image and of its mirror image, computed once."""
-    both = torch.cat([images, images.flip(-1)])
+    """Posterior mean and std (2N, C, h, w) of each image and of its mirror image, computed once.
+
+    The VAE is frozen and the flip is the only augmentation, so each image's posterior q(z|x)
+    never changes: each step draws a fresh z0 ~ N(mean, std²) from it (`noisy_latents`), the same
+    distribution as encoding the image every step, without the encoder's cost. Mirror images are
+    encoded rather than flipped in latent space, since the encoder is not flip-equivariant."""
+    both = torch.cat([images, images.flip(-1)])  # (2N, 3, H, W): the images, then their mirrors
     if batch is None:
         pixels = images.shape[-2] * images.shape[-1]
         batch = max(1, min(ENCODE_BATCH_IMAGES, ENCODE_BATCH_PIXELS // pixels))
@@ -192,7 +197,9 @@ class TextualInversion:
                 self.learned.add(image_token(cfg, i), init[None], trainable=True)
         self.learned.to(model.device)
         self.active = 1 if cfg.progressive_every else cfg.num_vectors
-        self.optimizer = AdamW(self.learned.parameters(), lr=cfg.effective_lr)  # torch.optim.AdamW's defaults
+        # torch.optim.AdamW's defaults, as the paper's code: its weight decay (1e-2) also pulls the
+        # vectors toward 0 a little every step (v <- v (1 - lr λ)), against the init word's norm
+        self.optimizer = AdamW(self.learned.parameters(), lr=cfg.effective_lr)
         self.means, self.stds = encode_images(model, images)
         self.step = 0
         self.checkpoint_path = self.out / "checkpoint.pt"
@@ -210,6 +217,9 @@ class TextualInversion:
         return out
 
     def loss(self, step: int) -> torch.Tensor:
+        """One batch of the objective above: images, flips, prompts, t and ε all drawn from
+        (seed, step); the word's vectors spliced into the prompts' encoding; MSE on ε; plus
+        λ ||v - v_init||² over the active vectors."""
         cfg, model = self.cfg, self.model
         rng = np.random.default_rng([cfg.seed, step])
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
@@ -220,6 +230,9 @@ class TextualInversion:
 
         ids = self.model.tokenizer(self.prompts(rng, idx)).to(model.device)
         with autocast(model):
+            # (B, 77, D). At the word's positions the embedding lookup returns the learned vectors
+            # (clip/model.py, CLIPTextEmbeddings); the frozen encoder and U-Net pass the gradient
+            # back through, and only the learned vectors receive it.
             context = model.text_encoder(ids, self.learned.mapping())
             eps = model.unet(z_t.to(model.dtype), t, context)
         loss = F.mse_loss(eps.float(), noise)

@@ -142,7 +142,7 @@ def ddim_sample(denoiser: Denoiser, x_T: Tensor, schedule: NoiseSchedule, num_st
         raise ValueError(f"eta must be >= 0, got {eta}")
     timesteps = schedule.ddim_timesteps(num_steps).tolist()
     ac = schedule.alphas_cumprod.detach().cpu().double()
-    alphas = [float(ac[t]) for t in timesteps]
+    alphas = [float(ac[t]) for t in timesteps]  # DDIM's α_t is DDPM's ᾱ_t (alphas_cumprod)
     alphas_prev = alphas[1:] + [float(ac[0])]
 
     dtype = x_T.dtype
@@ -150,8 +150,9 @@ def ddim_sample(denoiser: Denoiser, x_T: Tensor, schedule: NoiseSchedule, num_st
     steps = list(zip(timesteps, alphas, alphas_prev))
     for t, a_t, a_prev in (progress(steps) if progress is not None else steps):
         eps = denoiser(x.to(dtype), _t_batch(t, x)).float()
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-        pred_x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5  # eq. 16
+        pred_x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5  # "predicted x_0": x_t = √α_t x_0 + √(1-α_t) ε
+        # eq. 12: √α_prev · x̂_0 + "direction pointing to x_t" √(1 - α_prev - σ²) · ε, + σ · fresh noise
         x = a_prev ** 0.5 * pred_x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
         if eta > 0:
             x = x + sigma * _randn_like(x, generator)
@@ -163,6 +164,11 @@ def ddpm_sample(denoiser: Denoiser, x_T: Tensor, schedule: NoiseSchedule,
                 num_steps: Optional[int] = None, generator: Generators = None,
                 progress: Optional[Progress] = None) -> Tensor:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) with sigma_t^2 = posterior variance (eq. 7).
+
+    Each step's mean is written as eq. 7's posterior mean μ̃(x_t, x̂_0), with
+    x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t: algebraically line 4 of Algorithm 2,
+    1/√α_t (x_t − β_t/√(1−ᾱ_t) ε), since nothing is clipped; the x̂_0 form also serves the
+    respaced chain below.
 
     num_steps None (or == T) runs all T steps T-1..0. Fewer steps use the `ddim_timesteps` grid and
     the posterior of the respaced chain: between consecutive grid points t > s,
@@ -186,9 +192,9 @@ def ddpm_sample(denoiser: Denoiser, x_T: Tensor, schedule: NoiseSchedule,
     steps = list(zip(range(n), timesteps, alphas, alphas_prev))
     for i, t, a_t, a_prev in (progress(steps) if progress is not None else steps):
         eps = denoiser(x.to(dtype), _t_batch(t, x)).float()
-        beta = 1 - a_t / a_prev
+        beta = 1 - a_t / a_prev  # β of this step of the (respaced) chain; a_t, a_prev are ᾱ's
         pred_x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
-        coef_x0 = a_prev ** 0.5 * beta / (1 - a_t)
+        coef_x0 = a_prev ** 0.5 * beta / (1 - a_t)  # eq. 7: μ̃ = coef_x0 · x̂_0 + coef_xt · x_t
         coef_xt = (1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)
         x = coef_x0 * pred_x0 + coef_xt * x
         if i < n - 1:

@@ -107,7 +107,7 @@ class CrossAttention(nn.Module):
         split = lambda t: t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, n, d)
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(value_context))
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).reshape(B, N, C))
+        return self.to_out(out.transpose(1, 2).reshape(B, N, C))  # (B, heads, N, d) -> (B, N, heads·d = C)
 
 
 class GEGLU(nn.Module):
@@ -171,7 +171,7 @@ class SpatialTransformer(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, HW, C)
         for block in self.transformer_blocks:
             h = block(h, context, value_context)
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W)
         return x + self.proj_out(h)
 
 
@@ -210,6 +210,8 @@ class UNetModel(nn.Module):
             return block
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([Conv2d(cfg.in_channels, ch, 3, padding=1)])])
+        # the channels of each input block's output: pushed in order here, popped in reverse by
+        # the output blocks, whose ResBlocks take them concatenated to their input (the skips)
         skip_channels = [ch]
         downsample_rate = 1
         for level, mult in enumerate(cfg.channel_mult):
@@ -230,7 +232,7 @@ class UNetModel(nn.Module):
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
+            for i in range(cfg.num_res_blocks + 1):  # one more than the encoder: the Downsample's skip too
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, cfg.model_channels * mult, groups)]
                 ch = cfg.model_channels * mult
                 if downsample_rate in cfg.attention_resolutions:
@@ -267,7 +269,8 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.run_block(self.middle_block, h, emb, context, value_context)
         for block in self.output_blocks:
-            h = self.run_block(block, torch.cat([h, skips.pop()], dim=1), emb, context, value_context)
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C_h + C_skip, h, w)
+            h = self.run_block(block, h, emb, context, value_context)
         return self.out(h)
 
 

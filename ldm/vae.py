@@ -161,7 +161,7 @@ class DiagonalGaussianDistribution:
     """The posterior q(z|x) = N(mean, exp(logvar)) that the encoder outputs."""
 
     def __init__(self, parameters: torch.Tensor):
-        self.mean, logvar = parameters.chunk(2, dim=1)
+        self.mean, logvar = parameters.chunk(2, dim=1)  # (B, 2·C, h, w) -> (B, C, h, w) each
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
