@@ -25,7 +25,7 @@ resumed run is bit-identical to an uninterrupted one; a NaN loss skips the step;
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -37,8 +37,8 @@ from torch import nn
 from inversion.adam import Adam
 from inversion.data import image_digest, resume_mismatch
 from inversion.files import BaseModel, EmbeddingError, odd_layout
-from inversion.textual_inversion import (TextualInversion, TrainingError, encode_images, noisy_latents,
-                                         restore_progress, restore_tensor)
+from inversion.textual_inversion import encode_images, noisy_latents
+from inversion.trainer import Trainer, TrainingError, restore_progress, restore_tensor
 from inversion.precision import autocast
 from ldm.load import atomic_write, load_error_reason, not_a_file
 
@@ -190,14 +190,18 @@ class HiPerConfig:
     sample_every: int = 0       # no validation grid while training (run() is Textual Inversion's)
 
 
-class HiPer:
-    """The trainer: the tail, its optimizer and the loop. `run()` trains to cfg.steps.
+class HiPer(Trainer):
+    """The trainer: the tail and its optimizer; the loop is `Trainer`'s. `run()` trains to
+    cfg.steps.
 
     image: (3, H, W) in [-1, 1] at the model's resolution."""
 
+    progress_label = "hiper"
+    digest_key = "image"
+
     def __init__(self, model, image: torch.Tensor, cfg: HiPerConfig, out: Path,
                  log: Callable[[str], None] = print):
-        self.model, self.cfg, self.out, self.log = model, cfg, Path(out), log
+        super().__init__(model, cfg, out, log)
         check_tail_size(cfg.tail)
         check_prompt(model.tokenizer, cfg.source, cfg.tail)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -209,10 +213,7 @@ class HiPer:
         # The image's posterior (row 0; row 1 is its mirror, unused: a flip would swap left and right)
         means, stds = encode_images(model, image[None])
         self.mean, self.std = means[:1], stds[:1]            # (1, C, h, w)
-        self.image = image_digest(image)
-        self.step = 0
-        self.checkpoint_path = self.out / "checkpoint.pt"
-        self.losses: List[tuple] = []
+        self.images_digest = image_digest(image)
 
     # ------------------------------------------------------------------ one step
     def context(self) -> torch.Tensor:
@@ -236,11 +237,6 @@ class HiPer:
         """The learned tail: (K, D), fp32, on the CPU."""
         return self.tail.detach().float().cpu().clone()
 
-    def settings(self) -> str:
-        """What a resumed run must share (it may run longer or save at other steps), and the image."""
-        free = ("steps", "save_every", "sample_every")
-        return str({**{k: v for k, v in asdict(self.cfg).items() if k not in free}, "image": self.image})
-
     def state_dict(self) -> dict:
         return {"tail": self.tail_vectors(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "config": self.settings(), "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)}
@@ -252,15 +248,3 @@ class HiPer:
         restore_tensor(self.tail, state["tail"], "tail")
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.losses = restore_progress(state)
-
-    # The step, the files and the loop are Textual Inversion's: one optimizer step per batch (a
-    # non-finite loss skipped), checkpoint.pt written atomically, loss.csv, run() with its
-    # checkpoints every save_every steps and its Ctrl-C handling.
-    train_step = TextualInversion.gradient_step
-    base_model = TextualInversion.base_model
-    save_checkpoint = TextualInversion.save_checkpoint
-    resume = TextualInversion.resume
-    write_loss_log = TextualInversion.write_loss_log
-    check_finite = TextualInversion.check_finite
-    run = TextualInversion.run
-    progress_label = "hiper"

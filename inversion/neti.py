@@ -51,8 +51,8 @@ from torch import nn
 from inversion.adam import AdamW
 from inversion.data import image_digest, resume_mismatch
 from inversion.files import BaseModel
-from inversion.textual_inversion import (TextualInversion, TrainingError, check_words, encode_images, noisy_latents,
-                                         restore_progress)
+from inversion.textual_inversion import check_words, encode_images, noisy_latents
+from inversion.trainer import Trainer, TrainingError, restore_progress
 from inversion.precision import autocast, no_autocast
 from ldm.config import positive_number, whole_number
 from ldm.load import PICKLE_SUFFIXES, LoadError, atomic_write, load_error_reason, not_a_file, read_failure
@@ -413,13 +413,17 @@ def check_config(cfg: NeTIConfig) -> None:
             raise TrainingError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-class NeTI:
-    """The trainer: the mapper, its optimizer and the loop. `run()` trains to cfg.steps."""
+class NeTI(Trainer):
+    """The trainer: the mapper and its optimizer; the loop is `Trainer`'s. `run()` trains to
+    cfg.steps."""
+
+    progress_label = "NeTI"
 
     def __init__(self, model, images: torch.Tensor, cfg: NeTIConfig, out: Path,
                  templates: List[str], log: Callable[[str], None] = print):
         check_config(cfg)
-        self.model, self.cfg, self.out, self.templates, self.log = model, cfg, Path(out), templates, log
+        super().__init__(model, cfg, out, log)
+        self.templates = templates
         model.requires_grad_(False).eval()
         init = check_words(model, cfg)
         self.token_id = model.tokenizer.add_token(cfg.placeholder)
@@ -430,12 +434,9 @@ class NeTI:
             bypass_scale=cfg.bypass_scale, target_norm=float(init.norm()), seed=cfg.seed)).to(model.device)
         self.optimizer = AdamW(self.mapper.parameters(), lr=cfg.effective_lr, weight_decay=cfg.weight_decay)
         self.n_images = len(images)
-        self.images = image_digest(images)  # a resumed run must train on the same images
+        self.images_digest = image_digest(images)  # a resumed run must train on the same images
         self.out.mkdir(parents=True, exist_ok=True)
         self.means, self.stds = encode_images(model, images)
-        self.step = 0
-        self.checkpoint_path = self.out / "checkpoint.pt"
-        self.losses: List[tuple] = []
 
     # ------------------------------------------------------------------ one step
     def loss(self, step: int, micro: int = 0) -> torch.Tensor:
@@ -472,7 +473,7 @@ class NeTI:
             loss.backward()
             total += loss.item()
         self.optimizer.step()
-        self.step += 1  # counted once its update is made (see TextualInversion.gradient_step)
+        self.step += 1  # counted once its update is made (see Trainer.gradient_step)
         return total
 
     # ------------------------------------------------------------------ state
@@ -491,16 +492,6 @@ class NeTI:
         self.mapper.load_state_dict(state["mapper"])  # strict: every tensor, of its shape
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.losses = restore_progress(state)
-
-    # Resume settings, checkpointing, the loss log and the loop are Textual Inversion's: same files, same rules.
-    progress_label = "NeTI"
-    settings = TextualInversion.settings
-    base_model = TextualInversion.base_model
-    save_checkpoint = TextualInversion.save_checkpoint
-    resume = TextualInversion.resume
-    write_loss_log = TextualInversion.write_loss_log
-    check_finite = TextualInversion.check_finite
-    run = TextualInversion.run
 
     def conditioning(self, prompts: Sequence[str], truncation: Optional[int] = None) -> SpaceTimeConditioning:
         """Sampling conditioning with the mapper as it is now."""

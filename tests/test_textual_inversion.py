@@ -236,7 +236,7 @@ def test_whole_context_learns_the_images_with_the_frozen_model(model, images):
 
 def test_a_loss_log_that_cannot_be_written_is_a_warning(model, images, tmp_path, monkeypatch):
     """loss.csv open in a spreadsheet on Windows cannot be replaced: the run goes on and saves its word."""
-    import inversion.textual_inversion as ti
+    import inversion.trainer as ti  # where the loop writes its files
     real = ti.atomic_write
 
     def locked(path, write):
@@ -256,7 +256,7 @@ def test_a_loss_log_that_cannot_be_written_is_a_warning(model, images, tmp_path,
 
 def test_a_run_whose_loss_stays_nan_stops_in_one_line(model, images, tmp_path, monkeypatch):
     """One NaN loss is skipped with a warning; ten in a row (a learning rate far too large) end the run."""
-    from inversion.textual_inversion import MAX_SKIPPED_STEPS
+    from inversion.trainer import MAX_SKIPPED_STEPS
     t = make(model, images, tmp_path, steps=100, save_every=1000)
     real_loss = t.loss
     monkeypatch.setattr(t, "loss", lambda step: real_loss(step) * (float("nan") if t.step >= 3 else 1.0))
