@@ -51,7 +51,7 @@ from torch import nn
 from inversion.adam import AdamW
 from inversion.data import image_digest, resume_mismatch
 from inversion.files import BaseModel
-from inversion.textual_inversion import check_words, encode_images, noisy_latents
+from inversion.textual_inversion import check_words, encode_images, init_embedding, noisy_latents
 from inversion.trainer import Trainer, TrainingError, restore_progress
 from inversion.precision import autocast, no_autocast
 from ldm.config import positive_number, whole_number
@@ -425,7 +425,8 @@ class NeTI(Trainer):
         super().__init__(model, cfg, out, log)
         self.templates = templates
         model.requires_grad_(False).eval()
-        init = check_words(model, cfg)
+        check_words(model, cfg)
+        init = init_embedding(model, cfg.init_word)  # (D,): its norm is the mapper's output norm
         self.token_id = model.tokenizer.add_token(cfg.placeholder)
         self.mapper = NeTIMapper(MapperConfig(
             width=model.config.text.hidden_size, num_layers=model.unet.num_cross_attention_layers,

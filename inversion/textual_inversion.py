@@ -61,11 +61,11 @@ class TIConfig:
 MAX_PLACEHOLDER = 64   # characters (and twice as many bytes); the placeholder names the AUTOMATIC1111 files
 
 
-def check_words(model, cfg: TIConfig) -> torch.Tensor:
-    """The init word's embedding (D,), after checking both words; TrainingError otherwise."""
+def check_words(model, cfg: TIConfig) -> None:
+    """TrainingError unless the init word is one token and the placeholder a new word that fits
+    in every training prompt (and in a file name), with all its vectors."""
     tok = model.tokenizer
-    init_id = tok.word_id(cfg.init_word)
-    if init_id is None:
+    if tok.word_id(cfg.init_word) is None:
         n = tok.num_tokens(cfg.init_word)
         raise TrainingError(f"--init-word {cfg.init_word!r} is {n} tokens; choose a word that is one token "
                             "(a plain common noun such as 'object', 'toy', 'cat' or 'painting')")
@@ -91,7 +91,12 @@ def check_words(model, cfg: TIConfig) -> torch.Tensor:
     if cfg.num_vectors > room:
         raise TrainingError(f"--num-vectors {cfg.num_vectors}: a training prompt has room for {room} "
                             "(77 positions less the template's words)")
-    return model.text_encoder.text_model.embeddings.token_embedding.weight[init_id].detach().float().clone()
+
+
+def init_embedding(model, word: str) -> torch.Tensor:
+    """The frozen table's row of a one-token word: (D,), float32, a copy (the vectors start there)."""
+    table = model.text_encoder.text_model.embeddings.token_embedding.weight
+    return table[model.tokenizer.word_id(word)].detach().float().clone()
 
 
 def image_token(cfg: TIConfig, i: int) -> str:
@@ -146,7 +151,8 @@ class TextualInversion(Trainer):
         self.templates = templates
         self.out.mkdir(parents=True, exist_ok=True)
         model.requires_grad_(False).eval()
-        init = check_words(model, cfg)
+        check_words(model, cfg)
+        init = init_embedding(model, cfg.init_word)  # (D,)
         self.init_vector = init.to(model.device)
         self.learned = LearnedEmbeddings(model.tokenizer)
         self.learned.add(cfg.placeholder, init.expand(cfg.num_vectors, -1), trainable=True)
