@@ -35,13 +35,13 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 
 from inversion.hook import sub_tokens
-from ldm.load import (TRAINING_CHECKPOINT_HINT, TRAINING_CHECKPOINT_KEYS, LoadError, atomic_write,
-                      file_format, file_hash, model_weights_hash, unreadable, unsafe_pickle)
+from ldm.files import LoadError, atomic_write, file_format, file_hash, unreadable, unsafe_pickle
+from ldm.load import TRAINING_CHECKPOINT_HINT, TRAINING_CHECKPOINT_KEYS, model_weights_hash
 
 PathLike = Union[str, Path]
 
 # Metadata keys we write (all values are strings, as safetensors requires).
-BASE_MODEL_HASH = "base_model_hash"   # ldm.load.file_hash of the checkpoint it was trained on
+BASE_MODEL_HASH = "base_model_hash"   # ldm.files.file_hash of the checkpoint it was trained on
 BASE_MODEL_WEIGHTS = "base_model_weights"  # ldm.load.weights_hash of it: the same in any layout, fp16 too
 BASE_MODEL = "base_model"             # that checkpoint's file name, for people
 A1111_TOKEN_ID = 265                  # the id AUTOMATIC1111 writes in "string_to_token" (unused by readers)

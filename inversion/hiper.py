@@ -40,7 +40,7 @@ from inversion.files import BaseModel, EmbeddingError, odd_layout
 from inversion.textual_inversion import encode_images, noisy_latents
 from inversion.trainer import Trainer, TrainingError, restore_progress, restore_tensor
 from inversion.precision import autocast
-from ldm.load import atomic_write, load_error_reason, not_a_file
+from ldm.files import atomic_write, load_error_reason, not_a_file
 
 CONTEXT_LENGTH = 77             # rows of the text encoder's output
 TAIL_KEY = "hiper_tail"         # the tensor's name in our .safetensors files

@@ -69,7 +69,7 @@ def check_arguments(args) -> None:
         if args.image.is_dir():
             raise CLIError(f"--image {args.image}: is a folder; HiPer learns from one image file")
         if not args.image.is_file():
-            from ldm.load import not_a_file
+            from ldm.files import not_a_file
             raise CLIError(f"--image {args.image}: {not_a_file(args.image)}")
         try:
             load_image(args.image, 8)  # decodes the file: an unreadable image fails before the model loads

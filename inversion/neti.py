@@ -55,7 +55,7 @@ from inversion.textual_inversion import check_words, encode_images, init_embeddi
 from inversion.trainer import Trainer, TrainingError, restore_progress
 from inversion.precision import autocast, no_autocast
 from ldm.config import positive_number, whole_number
-from ldm.load import PICKLE_SUFFIXES, LoadError, atomic_write, load_error_reason, not_a_file, read_failure
+from ldm.files import PICKLE_SUFFIXES, LoadError, atomic_write, load_error_reason, not_a_file, read_failure
 
 Layers = List[torch.Tensor]  # one (B, 77, D) text encoding per cross-attention layer
 

@@ -25,7 +25,7 @@ from typing import Callable, List, Optional
 import torch
 
 from inversion.files import BaseModel
-from ldm.load import LoadError, atomic_write, load_error_reason
+from ldm.files import LoadError, atomic_write, load_error_reason
 
 MAX_SKIPPED_STEPS = 10  # steps in a row with a NaN or infinite loss that stop a run
 

@@ -355,7 +355,7 @@ def run(main, argv=None, prog: str = "", memory_advice: str = MEMORY_ADVICE) -> 
 
 def _run(main, argv, prog: str, memory_advice: str) -> int:
     from ldm.generate import SamplingError
-    from ldm.load import LoadError
+    from ldm.files import LoadError
     try:
         check_text(sys.argv[1:] if argv is None else argv)
         return main(argv) or 0

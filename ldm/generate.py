@@ -140,7 +140,7 @@ def save_image(image, path, pnginfo=None, upscale: int = 1) -> None:
     goes into PNG files only."""
     from pathlib import Path
     from ldm.cli import IMAGE_FORMATS
-    from ldm.load import atomic_write
+    from ldm.files import atomic_write
     if upscale > 1:
         image = image.resize((image.width * upscale, image.height * upscale), 0)  # 0 = nearest
     fmt = IMAGE_FORMATS.get(Path(path).suffix.lower(), "PNG")

@@ -13,7 +13,7 @@ import sample
 from inversion.files import BaseModel, EmbeddingError, apply_embeddings, load_embeddings, save_a1111, save_embeddings
 from inversion.hook import LearnedEmbeddings
 from ldm.cli import run
-from ldm.load import LoadError
+from ldm.files import LoadError
 from ldm.model import StableDiffusion
 
 D = 32  # tiny_config's text width

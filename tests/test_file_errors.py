@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ldm.load import atomic_write, load_error_reason, read_failure
+from ldm.files import atomic_write, load_error_reason, read_failure
 
 
 def test_a_text_file_named_as_a_checkpoint_is_said_to_be_no_such_file(tmp_path):
@@ -54,9 +54,8 @@ def test_a_bug_in_the_writer_is_raised_as_it_is(tmp_path):
 
 
 def test_a_file_held_open_on_windows_is_tried_again(tmp_path, monkeypatch):
-    import importlib
     import os
-    load = importlib.import_module("ldm.load")
+    import ldm.files as files
     real, calls = os.replace, []
 
     def held_twice(src, dst):  # what Windows says while a virus scanner reads the file just written
@@ -64,13 +63,13 @@ def test_a_file_held_open_on_windows_is_tried_again(tmp_path, monkeypatch):
         if len(calls) <= 2:
             raise PermissionError(13, "The process cannot access the file", str(dst))
         real(src, dst)
-    monkeypatch.setattr(load.os, "replace", held_twice)
-    monkeypatch.setattr(load.time, "sleep", lambda s: None)
-    monkeypatch.setattr(load, "WINDOWS", True)
+    monkeypatch.setattr(files.os, "replace", held_twice)
+    monkeypatch.setattr(files.time, "sleep", lambda s: None)
+    monkeypatch.setattr(files, "WINDOWS", True)
     atomic_write(tmp_path / "loss.csv", lambda tmp: open(tmp, "w").write("step,loss\n"))
     assert len(calls) == 3 and (tmp_path / "loss.csv").read_text() == "step,loss\n"
     calls.clear()
-    monkeypatch.setattr(load, "WINDOWS", False)  # elsewhere a refusal is final: no waiting
+    monkeypatch.setattr(files, "WINDOWS", False)  # elsewhere a refusal is final: no waiting
     with pytest.raises(PermissionError):
         atomic_write(tmp_path / "other.csv", lambda tmp: open(tmp, "w").write("x"))
     assert len(calls) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["loss.csv"]

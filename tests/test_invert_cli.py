@@ -405,7 +405,7 @@ def test_files_of_invert_py_given_to_the_wrong_option_say_where_they_go(ckpt, im
     """Every file a run writes, handed to --ckpt (or a checkpoint to --embedding), is named in one
     line that says where it goes."""
     import ldm
-    from ldm.load import LoadError
+    from ldm.files import LoadError
     common = ["--ckpt", str(ckpt), "--steps", "1", "--batch", "1", "--no-eval"]
     word = ["--images", str(images), "--placeholder", "<toy>", "--init-word", "toy"]
     for method, extra in (("ti", word), ("neti", word), ("hiper", [])):

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, tiny_config, randomize
 import ldm
 from ldm import convert
-from ldm.load import LoadError, describe_wrong_file
+from ldm.files import LoadError
+from ldm.load import describe_wrong_file
 from ldm.model import StableDiffusion
 
 

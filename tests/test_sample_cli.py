@@ -160,7 +160,7 @@ def test_ema_samples_with_the_files_ema_unet(tmp_path):
     import ldm
     import torch
     from safetensors.torch import load_file, save_file
-    from ldm.load import read_metadata
+    from ldm.files import read_metadata
     first = write_random_checkpoint(tmp_path / "a", image_size=16, seed=3)
     second = write_random_checkpoint(tmp_path / "b", image_size=16, seed=4)
     sd, other = load_file(first), load_file(second)

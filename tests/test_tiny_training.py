@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT
 import ldm
-from ldm.load import read_metadata
+from ldm.files import read_metadata
 from tinyworld import train
 
 SHIPPED = ROOT / "weights" / "tiny.safetensors"

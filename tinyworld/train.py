@@ -59,7 +59,7 @@ from ldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from ldm.cli import (MAX_THREADS, CLIError, Parser, check_file_writable, check_writable, checked_number,
                      given_options, learning_rate, nonnegative_int, out_of_memory, path_arg, positive_int,
                      progress_bar, seed_int)
-from ldm.load import atomic_write, load_error_reason
+from ldm.files import atomic_write, load_error_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -521,7 +521,7 @@ def main(argv=None) -> int:
         return error(problem)
     import ldm
     from ldm.cli import pick_device
-    from ldm.load import read_metadata
+    from ldm.files import read_metadata
     from ldm.model import StableDiffusion
     from tinyworld.world import IMAGE_SIZE
     start, parent_training = None, {}
