@@ -36,7 +36,8 @@ import torch
 
 from inversion.hook import sub_tokens
 from ldm.files import LoadError, atomic_write, file_format, file_hash, unreadable, unsafe_pickle
-from ldm.load import TRAINING_CHECKPOINT_HINT, TRAINING_CHECKPOINT_KEYS, model_weights_hash
+from ldm.load import (TRAINING_CHECKPOINT_HINT, TRAINING_CHECKPOINT_KEYS, diffusers_weights_file, model_weights_hash,
+                      shard_files)
 
 PathLike = Union[str, Path]
 
@@ -303,15 +304,17 @@ def load_embeddings(path: PathLike, width: Optional[int] = None) -> Tuple[Embedd
 
 def base_model_hash(ckpt: PathLike) -> str:
     """The hash that ties an embedding to its base model: `file_hash` of a single file, or of
-    the U-Net and text-encoder weights of a diffusers folder."""
+    the U-Net and text-encoder files of a diffusers folder that `ldm.load` reads (an fp16
+    variant beside them is not read, so it is not hashed; a sharded save: its index and shards)."""
     ckpt = Path(ckpt)
     if ckpt.is_file():
         return file_hash(ckpt)
     h = hashlib.sha256()
     for part in ("unet", "text_encoder"):
-        for f in sorted((ckpt / part).glob("*.safetensors")) + sorted((ckpt / part).glob("*.bin")):
-            h.update(file_hash(f).encode())
-            break
+        weights = diffusers_weights_file(ckpt, part)
+        if weights is not None:
+            for f in [weights, *(shard_files(weights) if weights.suffix == ".json" else [])]:
+                h.update(file_hash(f).encode())
     return h.hexdigest()[:16]
 
 

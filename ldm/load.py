@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -299,18 +299,37 @@ def _index_name(name: str) -> str:
     return ".".join([base, ext, "index", *variant, "json"])
 
 
-def _read_sharded(index: Path) -> Dict[str, torch.Tensor]:
-    """The tensors of a sharded save: `index` maps each tensor's name to the file in the same
-    folder that holds it (`{"weight_map": {name: "model-00001-of-00002.safetensors", ...}}`)."""
+def diffusers_weights_file(folder: Path, part: str) -> Optional[Path]:
+    """The file `load` reads for one part ('unet', 'vae', 'text_encoder') of a diffusers folder:
+    the first of DIFFUSERS_WEIGHTS[part] there, each name before the index of its shards (a
+    .json); None if there is none."""
+    names = [n for name in DIFFUSERS_WEIGHTS[part] for n in (name, _index_name(name))]
+    return next((folder / part / n for n in names if (folder / part / n).exists()), None)
+
+
+def _weight_map(index: Path) -> Dict[str, str]:
+    """A sharded save's index: each tensor's name -> the file beside the index that holds it
+    (`{"weight_map": {name: "model-00001-of-00002.safetensors", ...}}`)."""
     data = _read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise LoadError(f"{index}: has no 'weight_map'; a sharded save's index names the file of every tensor")
-    tensors: Dict[str, torch.Tensor] = {}
-    for shard in sorted(set(map(str, weight_map.values()))):
-        path = index.parent / shard
-        if Path(shard).name != shard or not path.is_file():
+    for shard in set(map(str, weight_map.values())):
+        if Path(shard).name != shard or not (index.parent / shard).is_file():
             raise LoadError(f"{index}: names the shard '{shard}', which is not a file beside it; download it again")
+    return {name: str(shard) for name, shard in weight_map.items()}
+
+
+def shard_files(index: Path) -> List[Path]:
+    """The shards an index names, in order."""
+    return [index.parent / shard for shard in sorted(set(_weight_map(index).values()))]
+
+
+def _read_sharded(index: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of a sharded save, from the shards its index names."""
+    weight_map = _weight_map(index)
+    tensors: Dict[str, torch.Tensor] = {}
+    for path in shard_files(index):
         tensors.update(read_tensors(path)[0])
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
@@ -343,17 +362,15 @@ def _load_diffusers_folder(folder: Path, device, dtype, half_weights: bool = Fal
                   "vae": (lambda s: convert.vae_diffusers_to_compvis(s, config.vae), convert.PREFIX_VAE),
                   "text_encoder": (convert.text_diffusers_to_compvis, convert.PREFIX_TEXT)}
     for part, (rename, prefix) in to_compvis.items():
-        # each name, then the index of the same weights saved in shards, in the order of DIFFUSERS_WEIGHTS
-        names = [n for name in DIFFUSERS_WEIGHTS[part] for n in (name, _index_name(name))]
-        files = [folder / part / name for name in names if (folder / part / name).exists()]
-        if not files:
+        weights = diffusers_weights_file(folder, part)
+        if weights is None:
             raise LoadError(f"{folder}: {part}/ has no weights (expected one of {', '.join(DIFFUSERS_WEIGHTS[part])}, "
                             "or a sharded one's .index.json)")
-        tensors = _read_sharded(files[0]) if files[0].name.endswith(".json") else read_tensors(files[0])[0]
+        tensors = _read_sharded(weights) if weights.name.endswith(".json") else read_tensors(weights)[0]
         try:
             renamed = rename(tensors)
         except convert.ConversionError as e:
-            raise LoadError(f"{files[0]}: {e.args[0] if e.args else e}") from None
+            raise LoadError(f"{weights}: {e.args[0] if e.args else e}") from None
         sd.update({prefix + k: v for k, v in renamed.items()})
     model = _build(config, sd, str(folder), device, dtype, half_weights)
     if config.text.vocab_size > CLIP_VOCAB_SIZE:  # a table grown by a training run

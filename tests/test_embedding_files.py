@@ -280,6 +280,23 @@ def test_base_model_hash_mismatch_warns_but_loads(tmp_path, model, ckpt):
     assert warnings == []
 
 
+def test_a_diffusers_folders_hash_is_of_the_files_it_loads_from(tmp_path):
+    """An fp16 variant beside the full weights is not read, so it does not change the hash (it
+    used to: the first file by name was hashed, and '.fp16.' sorts first); the file read does."""
+    import shutil
+    from inversion.files import base_model_hash
+    folder = ldm.save(randomize(StableDiffusion(tiny_config()), seed=4).eval(), tmp_path / "folder")
+    before = base_model_hash(folder)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    assert unet.exists()
+    variant = folder / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", variant)  # any other file
+    assert base_model_hash(folder) == before
+    variant.unlink()
+    shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", unet)
+    assert base_model_hash(folder) != before
+
+
 def test_weights_hash_names_the_weights_not_the_file(tmp_path):
     """The same weights in every layout, and in fp16, have one weights hash; a change to the
     U-Net or the text encoder changes it, a change to the VAE does not. Weights loaded in bf16
