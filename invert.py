@@ -270,7 +270,8 @@ def start_trainer(trainer_class, args, model, ckpt, cfg, prop: str):
     -> (trainer, images, validation prompts, resumed)."""
     from inversion.data import DataError, templates, validation_prompts
     from inversion.files import BaseModel
-    from inversion.textual_inversion import TrainingError, check_words
+    from inversion.textual_inversion import check_words
+    from inversion.trainer import TrainingError
     try:
         check_words(model, cfg)
         grid_prompts = validation_prompts(cfg.placeholder, prop, args.validation_prompt, model.tokenizer)
@@ -290,7 +291,7 @@ def train(trainer, learned_file: Path, **callbacks) -> bool:
     """trainer.run(**callbacks); False, after saying what was saved, when Ctrl-C (or SIGTERM)
     stops it: the trainer has written its checkpoint and the learned file before returning. A
     run whose learned values become NaN stops with one line (TrainingError), saving nothing."""
-    from inversion.textual_inversion import TrainingError
+    from inversion.trainer import TrainingError
     if trainer.step >= trainer.cfg.steps:
         raise CLIError(f"--resume: the run in {trainer.out} is at step {trainer.step} already; give --steps above "
                        f"{trainer.step} to train it further")

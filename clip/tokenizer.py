@@ -168,17 +168,20 @@ class Tokenizer:
         self._added_pattern: re.Pattern | None = None
 
     # ------------------------------------------------------------------ BPE
-    def bpe(self, token: str) -> str:
-        """Split one pre-tokenized word (in byte symbols) into BPE pieces.
+    def bpe(self, symbols: str) -> str:
+        """Split one pre-tokenized word, written in byte symbols, into BPE pieces.
 
         Returns the pieces joined by spaces, e.g. ``"cats"`` -> ``"cats</w>"``
         and ``"sks"`` -> ``"sks</w>"``.
         """
-        if token in self.cache:
-            return self.cache[token]
+        if symbols in self.cache:
+            return self.cache[symbols]
 
-        word = tuple(token[:-1]) + (token[-1] + END_OF_WORD,)
-        pairs = get_pairs(word)
+        # Start from single symbols, the last one marked as the word's end; then, again and
+        # again, fuse every occurrence of the adjacent pair that was merged earliest in training
+        # (lowest rank), until no adjacent pair is a merge.
+        pieces = tuple(symbols[:-1]) + (symbols[-1] + END_OF_WORD,)
+        pairs = get_pairs(pieces)
         while pairs:
             best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
             if best not in self.bpe_ranks:
@@ -186,18 +189,18 @@ class Tokenizer:
             first, second = best
             merged: list[str] = []
             i = 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
+            while i < len(pieces):
+                if i < len(pieces) - 1 and pieces[i] == first and pieces[i + 1] == second:
                     merged.append(first + second)
                     i += 2
                 else:
-                    merged.append(word[i])
+                    merged.append(pieces[i])
                     i += 1
-            word = tuple(merged)
-            pairs = get_pairs(word)
+            pieces = tuple(merged)
+            pairs = get_pairs(pieces)
 
-        result = " ".join(word)
-        self.cache[token] = result
+        result = " ".join(pieces)
+        self.cache[symbols] = result
         return result
 
     def _encode_plain(self, text: str) -> list[int]:

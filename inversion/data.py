@@ -3,7 +3,7 @@
 The paper trains on 3-5 photos of a concept. Each photo is turned upright (EXIF
 orientation), made RGB, resized so its short side is the model's resolution (bicubic),
 and cut to the centre square; pixels go to [-1, 1] as the VAE expects. Random flips
-and template choice are the training loop's business.
+and template choice are each method's `loss()` (textual_inversion.py, neti.py).
 
 A training caption is a neutral template with the placeholder word in it: "a photo of
 a {}" for an object, "a painting in the style of {}" for a style.
@@ -212,10 +212,10 @@ def image_digest(images: torch.Tensor) -> str:
 
 
 # The settings whose command-line option is not simply --name-with-dashes; the switches that turn
-# a setting off; the settings that are the training pixels.
+# a setting off; the settings that hold the digest of the training images (Trainer.digest_key).
 OPTION_OF = {"learnable_property": "--property"}
 SWITCHED_OFF_BY = {"flip": "--no-flip", "bypass": "--no-bypass"}
-OTHER_PIXELS = {"images": "other images", "image": "another image"}
+IMAGE_DIGEST_KEYS = {"images": "other images", "image": "another image"}
 
 
 def method_of(settings: dict) -> str:
@@ -243,8 +243,8 @@ def settings_difference(saved: str, now: str) -> str:
     parts = []
     for key in sorted(old.keys() | new.keys()):
         if (key in old, old.get(key)) != (key in new, new.get(key)):
-            if key in OTHER_PIXELS:
-                parts.append(OTHER_PIXELS[key])
+            if key in IMAGE_DIGEST_KEYS:
+                parts.append(IMAGE_DIGEST_KEYS[key])
             elif isinstance(old.get(key), bool) and isinstance(new.get(key), bool):  # a switch, given or not
                 switch = SWITCHED_OFF_BY.get(key, "--" + key.replace("_", "-"))
                 # a --no-X switch was given when its setting is False, a plain switch when it is True

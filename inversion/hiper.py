@@ -19,9 +19,9 @@ encoder's *output* space: the encoder runs once and no new word is needed. The t
 makes sense with the model it was learned on (its text encoder and U-Net), so a tail file
 records that model's hash and is refused by any other.
 
-The trainer follows `inversion.textual_inversion`: every step's randomness comes from
-generators seeded with (seed, step), so a checkpoint's step is its whole random state and a
-resumed run is bit-identical to an uninterrupted one; a NaN loss skips the step; Ctrl-C saves.
+The loop is `inversion.trainer.Trainer`'s: every step's randomness comes from generators
+seeded with (seed, step), so a checkpoint's step is its whole random state and a resumed run is
+bit-identical to an uninterrupted one; a NaN loss skips the step; Ctrl-C saves.
 """
 from __future__ import annotations
 

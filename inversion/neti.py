@@ -32,8 +32,8 @@ B × L sequences through the text encoder. The loss is
 
     E_{z, y, ε, t} || ε - ε_θ(z_t, t, {c_θ(y, M(t, ℓ))}_ℓ) ||²
 
-Every step's randomness comes from generators seeded with (seed, step), as in
-`inversion.textual_inversion`, so a resumed run is bit-identical to an uninterrupted one.
+Every step's randomness comes from generators seeded with (seed, step, micro-batch), as
+`inversion.trainer` asks of every method, so a resumed run is bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ def add_arguments(parser) -> set:
 def check_arguments(args) -> None:
     """Everything that can be checked before the model is loaded; CLIError otherwise."""
     from inversion.neti import MAPPER_FILE, NeTIConfig, check_config
-    from inversion.textual_inversion import TrainingError
+    from inversion.trainer import TrainingError
     from invert import check_paths
     try:  # the numbers the user chose, before anything is loaded
         check_config(NeTIConfig(sigma_t=args.sigma_t, sigma_l=args.sigma_l, nested_dropout=args.nested_dropout,
@@ -63,7 +63,7 @@ def check_arguments(args) -> None:
 def main(args) -> int:
     from inversion.data import templates
     from inversion.neti import MAPPER_FILE, NeTI, NeTIConfig, check_config, save_mapper
-    from inversion.textual_inversion import TrainingError
+    from inversion.trainer import TrainingError
     from invert import load_model, start_trainer, the_word, train
 
     check_arguments(args)

@@ -6,7 +6,8 @@ training images); it defines
 
     loss(step)              the loss of one batch, every random draw seeded by (cfg.seed, step),
                             so that a checkpoint's step is its whole random state;
-    state_dict()            what it learned, its optimizer, `step`, `losses` and `settings()`;
+    state_dict()            what it learned, its optimizer, `step`, `losses`, and `settings()`
+                            under the key 'config';
     load_state_dict(state)  the reverse, refusing other settings (TrainingError) or fields that
                             are not what it writes (AlteredCheckpoint);
 
@@ -103,7 +104,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
     # Settings a resumed run may change: it may run longer, or save and sample at other steps.
     FREE_SETTINGS = ("steps", "save_every", "sample_every", "sample_steps")
-    digest_key = "images"  # the name the digest of the training images has in the checkpoint
+    digest_key = "images"  # the name of the training images' digest in settings() (checkpoint["config"])
 
     def settings(self) -> str:
         """The settings a resumed run must share, and its training images (their digest)."""

@@ -86,7 +86,10 @@ def _same(prefix_d: str, prefix_c: str, names: Iterable[str]) -> Pairs:
 
 
 def _unet_resnet(d: str, c: str) -> Pairs:
-    """diffusers ResnetBlock2D <-> CompVis ResBlock (Sequentials: in_layers, emb_layers, out_layers)."""
+    """diffusers ResnetBlock2D <-> CompVis ResBlock (Sequentials: in_layers, emb_layers, out_layers).
+
+    in_layers = [GroupNorm, SiLU, conv], emb_layers = [SiLU, Linear], out_layers = [GroupNorm,
+    SiLU, Dropout, conv]: the indices skipped are the layers without weights."""
     for name_d, name_c in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"),
                            ("time_emb_proj", "emb_layers.1"), ("norm2", "out_layers.0"),
                            ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")):
@@ -248,6 +251,8 @@ def unet_compvis_to_diffusers(sd: dict[str, Tensor], cfg: UNetConfig) -> dict[st
 # ------------------------------------------------------------------------------- VAE
 
 # The mid-block attention projections: 1x1 convs [C, C, 1, 1] in CompVis, Linear [C, C] in diffusers.
+# A 1x1 convolution is the same C -> C linear map at every pixel: the numbers are the same, only
+# the weight's two trailing 1s differ.
 _COMPVIS_CONV1X1 = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
 _DIFFUSERS_LINEAR = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight")
 
@@ -649,7 +654,8 @@ def _write_text(cfg: CLIPTextConfig) -> dict:
         "initializer_factor": 1.0,
         "initializer_range": 0.02,
         "projection_dim": 768,
-        # The CLIP tokenizer's real ids (the SD 1.5 hub file still says the legacy 0/2).
+        # The CLIP tokenizer's real ids (the SD 1.5 hub file still says the legacy 0/2); pad_token_id
+        # keeps the hub file's 1, which CLIPTextModel never reads (SD pads with 49407).
         "bos_token_id": 49406,
         "eos_token_id": 49407,
         "pad_token_id": 1,

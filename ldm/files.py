@@ -7,8 +7,9 @@ Pickled files (`.ckpt`, `.pt`, `.bin`) are read only with `torch.load(weights_on
 which refuses code execution; the non-tensor objects that real SD checkpoints pickle beside
 their weights are let through as an inert stand-in. A file that cannot be read gets a reason a
 user can act on (a Git LFS pointer, a text file renamed .ckpt, a download cut short), and a
-write that fails names the file meant, not its temporary name. Everything that reads or
-writes a weights, embedding, tail, mapper or checkpoint file goes through here.
+write that fails names the file meant, not its temporary name. Model weights are read here
+(`read_tensors`); the readers of learned files and checkpoints open their own files but take
+their error lines from here, and every file the tools write goes through `atomic_write`.
 """
 from __future__ import annotations
 

@@ -72,8 +72,8 @@ def generate(model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int
     shape = latent_shape(model, height, width)
     if cond is None:
         cond = model.encode_prompts(list(prompts), new_embeddings)
-    if uncond is None and scale != 1.0:
-        uncond = model.encode_prompts([negative_prompt], new_embeddings)
+    if uncond is None and scale != 1.0:  # at scale 1 the prompt alone: no unconditional pass
+        uncond = model.encode_prompts([negative_prompt], new_embeddings)  # (1, 77, D), broadcast over the batch
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # one per image, on the CPU
     x_T = initial_noise(shape, generators).to(model.device, model.dtype)
     denoiser = guided_denoiser(model.unet, cond, uncond, scale, value_cond=value_cond, value_uncond=value_uncond)

@@ -48,9 +48,6 @@ DIFFUSERS_WEIGHTS = {
 }
 
 
-# ----------------------------------------------------------------------------- reading files
-
-
 # ----------------------------------------------------------------------------- telling files apart
 
 EMBEDDING_HINT = "is a textual-inversion embedding, not a model; load it with sample.py --embedding"
@@ -160,6 +157,10 @@ def _take_ema(sd: Dict[str, torch.Tensor]) -> None:
 
 def _build(config: ModelConfig, sd: Dict[str, torch.Tensor], where: str, device, dtype,
            half_weights: bool = False) -> StableDiffusion:
+    """The model of `config` with the weights `sd` (CompVis names): built on the meta device,
+    every key and shape checked against the file's, then each tensor cast to `dtype` (fp16 for
+    half weights) and assigned in turn, so the peak memory stays near one model. The schedule
+    buffers and position_ids are computed, not read."""
     with torch.device("meta"):
         model = StableDiffusion(config)
     half = half_weight_names(model) if half_weights else set()  # read straight into float16

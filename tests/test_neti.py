@@ -9,7 +9,7 @@ import inversion.neti as neti
 from inversion.neti import (MapperConfig, NeTI, NeTIConfig, NeTIError, NeTIMapper, SpaceTimeConditioning,
                             encode_with_bypass, load_mapper, nested_dropout_keep, save_mapper,
                             space_time_conditioning)
-from inversion.textual_inversion import TrainingError
+from inversion.trainer import TrainingError
 from ldm.model import StableDiffusion
 
 TEMPLATES = ["a photo of a {}", "a rendering of a {}"]

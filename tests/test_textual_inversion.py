@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from inversion.textual_inversion import TIConfig, TextualInversion, TrainingError
+from inversion.textual_inversion import TIConfig, TextualInversion
+from inversion.trainer import TrainingError
 
 TEMPLATES = ["a photo of a {}", "a rendering of a {}"]
 
@@ -236,15 +237,15 @@ def test_whole_context_learns_the_images_with_the_frozen_model(model, images):
 
 def test_a_loss_log_that_cannot_be_written_is_a_warning(model, images, tmp_path, monkeypatch):
     """loss.csv open in a spreadsheet on Windows cannot be replaced: the run goes on and saves its word."""
-    import inversion.trainer as ti  # where the loop writes its files
-    real = ti.atomic_write
+    import inversion.trainer as trainer  # where the loop writes its files
+    real = trainer.atomic_write
 
     def locked(path, write):
         if path.name == "loss.csv" and not locked.released:
             raise PermissionError(13, "Permission denied", str(path))
         real(path, write)
     locked.released = False
-    monkeypatch.setattr(ti, "atomic_write", locked)
+    monkeypatch.setattr(trainer, "atomic_write", locked)
     t = make(model, images, tmp_path)  # saves at steps 3 and 6
     messages, saved = [], []
     t.log = messages.append
