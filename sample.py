@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -118,9 +120,8 @@ def png_info(settings: dict):
     return info
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_arguments(parser: Parser, args, argv) -> None:
+    """Options that contradict each other, refused before the model is loaded."""
     if args.ckpt is not None and not args.ckpt.exists():
         raise CLIError(f"--ckpt {args.ckpt}: no such file or folder")
     if args.truncation is not None and args.neti is None:
@@ -134,76 +135,79 @@ def main(argv=None) -> int:
     if args.seed + args.n - 1 >= 2 ** 63:
         raise CLIError(f"--seed {args.seed} with --n {args.n}: image i uses seed + i, and the last would pass "
                        "2**63 - 1; give a smaller --seed")
-    check_writable(args.out)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.precision, device)
-    check_half_weights(args.half_weights, args.precision, dtype)
-    model = load_model(args.ckpt, device, dtype, ema=args.ema, half_weights=args.half_weights)
-    if args.steps > model.schedule.num_timesteps:
-        raise CLIError(f"--steps {args.steps}: at most {model.schedule.num_timesteps}, the model's training timesteps")
-    new_embeddings, prompt, negative = None, args.prompt, args.negative
+
+
+@dataclass
+class Text:
+    """What the U-Net reads: the prompts (with learned words expanded), and the encodings that
+    replace the plain text encoder's where a learned file asks for it (see ldm.generate.generate)."""
+    prompt: str
+    negative: str
+    new_embeddings: Optional[dict] = None   # Textual Inversion: token id -> learned vector(s)
+    cond: Any = None                        # HiPer: (1, 77, D); NeTI: per timestep and layer
+    uncond: Any = None
+    value_cond: Any = None                  # NeTI's textual bypass: the values' text
+    value_uncond: Any = None
+    learned_words: List[str] = field(default_factory=list)
+
+
+def text_conditioning(args, model) -> Text:
+    """The prompts as --embedding, --hiper or --neti make them; every file is read and checked
+    here, before anything is written."""
     from inversion.files import BaseModel
     base = BaseModel(resolve_checkpoint(args.ckpt), model)  # hashed only if a learned file names its base model
-
-    if args.embedding:  # every file is read and checked before anything is written
+    text = Text(args.prompt, args.negative)
+    if args.embedding:
         from inversion.files import apply_embeddings
         from inversion.hook import LearnedEmbeddings
         learned = LearnedEmbeddings(model.tokenizer)
-        words = apply_embeddings(model, learned, args.embedding, base)
+        text.learned_words = list(apply_embeddings(model, learned, args.embedding, base))
         learned.to(model.device)
-        new_embeddings = learned.mapping()
-        prompt, negative = learned.expand(args.prompt), learned.expand(args.negative)
-    cond = None
+        text.new_embeddings = learned.mapping()
+        text.prompt, text.negative = learned.expand(args.prompt), learned.expand(args.negative)
     if args.hiper is not None:  # HiPer: the prompt's rows 0..76-K, then α x the learned tail
         from inversion.hiper import HiPerError, hiper_condition, load_tail
         tail, _ = load_tail(args.hiper, model.config.text.hidden_size, base=base)
         try:
-            cond = hiper_condition(model, prompt, tail, args.alpha, new_embeddings)
+            text.cond = hiper_condition(model, text.prompt, tail, args.alpha, text.new_embeddings)
         except HiPerError as e:
             raise CLIError(str(e)) from None
-
-    value_cond = uncond = value_uncond = neti_word = None
     if args.neti is not None:  # NeTI: the mapper's text for every timestep and cross-attention layer
         from inversion.neti import neti_conditioning
-        cond, value_cond, uncond, value_uncond, neti_word = neti_conditioning(
-            model, args.neti, prompt, negative, args.truncation, new_embeddings, base=base)
+        text.cond, text.value_cond, text.uncond, text.value_uncond, word = neti_conditioning(
+            model, args.neti, text.prompt, text.negative, args.truncation, text.new_embeddings, base=base)
+        text.learned_words += [word] if word else []
+    return text
 
-    from ldm.generate import latent_shape
-    height, width = args.height or model.config.image_size, args.width or model.config.image_size
-    try:
-        latent_shape(model, height, width)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
 
-    # everything is checked: what follows only warns, then draws
-    for flag, text in (("--prompt", prompt), ("--negative", negative)):
-        n = len(model.tokenizer.encode(text))
-        if n > model.tokenizer.context_length:
-            print(f"warning: {flag} is {n} tokens; the text encoder reads the first {model.tokenizer.context_length} "
+def warn_about_prompts(args, model, text: Text) -> None:
+    """Settings that run but are likely mistakes: one warning line each."""
+    from inversion.data import words_cut_off
+    limit = model.tokenizer.context_length
+    for flag, prompt in (("--prompt", text.prompt), ("--negative", text.negative)):
+        n = len(model.tokenizer.encode(prompt))
+        if n > limit:
+            print(f"warning: {flag} is {n} tokens; the text encoder reads the first {limit} "
                   "(with the start and end tokens), the rest is ignored", file=sys.stderr)
     if args.negative and args.scale == 1:
         print("warning: --negative has no effect at --scale 1, which turns guidance off", file=sys.stderr)
     if args.scale == 0:
         print("warning: --scale 0 draws without the prompt (the unconditional model); guidance is usually 3 to 12",
               file=sys.stderr)
-    learned_words = (list(words) if args.embedding else []) + ([neti_word] if neti_word else [])
-    from inversion.data import words_cut_off
-    for word in words_cut_off(model.tokenizer, prompt, learned_words):
-        print(f"warning: the learned word {word!r} comes after the text encoder's {model.tokenizer.context_length} "
+    for word in words_cut_off(model.tokenizer, text.prompt, text.learned_words):
+        print(f"warning: the learned word {word!r} comes after the text encoder's {limit} "
               "tokens and is cut off: it does nothing; shorten the prompt", file=sys.stderr)
-    for word in learned_words:
+    for word in text.learned_words:
         if word not in args.prompt and word not in args.negative:
             print(f"warning: the prompt does not use the learned word {word!r}", file=sys.stderr)
-    for flag, text in (("--prompt", args.prompt), ("--negative", args.negative)):
-        for word in unlearned_words(text, [*learned_words, *model.tokenizer.added_tokens]):  # and the model's own
+    for flag, prompt in (("--prompt", args.prompt), ("--negative", args.negative)):
+        for word in unlearned_words(prompt, [*text.learned_words, *model.tokenizer.added_tokens]):  # and the model's
             print(f"warning: {word!r} in {flag} looks like a learned word, but no --embedding or --neti file "
                   "defines it; it is read as ordinary text", file=sys.stderr)
 
-    from ldm.cli import progress_bar
-    from ldm.generate import SamplingError, generate, make_grid, save_image, to_pil
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    ckpt_name = (args.ckpt or DEFAULT_CKPT).resolve().name  # its name, not its path: images get shared
+def image_settings(args, height: int, width: int, device, dtype) -> dict:
+    """The settings written into each PNG (with its own seed) and into the grid."""
     extra = {"embeddings": ", ".join(p.name for p in args.embedding)} if args.embedding else {}
     if args.ema:
         extra.update(ema="true")
@@ -213,11 +217,18 @@ def main(argv=None) -> int:
         extra.update(hiper=args.hiper.name, alpha=args.alpha)
     if args.neti is not None:
         extra.update(neti=args.neti.name, **({"truncation": args.truncation} if args.truncation else {}))
-    settings = dict(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
-                    scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
-                    model=ckpt_name, device=device.type,
-                    precision=next(name for name, d in DTYPES.items() if d == dtype),
-                    **extra)  # the grid's; each image's with its own seed
+    return dict(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
+                scale=args.scale, sampler=args.sampler, eta=args.eta, height=height, width=width,
+                model=(args.ckpt or DEFAULT_CKPT).resolve().name,  # its name, not its path: images get shared
+                device=device.type, precision=next(name for name, d in DTYPES.items() if d == dtype), **extra)
+
+
+def draw(args, model, text: Text, settings: dict) -> Tuple[List[Path], Path]:
+    """Sample --n images in batches of --batch-size, writing each as it is drawn, then their
+    grid: (image paths, grid path)."""
+    from ldm.cli import progress_bar
+    from ldm.generate import SamplingError, generate, make_grid, save_image, to_pil
+    args.out.mkdir(parents=True, exist_ok=True)
     images, paths = [], []
     seeds = [args.seed + i for i in range(args.n)]
     first = next_number(args.out)
@@ -232,10 +243,11 @@ def main(argv=None) -> int:
     for start in batches:
         batch_seeds = seeds[start:start + args.batch_size]
         try:
-            batch = generate(model, [prompt] * len(batch_seeds), batch_seeds, negative_prompt=negative,
+            batch = generate(model, [text.prompt] * len(batch_seeds), batch_seeds, negative_prompt=text.negative,
                              steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta,
-                             height=height, width=width, new_embeddings=new_embeddings, cond=cond, progress=progress,
-                             uncond=uncond, value_cond=value_cond, value_uncond=value_uncond)
+                             height=settings["height"], width=settings["width"], new_embeddings=text.new_embeddings,
+                             cond=text.cond, uncond=text.uncond, value_cond=text.value_cond,
+                             value_uncond=text.value_uncond, progress=progress)
         except SamplingError as e:
             bar.close()
             done = f"the {len(paths)} images before seed {batch_seeds[0]} were written" if paths else "nothing written"
@@ -248,6 +260,31 @@ def main(argv=None) -> int:
     bar.close()
     grid_path = args.out / f"grid-{first:05d}.png"  # the grid of the images from number `first` on
     save_image(make_grid(images), grid_path, png_info(settings))
+    return paths, grid_path
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args, argv)
+    check_writable(args.out)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.precision, device)
+    check_half_weights(args.half_weights, args.precision, dtype)
+    model = load_model(args.ckpt, device, dtype, ema=args.ema, half_weights=args.half_weights)
+    if args.steps > model.schedule.num_timesteps:
+        raise CLIError(f"--steps {args.steps}: at most {model.schedule.num_timesteps}, the model's training timesteps")
+    text = text_conditioning(args, model)
+    height, width = args.height or model.config.image_size, args.width or model.config.image_size
+    from ldm.generate import latent_shape
+    try:
+        latent_shape(model, height, width)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+    # everything is checked: what follows only warns, then draws
+    warn_about_prompts(args, model, text)
+    paths, grid_path = draw(args, model, text, image_settings(args, height, width, device, dtype))
     names = paths[0].name + (f" to {paths[-1].name}" if len(paths) > 1 else "")
     print(f"wrote {len(paths)} image{'s' * (len(paths) > 1)} ({names}) and {grid_path}")
     return 0
