@@ -394,15 +394,15 @@ def apply_embeddings(model, learned, paths: Union[PathLike, Sequence[PathLike]],
     tokenizer = learned.tokenizer
     found: Dict[str, Tuple[Path, torch.Tensor]] = {}
     records: List[Tuple[Path, Dict[str, str]]] = []
+    # token -> the word it belongs to: "<x>" of 2 vectors is the tokens "<x> <x>_1", so a word
+    # "<x>_1" would share one of them
+    taken = {t: w for w, v in zip(learned.words, learned.vectors) for t in sub_tokens(w, len(v))}
     for path in map(Path, paths):
         embeds, metadata = load_embeddings(path, width)
         for word, vec in embeds:
             if word in learned.words or word in found:
                 other = found[word][0] if word in found else "an earlier embedding"
                 raise EmbeddingError(f"{path}: the word {word!r} is already defined by {other}")
-            # "<x>" of 2 vectors is the tokens "<x> <x>_1": a word "<x>_1" would share one of them
-            taken = {t: w for w, v in [*((w, v) for w, (_, v) in found.items()), *zip(learned.words, learned.vectors)]
-                     for t in sub_tokens(w, len(v))}
             for token in sub_tokens(word, len(vec)):
                 owner = taken.get(token)
                 if owner is not None:
@@ -413,6 +413,7 @@ def apply_embeddings(model, learned, paths: Union[PathLike, Sequence[PathLike]],
                     raise EmbeddingError(f"{path}: {token!r} is an ordinary word of the vocabulary (token {ordinary}); "
                                          f"a learned word must be new, e.g. '<{word}>' (rename the file or the token)")
             found[word] = (path, vec)
+            taken.update((t, word) for t in sub_tokens(word, len(vec)))
         records.append((path, metadata))
 
     for path, metadata in records if base is not None else ():

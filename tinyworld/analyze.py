@@ -66,6 +66,8 @@ _TPL = 24                # template window (pixels)
 _PAD = 24
 _SIZES = np.arange(6.0, 17.01, 0.25)
 _OFFSETS = np.arange(4) / 4.0
+# the columns of a template's row in _templates()'s meta table
+_SHAPE, _SIZE, _CX, _CY, _MX, _MY, _SUMSQ, _MASS = range(8)
 
 
 def _sharpen(a: np.ndarray) -> np.ndarray:
@@ -77,8 +79,8 @@ def _sharpen(a: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=None)
 def _templates():
     """Sharpened renders of every shape x size x quarter-pixel offset in a 24x24 window,
-    flattened; with per template: shape index, size, center x, y, centroid x, y, sum of
-    squares, sum."""
+    flattened; with per template a row of meta: shape index, size, center x, y, centroid x, y,
+    sum of squares, sum (the columns _SHAPE ... _MASS)."""
     masks, meta = [], []
     yy, xx = np.mgrid[0:_TPL, 0:_TPL] + 0.5
     for si, shape in enumerate(W.ALL_SHAPES):
@@ -160,11 +162,11 @@ def _fit_shape(alpha: np.ndarray):
     mass = float(alpha.sum())
     ocx, ocy = (alpha * xx).sum() / mass, (alpha * yy).sum() / mass
     sq = float((alpha * alpha).sum())
-    rx = ocx - meta[:, 4]
-    ry = ocy - meta[:, 5]
+    rx = ocx - meta[:, _MX]   # the whole-pixel shift that puts each template's centroid on the mask's
+    ry = ocy - meta[:, _MY]
     dx, dy = np.rint(rx), np.rint(ry)
     keep = ((np.abs(rx - dx) <= 0.3) & (np.abs(ry - dy) <= 0.3)
-            & (np.abs(np.log(meta[:, 7] / max(mass, 1e-6))) <= np.log(MASS_RATIO)))
+            & (np.abs(np.log(meta[:, _MASS] / max(mass, 1e-6))) <= np.log(MASS_RATIO)))
     idx = np.nonzero(keep)[0]
     if len(idx) == 0:
         return [(0.0, 0.0, 0.0, 0.0)] * len(W.ALL_SHAPES)
@@ -172,7 +174,8 @@ def _fit_shape(alpha: np.ndarray):
     padded = np.zeros((W.IMAGE_SIZE + 2 * _PAD,) * 2, np.float32)
     padded[_PAD:_PAD + W.IMAGE_SIZE, _PAD:_PAD + W.IMAGE_SIZE] = alpha
     # the window's origin on the canvas is (dx, dy): template pixel (i, j) <-> canvas
-    # (dy+i, dx+j); templates sharing a shift share one crop
+    # (dy+i, dx+j); templates sharing a shift share one crop, grouped by (y0, x0) packed
+    # into one number, y0 * 1000 + x0
     inter = np.empty(len(idx), np.float64)
     key = (dy + _PAD) * 1000 + (dx + _PAD)
     for kv in np.unique(key):
@@ -183,9 +186,9 @@ def _fit_shape(alpha: np.ndarray):
             continue
         crop = padded[y0:y0 + _TPL, x0:x0 + _TPL].ravel()
         inter[g] = masks[idx[g]] @ crop
-    iou = inter / (sq + meta[idx, 6] - inter)
+    iou = inter / (sq + meta[idx, _SUMSQ] - inter)
     best = []                      # per shape: (IoU, size, center x, center y)
-    shape_of = meta[idx, 0].astype(np.int64)
+    shape_of = meta[idx, _SHAPE].astype(np.int64)
     for si in range(len(W.ALL_SHAPES)):
         ks = np.nonzero(shape_of == si)[0]
         if len(ks) == 0:
@@ -193,7 +196,7 @@ def _fit_shape(alpha: np.ndarray):
             continue
         k = ks[int(np.argmax(iou[ks]))]
         m = meta[idx[k]]
-        best.append((float(iou[k]), float(m[1]), float(m[2] + dx[k]), float(m[3] + dy[k])))
+        best.append((float(iou[k]), float(m[_SIZE]), float(m[_CX] + dx[k]), float(m[_CY] + dy[k])))
     return best
 
 
