@@ -361,7 +361,8 @@ def main(argv=None) -> int:
         save_a1111(a1111_st, placeholder, vec, t.step, metadata=meta)
 
     def sample_grid(t: TextualInversion) -> None:
-        write_validation_grid(model, t, grid_prompts, args.out / "samples" / f"step-{t.step:06d}.png", tiny)
+        write_validation_grid(model, t, grid_prompts, args.out / "samples" / f"step-{t.step:06d}.png", tiny,
+                              size=images.shape[-1])
 
     if not train(trainer, ours, on_save=save, on_sample=sample_grid):
         return 130
@@ -375,13 +376,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_validation_grid(model, trainer, prompts, path: Path, tiny: bool) -> None:
-    """The validation prompts, each with the active vectors of the word, one image each."""
+def write_validation_grid(model, trainer, prompts, path: Path, tiny: bool, size: int) -> None:
+    """The validation prompts, each with the active vectors of the word, one image each, at the
+    training images' size (on SD, with a progress bar: minutes on a CPU)."""
     from ldm.generate import save_prompt_row
     word = trainer.saved_word()  # the active vectors
     save_prompt_row(model, [word.expand(p) for p in prompts], path,
-                    steps=trainer.cfg.sample_steps if tiny else 30, upscale=4 if tiny else 1,
-                    new_embeddings=word.mapping())
+                    steps=trainer.cfg.sample_steps if tiny else 30, upscale=4 if tiny else 1, size=size,
+                    desc=None if tiny else "validation grid", new_embeddings=word.mapping())
 
 
 def report_tiny_scores(model, trainer, concept: str, placeholder: str) -> None:

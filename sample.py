@@ -226,7 +226,7 @@ def image_settings(args, height: int, width: int, device, dtype) -> dict:
 def draw(args, model, text: Text, settings: dict) -> Tuple[List[Path], Path]:
     """Sample --n images in batches of --batch-size, writing each as it is drawn, then their
     grid: (image paths, grid path)."""
-    from ldm.cli import progress_bar
+    from ldm.cli import counting, progress_bar
     from ldm.generate import SamplingError, generate, make_grid, save_image, to_pil
     args.out.mkdir(parents=True, exist_ok=True)
     images, paths = [], []
@@ -234,12 +234,6 @@ def draw(args, model, text: Text, settings: dict) -> Tuple[List[Path], Path]:
     first = next_number(args.out)
     batches = range(0, args.n, args.batch_size)
     bar = progress_bar(len(batches) * args.steps, "sampling")  # a step: one denoising step of one batch
-
-    def progress(steps):
-        for s in steps:
-            yield s
-            bar.update(1)
-
     for start in batches:
         batch_seeds = seeds[start:start + args.batch_size]
         try:
@@ -247,7 +241,7 @@ def draw(args, model, text: Text, settings: dict) -> Tuple[List[Path], Path]:
                              steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta,
                              height=settings["height"], width=settings["width"], new_embeddings=text.new_embeddings,
                              cond=text.cond, uncond=text.uncond, value_cond=text.value_cond,
-                             value_uncond=text.value_uncond, progress=progress)
+                             value_uncond=text.value_uncond, progress=counting(bar))
         except SamplingError as e:
             bar.close()
             done = f"the {len(paths)} images before seed {batch_seeds[0]} were written" if paths else "nothing written"

@@ -151,7 +151,8 @@ def write_reconstruction(model, trainer, image: torch.Tensor, path: Path, tiny: 
     """The source image, then n drawings from [e_src[:77-K]; e_hiper] (DDIM 50, guidance 7.5)."""
     from ldm.generate import generate_or_warn, make_grid, save_image, to_pil
     cond = trainer.context()[None].to(model.dtype)
-    images = generate_or_warn(path, model, [""] * n, list(range(n)), cond=cond, steps=50)
+    images = generate_or_warn(path, model, [""] * n, list(range(n)), cond=cond, steps=50,
+                              desc=None if tiny else "reconstruction")  # minutes at SD's size on a CPU
     if images is None:  # the tail is saved already
         return
     grid = make_grid(to_pil(torch.cat([((image[None] + 1) / 2).clamp(0, 1), images])), columns=n + 1)

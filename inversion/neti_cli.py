@@ -100,7 +100,8 @@ def main(args) -> int:
                                             "learnable_property": prop, "step": str(t.step)})
 
     def sample_grid(t: NeTI) -> None:
-        write_validation_grid(model, t, grid_prompts, args.out / "samples" / f"step-{t.step:06d}.png", tiny)
+        write_validation_grid(model, t, grid_prompts, args.out / "samples" / f"step-{t.step:06d}.png", tiny,
+                              size=images.shape[-1])
 
     if not train(trainer, mapper_path, on_save=save, on_sample=sample_grid):
         return 130
@@ -116,12 +117,13 @@ def main(args) -> int:
     return 0
 
 
-def write_validation_grid(model, trainer, prompts, path: Path, tiny: bool) -> None:
-    """The validation prompts, each drawn with the mapper's vector for every step and layer."""
+def write_validation_grid(model, trainer, prompts, path: Path, tiny: bool, size: int) -> None:
+    """The validation prompts, each drawn with the mapper's vector for every step and layer, at
+    the training images' size (on SD, with a progress bar: minutes on a CPU)."""
     from ldm.generate import save_prompt_row
     neti = trainer.conditioning(prompts)
     save_prompt_row(model, prompts, path, steps=trainer.cfg.sample_steps if tiny else 30, upscale=4 if tiny else 1,
-                    cond=neti.keys, value_cond=neti.value_cond)
+                    size=size, desc=None if tiny else "validation grid", cond=neti.keys, value_cond=neti.value_cond)
 
 
 @torch.no_grad()

@@ -123,6 +123,16 @@ def progress_bar(total: int, desc: str, initial: int = 0, unit: str = "step", di
                 mininterval=0.1 if sys.stderr.isatty() else 30, **kwargs)
 
 
+def counting(bar):
+    """A `progress` argument for ldm.generate.generate (and the samplers): passes the denoising
+    steps through, advancing `bar` by one after each."""
+    def progress(steps):
+        for step in steps:
+            yield step
+            bar.update(1)
+    return progress
+
+
 def shell_command(*words, windows: bool = os.name == "nt") -> str:
     """A command line to print for the user to paste: each word quoted where the shell needs it
     (a path with a space, a placeholder with a '$' or a quote). Windows' shells take double quotes

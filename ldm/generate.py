@@ -90,14 +90,20 @@ def generate(model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int
 
 
 def generate_or_warn(path, model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int],
-                     **kwargs) -> Optional[torch.Tensor]:
+                     desc: Optional[str] = None, **kwargs) -> Optional[torch.Tensor]:
     """`generate`, for a picture a training run writes at `path` beside what it learned: None when
-    the images overflowed, with a warning that `path` is not written, and the training goes on."""
+    the images overflowed, with a warning that `path` is not written, and the training goes on.
+    With `desc`, a progress bar of its denoising steps (at SD's sizes such a picture takes
+    minutes on a CPU)."""
+    from ldm.cli import counting, progress_bar
+    bar = progress_bar(kwargs.get("steps", 50), desc, disable=desc is None)
     try:
-        return generate(model, prompts, seeds, **kwargs)
+        return generate(model, prompts, seeds, progress=counting(bar), **kwargs)
     except SamplingError as e:
         print(f"warning: {path} not written: {e}", file=sys.stderr)
         return None
+    finally:
+        bar.close()
 
 
 def to_pil(images: torch.Tensor):
@@ -123,11 +129,13 @@ def make_grid(images, columns: Optional[int] = None):
 
 @torch.no_grad()
 def save_prompt_row(model: StableDiffusion, prompts: Sequence[str], path, steps: int, upscale: int = 1,
-                    **conditioning) -> None:
+                    size: Optional[int] = None, desc: Optional[str] = None, **conditioning) -> None:
     """One image of each prompt (seeds 0, 1, ...), side by side in one PNG: a training run's
-    validation grid. `conditioning` is what `generate` takes besides the prompts (learned
+    validation grid, drawn `size` pixels square (default: the model's size), with a progress bar
+    if `desc` is given. `conditioning` is what `generate` takes besides the prompts (learned
     token vectors, or NeTI's per-layer text encodings)."""
-    images = generate_or_warn(path, model, prompts, list(range(len(prompts))), steps=steps, **conditioning)
+    images = generate_or_warn(path, model, prompts, list(range(len(prompts))), desc=desc, steps=steps,
+                              height=size, width=size, **conditioning)
     if images is None:
         return
     save_image(make_grid(to_pil(images), columns=len(prompts)), path, upscale=upscale)

@@ -84,7 +84,7 @@ def test_each_validation_grid_is_drawn_once(ckpt, images, tmp_path, capsys, monk
     # --sample-every dividing --steps: the last grid was drawn by the loop and again at the end
     module = invert if method == "ti" else importlib.import_module("inversion.neti_cli")
     drawn, draw = [], module.write_validation_grid
-    monkeypatch.setattr(module, "write_validation_grid", lambda *a: drawn.append(a[3].name) or draw(*a))
+    monkeypatch.setattr(module, "write_validation_grid", lambda *a, **kw: drawn.append(a[3].name) or draw(*a, **kw))
     rc, cap = call(["--method", method, "--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>",
                     "--init-word", "toy", "--steps", "2", "--batch", "2", "--sample-every", "1",
                     "--out", str(tmp_path / method)], capsys)
@@ -434,6 +434,29 @@ def test_files_of_invert_py_given_to_the_wrong_option_say_where_they_go(ckpt, im
 
 
 @pytest.mark.parametrize("method", ["ti", "neti"])
+def test_the_validation_grid_is_drawn_at_the_training_resolution(ckpt, images, tmp_path, capsys, method):
+    """--resolution 32 on a 16-px model: the grid's images are 32 px (they were drawn at the
+    model's size, which for SD v1 at --resolution 256 meant 512-px grids: minutes on a CPU)."""
+    rc, cap = call(["--method", method, "--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>",
+                    "--init-word", "toy", "--steps", "1", "--batch", "1", "--resolution", "32",
+                    "--validation-prompt", "a <toy>", "--out", str(tmp_path / "run")], capsys)
+    assert rc == 0, cap.err
+    with Image.open(tmp_path / "run" / "samples" / "step-000001.png") as grid:
+        assert grid.size == (4 * 32, 4 * 32)  # one 32-px image, shown 4x
+
+
+def test_a_slow_picture_of_a_training_run_has_a_progress_bar(ckpt, tmp_path, capsys):
+    import ldm
+    from ldm.generate import save_prompt_row
+    model = ldm.load(ckpt)
+    save_prompt_row(model, ["a toy", "a cat"], tmp_path / "grid.png", steps=3, desc="validation grid")
+    err = capsys.readouterr().err
+    assert "validation grid" in err and "3/3" in err and (tmp_path / "grid.png").exists()
+    save_prompt_row(model, ["a toy"], tmp_path / "quiet.png", steps=3)  # the tiny world's: no bar
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("method", ["ti", "neti"])
 def test_validation_prompts_make_the_grid(ckpt, images, tmp_path, capsys, method):
     base = ["--method", method, "--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>",
             "--init-word", "toy", "--steps", "1", "--batch", "1"]
@@ -501,7 +524,7 @@ def test_ctrl_c_in_the_last_validation_grid_says_the_training_is_complete(ckpt, 
                                                                          monkeypatch):
     """After the last step only the validation grid is left: a Ctrl-C there does not send the
     user to --resume, which has nothing left to train."""
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(invert, "write_validation_grid", interrupted)
     rc, cap = call(["--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>", "--init-word", "toy",
