@@ -24,8 +24,8 @@ import torch
 
 from inversion.precision import fp16_warning, training_dtype
 from ldm.cli import (CLIError, Parser, at_most, check_half_weights, check_output_names, check_writable, checked_number,
-                     flags, learning_rate, nonnegative_float, nonnegative_int, path_arg, pick_device, positive_int, run,
-                     seed_int, shell_command, word_arg)
+                     counted, flags, learning_rate, nonnegative_float, nonnegative_int, path_arg, pick_device,
+                     positive_int, run, seed_int, shell_command, word_arg)
 from ldm.generate import MAX_RESOLUTION
 
 ROOT = Path(__file__).resolve().parent
@@ -366,7 +366,7 @@ def main(argv=None) -> int:
 
     if not train(trainer, ours, on_save=save, on_sample=sample_grid):
         return 130
-    print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {ours}, {a1111_pt.name}, "
+    print(f"trained {counted(trainer.step, 'step')} in {time.time() - t_start:.0f} s; wrote {ours}, {a1111_pt.name}, "
           f"{a1111_st.name}, loss.csv and samples/")
     ckpt_words = [] if args.ckpt is None else ["--ckpt", args.ckpt]
     print("sample with: " + shell_command("python", "sample.py", "--embedding", ours, "--prompt",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import CLIError, flags, path_arg, positive_int, shell_command
+from ldm.cli import CLIError, counted, flags, path_arg, positive_int, shell_command
 
 # SD: the paper's recipe (HiPer0/HiPer script.sh: Adam, lr 5e-3, batch 1; tails used at step 1000).
 SD_DEFAULTS = dict(steps=1000, batch=1, lr=5e-3, save_every=100)
@@ -130,8 +130,8 @@ def main(args) -> int:
     if not train(trainer, tail_path, on_save=save):
         return 130
     write_reconstruction(model, trainer, image, args.out / "samples" / "reconstruction.png", tiny)
-    print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {tail_path}, loss.csv, source.png "
-          f"and samples/reconstruction.png")
+    print(f"trained {counted(trainer.step, 'step')} in {time.time() - t_start:.0f} s; wrote {tail_path}, loss.csv, "
+          "source.png and samples/reconstruction.png")
     example = source_prompt(targets["position"]) if demo else cfg.source
     print("edit with: " + shell_command("python", "sample.py", "--hiper", tail_path, "--prompt", example,
                                         *([] if args.ckpt is None else ["--ckpt", args.ckpt]))

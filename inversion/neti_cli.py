@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import CLIError, at_most, flags, shell_command
+from ldm.cli import CLIError, at_most, counted, flags, shell_command
 
 # SD: NeTI's recipe (training/config.py of the authors' code): lr 1e-3 scaled by the images
 # per step, batch 2 with 4 accumulated micro-batches, 1000 steps, a checkpoint every 250.
@@ -105,7 +105,8 @@ def main(args) -> int:
 
     if not train(trainer, mapper_path, on_save=save, on_sample=sample_grid):
         return 130
-    print(f"trained {trainer.step} steps in {time.time() - t_start:.0f} s; wrote {mapper_path}, loss.csv and samples/")
+    print(f"trained {counted(trainer.step, 'step')} in {time.time() - t_start:.0f} s; wrote {mapper_path}, "
+          "loss.csv and samples/")
     example = templates(prop)[0].format(placeholder)
     print("sample with: " + shell_command("python", "sample.py", "--neti", mapper_path, "--prompt", example,
                                           *([] if args.ckpt is None else ["--ckpt", args.ckpt])))

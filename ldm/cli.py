@@ -74,6 +74,11 @@ def given_options(parser: argparse.ArgumentParser, argv=None) -> set:
             a.default = default
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def flags(dests) -> str:
     """"--steps, --no-eval" from option names (dests) ("steps", "no_eval")."""
     return ", ".join("--" + d.replace("_", "-") for d in dests)

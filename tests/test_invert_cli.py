@@ -440,7 +440,7 @@ def test_the_validation_grid_is_drawn_at_the_training_resolution(ckpt, images, t
     rc, cap = call(["--method", method, "--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>",
                     "--init-word", "toy", "--steps", "1", "--batch", "1", "--resolution", "32",
                     "--validation-prompt", "a <toy>", "--out", str(tmp_path / "run")], capsys)
-    assert rc == 0, cap.err
+    assert rc == 0 and "trained 1 step in" in cap.out, cap.err  # was "1 steps"
     with Image.open(tmp_path / "run" / "samples" / "step-000001.png") as grid:
         assert grid.size == (4 * 32, 4 * 32)  # one 32-px image, shown 4x
 
