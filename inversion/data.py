@@ -171,29 +171,28 @@ def load_image(path: Union[str, Path], resolution: int,
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a folder; give one image file")
-    try:
-        with warnings.catch_warnings():
-            # PIL's two-line warning for 90-180 megapixels: such an image is read (and resized) as any other
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with warnings.catch_warnings():
+        # PIL's two-line warning for 90-180 megapixels, given as it opens and again as it crops:
+        # such an image is read (and resized) as any other
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
             with Image.open(path) as im:
                 im.load()  # decode now, so a truncated file fails here
                 image = to_rgb(ImageOps.exif_transpose(im), png=im.format == "PNG")  # the copy has no format
-    except Image.DecompressionBombError:  # PIL's guard against images of hundreds of megapixels
-        raise DataError(f"cannot read {path}: it has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, "
-                        "too many to open safely; resize it first") from None
-    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"cannot read {path}: {reason}") from None
-    side = min(image.size)
-    if warn is not None and 2 * side < resolution:
-        warn(f"{path.name} is {image.width}x{image.height} px: its centre square is enlarged {resolution / side:.1f}x "
-             f"to {resolution} px, so what is learned is a blurry picture (images of {resolution} px or more "
-             "work best)")
-    if warn is not None and max(image.size) > 2 * side:
-        warn(f"{path.name} is {image.width}x{image.height} px: only its centre square is used, "
-             f"{1 - side / max(image.size):.0%} of it is cut off (crop it to the subject first)")
-    with warnings.catch_warnings():  # PIL warns again as it crops
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        except Image.DecompressionBombError:  # PIL's guard against images of hundreds of megapixels
+            raise DataError(f"cannot read {path}: it has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, "
+                            "too many to open safely; resize it first") from None
+        except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"cannot read {path}: {reason}") from None
+        side = min(image.size)
+        if warn is not None and 2 * side < resolution:
+            warn(f"{path.name} is {image.width}x{image.height} px: its centre square is enlarged "
+                 f"{resolution / side:.1f}x to {resolution} px, so what is learned is a blurry picture (images of "
+                 f"{resolution} px or more work best)")
+        if warn is not None and max(image.size) > 2 * side:
+            warn(f"{path.name} is {image.width}x{image.height} px: only its centre square is used, "
+                 f"{1 - side / max(image.size):.0%} of it is cut off (crop it to the subject first)")
         array = np.asarray(resize_center_crop(image, resolution), dtype=np.float32)
     return torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
