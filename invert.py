@@ -345,7 +345,7 @@ def main(argv=None) -> int:
                    save_every=args.save_every or defaults["save_every"], sample_every=args.sample_every)
     trainer, images, grid_prompts, resumed = start_trainer(TextualInversion, args, model, ckpt, cfg, prop)
     print(f"{'resuming at step ' + str(trainer.step) if resumed else 'training'} {placeholder!r} "
-          f"({cfg.num_vectors} vector{'s' * (cfg.num_vectors > 1)}) from {len(images)} images on {device}; "
+          f"({counted(cfg.num_vectors, 'vector')}) from {len(images)} images on {device}; "
           f"effective lr = {cfg.lr:g} x batch {cfg.batch} = {cfg.effective_lr:g}")
 
     base = trainer.base_model.metadata()
@@ -376,14 +376,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def grid_options(trainer, tiny: bool, size: int) -> dict:
+    """How a run draws its validation grid (ldm.generate.save_prompt_row), at the training images'
+    size: on the tiny model with its sampling steps, shown 4x; on SD with DDIM 30 and a progress
+    bar (minutes on a CPU)."""
+    return dict(steps=trainer.cfg.sample_steps if tiny else 30, upscale=4 if tiny else 1, size=size,
+                desc=None if tiny else "validation grid")
+
+
 def write_validation_grid(model, trainer, prompts, path: Path, tiny: bool, size: int) -> None:
-    """The validation prompts, each with the active vectors of the word, one image each, at the
-    training images' size (on SD, with a progress bar: minutes on a CPU)."""
+    """The validation prompts, each with the active vectors of the word, one image each."""
     from ldm.generate import save_prompt_row
     word = trainer.saved_word()  # the active vectors
-    save_prompt_row(model, [word.expand(p) for p in prompts], path,
-                    steps=trainer.cfg.sample_steps if tiny else 30, upscale=4 if tiny else 1, size=size,
-                    desc=None if tiny else "validation grid", new_embeddings=word.mapping())
+    save_prompt_row(model, [word.expand(p) for p in prompts], path, new_embeddings=word.mapping(),
+                    **grid_options(trainer, tiny, size))
 
 
 def report_tiny_scores(model, trainer, concept: str, placeholder: str) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from inversion.hiper import MAX_ALPHA
 from ldm.generate import MAX_RESOLUTION
-from ldm.cli import (DTYPES, CLIError, Parser, at_most, check_half_weights, check_writable, checked_number,
+from ldm.cli import (DTYPES, CLIError, Parser, at_most, check_half_weights, check_writable, checked_number, counted,
                      nonnegative_float, path_arg, pick_device, pick_dtype, positive_int, run, seed_int)
 
 ROOT = Path(__file__).resolve().parent
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     warn_about_prompts(args, model, text)
     paths, grid_path = draw(args, model, text, image_settings(args, height, width, device, dtype))
     names = paths[0].name + (f" to {paths[-1].name}" if len(paths) > 1 else "")
-    print(f"wrote {len(paths)} image{'s' * (len(paths) > 1)} ({names}) and {grid_path}")
+    print(f"wrote {counted(len(paths), 'image')} ({names}) and {grid_path}")
     return 0
 
 

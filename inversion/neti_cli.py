@@ -24,6 +24,7 @@ from ldm.cli import CLIError, at_most, counted, flags, shell_command
 SD_DEFAULTS = dict(steps=1000, batch=2, grad_accum=4, lr=1e-3, save_every=250)
 # The tiny model (config.image_size <= 64): the same 8 images and lr per step as NeTI for SD.
 TINY_DEFAULTS = dict(steps=400, batch=8, grad_accum=1, lr=1e-3, save_every=100)
+MAX_GRAD_ACCUM = 1024  # micro-batches a step, as invert.py's --batch: far beyond any use, below an overflow
 # The options beside its own that --method neti takes (invert.py refuses the others).
 SHARED_OPTIONS = ("images", "concept", "num_images", "resolution", "no_flip", "placeholder", "init_word",
                   "property", "steps", "lr", "batch", "seed", "ckpt", "out", "resume", "save_every",
@@ -37,7 +38,7 @@ def add_arguments(parser) -> set:
         "NeTI (--method neti)",
         "a mapper gives the word's vector for every timestep and cross-attention layer; --init-word is the "
         f"super-category word; also uses {flags(SHARED_OPTIONS)} (SD defaults: 1000 steps, lr 1e-3 x 8 images)")
-    own = [g.add_argument("--grad-accum", type=at_most(1024, "the paper's is 4"), default=None,
+    own = [g.add_argument("--grad-accum", type=at_most(MAX_GRAD_ACCUM, "the paper's is 4"), default=None,
                           help="micro-batches per step; the lr is scaled by batch x grad-accum (SD: 4, tiny: 1)"),
            g.add_argument("--sigma-t", type=float, default=0.03, help="scale of the time frequencies of the encoding"),
            g.add_argument("--sigma-l", type=float, default=2.0, help="scale of the layer frequencies of the encoding"),
@@ -119,12 +120,12 @@ def main(args) -> int:
 
 
 def write_validation_grid(model, trainer, prompts, path: Path, tiny: bool, size: int) -> None:
-    """The validation prompts, each drawn with the mapper's vector for every step and layer, at
-    the training images' size (on SD, with a progress bar: minutes on a CPU)."""
+    """The validation prompts, each drawn with the mapper's vector for every step and layer."""
+    from invert import grid_options
     from ldm.generate import save_prompt_row
     neti = trainer.conditioning(prompts)
-    save_prompt_row(model, prompts, path, steps=trainer.cfg.sample_steps if tiny else 30, upscale=4 if tiny else 1,
-                    size=size, desc=None if tiny else "validation grid", cond=neti.keys, value_cond=neti.value_cond)
+    save_prompt_row(model, prompts, path, cond=neti.keys, value_cond=neti.value_cond,
+                    **grid_options(trainer, tiny, size))
 
 
 @torch.no_grad()

@@ -308,7 +308,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     from inversion.hiper import MAX_ALPHA, HiPerError, check_tail_size
-    from ldm.cli import CLIError, check_file_writable, flags, pick_device
+    from ldm.cli import CLIError, check_file_writable, counted, flags, pick_device
     parser = build_parser()
     args = parser.parse_args(argv)
     given = parser.given_options(argv)
@@ -348,7 +348,7 @@ def main(argv=None) -> int:
     print(f"{args.n} sources x {len(EDITS)} edits x {args.samples} seeds; HiPer {args.steps} steps (batch "
           f"{args.batch}, lr {args.lr:g}, K={args.tail})" + ("" if args.no_ti else
           f", TI {args.ti_steps} steps (batch {args.ti_batch})")
-          + f"; DDIM {args.sample_steps}, guidance {args.scale:g}; {args.threads} torch thread{'s' * (args.threads > 1)}")
+          + f"; DDIM {args.sample_steps}, guidance {args.scale:g}; {counted(args.threads, 'torch thread')}")
     results, grid_rows, t0 = [], [], time.time()
     for i in range(args.n):
         t = time.time()

@@ -46,8 +46,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ldm.cli import (Parser, check_file_writable, check_writable, distinct_seeds, given_options, image_path_arg,
-                     learning_rate, nonnegative_int, path_arg, positive_int, seed_int, thread_count)
+from ldm.cli import (Parser, check_file_writable, check_writable, counted, distinct_seeds, given_options,
+                     image_path_arg, learning_rate, nonnegative_int, path_arg, positive_int, seed_int, thread_count)
 from tinyworld.tools import MEMORY_ADVICE, load_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
           f"{args.steps} steps each (8 images a step; NeTI's base lr {args.neti_lr or NETI_TINY['lr']:g}), "
           f"DDIM {args.sample_steps}, guidance 7.5; {args.n} samples per final score"
           + (f", {args.n // 2} at the checkpoints every {args.every} steps" if args.every else "")
-          + f"; {args.threads} torch thread{'s' * (args.threads > 1)} a seed; scores are means over the seeds\n",
+          + f"; {counted(args.threads, 'torch thread')} a seed; scores are means over the seeds\n",
           flush=True)
     results = run_seeds(model, args)
     timing = {key: sum(r["timing"].get(key, 0.0) for r in results) for key in results[0]["timing"]}

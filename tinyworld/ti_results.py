@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.cli import (Parser, check_writable, distinct_seeds, given_options, learning_rate, nonnegative_float, path_arg,
-                     positive_int, seed_int, thread_count)
+from ldm.cli import (Parser, check_writable, counted, distinct_seeds, given_options, learning_rate, nonnegative_float,
+                     path_arg, positive_int, seed_int, thread_count)
 from tinyworld.tools import MEMORY_ADVICE, load_tiny_model
 from tinyworld.whole_context import CONTEXT_LR
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
           + (f"base lr {args.lr or TINY_DEFAULTS['lr']:g}, " if words else "") + f"{args.n} samples "
           f"per score, DDIM {args.sample_steps}, guidance {args.scale:g}; means over seeds {', '.join(map(str, seeds))}"
           + (f"; the whole context: Adam, lr {args.context_lr:g}" if set(args.rows) & set(CONTEXT_ROWS) else "")
-          + f"; {args.threads} torch thread{'s' * (args.threads > 1)}\n")
+          + f"; {counted(args.threads, 'torch thread')}\n")
     print("| concept | word | reconstruction | editability | per seed: reconstruction / editability "
           "| training time a seed |\n|---|---|---|---|---|---|")
 
