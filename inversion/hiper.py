@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from inversion.adam import Adam
-from inversion.data import image_digest, resume_mismatch
+from inversion.data import image_digest
 from inversion.files import BaseModel, EmbeddingError, odd_layout
 from inversion.textual_inversion import encode_images, noisy_latents
-from inversion.trainer import Trainer, TrainingError, restore_progress, restore_tensor
+from inversion.trainer import Trainer, TrainingError, restore_tensor
 from inversion.precision import autocast
 from ldm.files import atomic_write, load_error_reason, not_a_file
 
@@ -237,14 +237,8 @@ class HiPer(Trainer):
         """The learned tail: (K, D), fp32, on the CPU."""
         return self.tail.detach().float().cpu().clone()
 
-    def state_dict(self) -> dict:
-        return {"tail": self.tail_vectors(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "config": self.settings(), "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)}
+    def learned_state(self) -> dict:
+        return {"tail": self.tail_vectors()}
 
-    def load_state_dict(self, state: dict) -> None:
-        mismatch = resume_mismatch(self.checkpoint_path, state.get("config"), self.settings())
-        if mismatch:
-            raise HiPerError(mismatch)
+    def load_learned(self, state: dict) -> None:
         restore_tensor(self.tail, state["tail"], "tail")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.losses = restore_progress(state)

@@ -84,7 +84,8 @@ def check_arguments(args) -> None:
 
 def main(args) -> int:
     from inversion.files import BaseModel
-    from inversion.hiper import HiPer, HiPerConfig, HiPerError, save_tail
+    from inversion.hiper import HiPer, HiPerConfig, save_tail
+    from inversion.trainer import TrainingError
     from invert import load_model, train
 
     check_arguments(args)
@@ -115,7 +116,7 @@ def main(args) -> int:
         trainer = HiPer(model, image, cfg, args.out)
         trainer.base_model = BaseModel(ckpt, model)  # a checkpoint from another model is refused
         resumed = args.resume and trainer.resume()
-    except HiPerError as e:
+    except TrainingError as e:  # HiPerError, or a checkpoint of other settings
         raise CLIError(str(e)) from None
     write_source_image(image, args.out / "source.png", tiny)
     print(f"{'resuming at step ' + str(trainer.step) if resumed else 'learning'} a HiPer tail of {cfg.tail} rows "

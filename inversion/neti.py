@@ -49,10 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from inversion.adam import AdamW
-from inversion.data import image_digest, resume_mismatch
+from inversion.data import image_digest
 from inversion.files import BaseModel
 from inversion.textual_inversion import check_words, encode_images, init_embedding, noisy_latents
-from inversion.trainer import Trainer, TrainingError, restore_progress
+from inversion.trainer import Trainer, TrainingError
 from inversion.precision import autocast, no_autocast
 from ldm.config import positive_number, whole_number
 from ldm.files import PICKLE_SUFFIXES, LoadError, atomic_write, load_error_reason, not_a_file, read_failure
@@ -478,21 +478,17 @@ class NeTI(Trainer):
         return total
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        return {"mapper": {k: v.detach().cpu() for k, v in self.mapper.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "step": self.step, "config": self.settings(),
-                "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)}
+    def learned_state(self) -> dict:
+        return {"mapper": {k: v.detach().cpu() for k, v in self.mapper.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if "mapper" not in state:
+        if "mapper" not in state:  # said before the settings differ, which they would
             raise TrainingError(f"{self.checkpoint_path} holds no NeTI mapper (another method's run?); start a "
                                 "new --out folder")
-        mismatch = resume_mismatch(self.checkpoint_path, state.get("config"), self.settings())
-        if mismatch:
-            raise TrainingError(mismatch)
+        super().load_state_dict(state)
+
+    def load_learned(self, state: dict) -> None:
         self.mapper.load_state_dict(state["mapper"])  # strict: every tensor, of its shape
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.losses = restore_progress(state)
 
     def conditioning(self, prompts: Sequence[str], truncation: Optional[int] = None) -> SpaceTimeConditioning:
         """Sampling conditioning with the mapper as it is now."""

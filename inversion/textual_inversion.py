@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from inversion.adam import AdamW
-from inversion.data import image_digest, resume_mismatch, templates
+from inversion.data import image_digest, templates
 from inversion.hook import LearnedEmbeddings, sub_tokens
 from inversion.precision import autocast
-from inversion.trainer import AlteredCheckpoint, Trainer, TrainingError, restore_progress, restore_tensor
+from inversion.trainer import AlteredCheckpoint, Trainer, TrainingError, restore_tensor
 
 
 @dataclass
@@ -238,24 +238,16 @@ class TextualInversion(Trainer):
         word.add(self.cfg.placeholder, self.embedding())
         return word.to(self.model.device)
 
-    def state_dict(self) -> dict:
-        return {"vectors": [v.detach().cpu() for v in self.learned.vectors], "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "active": self.active, "config": self.settings(),
-                "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)}
+    def learned_state(self) -> dict:
+        return {"vectors": [v.detach().cpu() for v in self.learned.vectors], "active": self.active}
 
-    def load_state_dict(self, state: dict) -> None:
-        mismatch = resume_mismatch(self.checkpoint_path, state["config"], self.settings())
-        if mismatch:
-            raise TrainingError(mismatch)
-        vectors = state["vectors"]
+    def load_learned(self, state: dict) -> None:
+        vectors, active = state["vectors"], state["active"]
         if not isinstance(vectors, list) or len(vectors) != len(self.learned.vectors):
             raise AlteredCheckpoint(f"vectors is not a list of {len(self.learned.vectors)} tensors (the word's, "
                                     "then the per-image tokens')")
-        for v, saved in zip(self.learned.vectors, vectors):
-            restore_tensor(v, saved, "vectors")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.losses = restore_progress(state)
-        active = state["active"]
         if isinstance(active, bool) or not isinstance(active, int) or not 1 <= active <= self.cfg.num_vectors:
             raise AlteredCheckpoint(f"active {active!r} is not 1 to {self.cfg.num_vectors} vectors")
+        for v, saved in zip(self.learned.vectors, vectors):
+            restore_tensor(v, saved, "vectors")
         self.active = active

@@ -6,15 +6,16 @@ training images); it defines
 
     loss(step)              the loss of one batch, every random draw seeded by (cfg.seed, step),
                             so that a checkpoint's step is its whole random state;
-    state_dict()            what it learned, its optimizer, `step`, `losses`, and `settings()`
-                            under the key 'config';
-    load_state_dict(state)  the reverse, refusing other settings (TrainingError) or fields that
-                            are not what it writes (AlteredCheckpoint);
+    learned_state()         what it learned, as the checkpoint's fields ({"vectors": ...});
+    load_learned(state)     the reverse, refusing fields that are not what it writes
+                            (AlteredCheckpoint);
 
 and may replace `train_step()` (Textual Inversion grows its word first; NeTI adds up the
 gradients of several micro-batches). Everything else is here, once: the loop with its progress
 bar, checkpoints every `save_every` steps and on Ctrl-C, a resume that checks the file and the
 base model, the loss log, and the guards against NaN losses and NaN learned values.
+The checkpoint holds the learned fields, the optimizer, `step`, `losses`, and `settings()` under
+the key 'config' (`state_dict`); a resume refuses other settings with a TrainingError.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from inversion.data import resume_mismatch
 from inversion.files import BaseModel
 from ldm.files import LoadError, atomic_write, load_error_reason
 
@@ -110,6 +112,21 @@ class Trainer:
         """The settings a resumed run must share, and its training images (their digest)."""
         fixed = {k: v for k, v in asdict(self.cfg).items() if k not in self.FREE_SETTINGS}
         return str({**fixed, self.digest_key: self.images_digest})
+
+    def state_dict(self) -> dict:
+        """A checkpoint: what the method learned, the optimizer's moments, the step, the losses
+        so far and the settings a resumed run must share."""
+        return {**self.learned_state(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "config": self.settings(), "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The reverse of state_dict, after checking that the run's settings are the same."""
+        mismatch = resume_mismatch(self.checkpoint_path, state.get("config"), self.settings())
+        if mismatch:
+            raise TrainingError(mismatch)
+        self.load_learned(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.losses = restore_progress(state)
 
     def save_checkpoint(self) -> None:
         state = self.state_dict()

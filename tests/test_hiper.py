@@ -12,8 +12,9 @@ import invert
 import sample
 from conftest import write_random_checkpoint
 from inversion.files import BaseModel, base_model_hash
-from inversion.hiper import (HiPer, HiPerConfig, HiPerError, TailFileError, edit_context, encode,
+from inversion.hiper import (HiPer, HiPerConfig, TailFileError, edit_context, encode,
                              hiper_condition, load_tail, save_tail)
+from inversion.trainer import TrainingError
 from ldm.cli import run
 from ldm.load import model_weights_hash
 
@@ -94,9 +95,9 @@ def test_resume_is_bit_identical(model, image, tmp_path):
 
 def test_resume_with_another_source_or_image_is_refused(model, image, tmp_path):
     make(model, image, tmp_path, steps=2).run(progress=False)
-    with pytest.raises(HiPerError, match="does not match this run .*--source '.*' in the checkpoint, 'a blue square' now"):
+    with pytest.raises(TrainingError, match="does not match this run .*--source '.*' in the checkpoint, 'a blue square' now"):
         make(model, image, tmp_path, source="a blue square").resume()
-    with pytest.raises(HiPerError, match=r"does not match this run \(another image\)"):
+    with pytest.raises(TrainingError, match=r"does not match this run \(another image\)"):
         make(model, -image, tmp_path).resume()
 
 
