@@ -218,10 +218,18 @@ def distinct_seeds(seeds, option: str = "--seeds") -> None:
         raise CLIError(f"{option} {' '.join(map(str, seeds))}: give each seed once")
 
 
+# Names of files the tools write or read: given as a new --out, they are a file meant, not a folder
+# (`--out my-word.safetensors` would make a folder of that name and write the learned files in it).
+FILE_SUFFIXES = (*IMAGE_SUFFIXES, ".safetensors", ".pt", ".bin", ".ckpt")
+
+
 def check_writable(out: Path) -> None:
     """--out must be a folder, or a path where one can be made (checked before any work)."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: is a file, not a folder")
+    if not out.exists() and out.suffix.lower() in FILE_SUFFIXES:
+        raise CLIError(f"--out {out}: names the folder the files are written in, and this is a file's name; "
+                       f"give a folder, such as --out {out.with_suffix('')}")
     if out.is_dir():  # tried once, here: blocking_path would try the same folder again
         if not can_write_in(out):
             raise CLIError(f"--out {out}: is a folder this user cannot write to; choose another --out")

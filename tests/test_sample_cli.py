@@ -1,5 +1,6 @@
 """sample.py end to end on a tiny random checkpoint, and its one-line errors."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -357,6 +358,15 @@ def test_writable_folders_are_found_by_trying(tmp_path, monkeypatch):
     from ldm import cli
     assert cli.can_write_in(tmp_path) and not cli.can_write_in(tmp_path / "missing")
     cli.check_writable(tmp_path / "new" / "run")  # a folder that can be made: no error
+    # a file's name for a folder that does not exist yet: the user meant a file; one that exists is used
+    for name in ("my-word.safetensors", "grid.PNG", "cat.pt"):
+        with pytest.raises(cli.CLIError, match=re.escape(f"--out {tmp_path / name}: names the folder") + ".* a file's "
+                           + re.escape(f"name; give a folder, such as --out {tmp_path / Path(name).stem}") + "$"):
+            cli.check_writable(tmp_path / name)
+        assert not (tmp_path / name).exists()
+    (tmp_path / "old.png").mkdir()
+    cli.check_writable(tmp_path / "old.png")
+    cli.check_writable(tmp_path / "run.v2")
     # os.access says yes to every folder on Windows; what counts is whether a file can be made
     monkeypatch.setattr(cli, "can_write_in", lambda folder: False)
     with pytest.raises(cli.CLIError, match="this user cannot write to"):
