@@ -15,10 +15,23 @@ inversion/neti_cli.py), --method hiper a HiPer tail from one image and its promp
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+
+def interrupted_while_loading(signum, frame):
+    """Ctrl-C while the imports below load torch (a second or two) ends the program with the
+    line a later Ctrl-C prints, not with a traceback from inside torch; ldm.cli.run puts
+    Python's own handler back for the work itself."""
+    print("invert.py: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted_while_loading)
 
 import torch
 

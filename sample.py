@@ -13,10 +13,23 @@ number).
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
+
+
+def interrupted_while_loading(signum, frame):
+    """Ctrl-C while the imports below load torch (a second or two) ends the program with the
+    line a later Ctrl-C prints, not with a traceback from inside torch; ldm.cli.run puts
+    Python's own handler back for the work itself."""
+    print("sample.py: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted_while_loading)
 
 import torch
 

@@ -366,14 +366,17 @@ def run(main, argv=None, prog: str = "", memory_advice: str = MEMORY_ADVICE) -> 
     own options). While it runs, SIGTERM is handled as Ctrl-C."""
     tolerant_output()
     try:
-        previous = signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+        # Ctrl-C raises KeyboardInterrupt again (the scripts exit at once while torch loads)
+        previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                    signal.SIGTERM: signal.signal(signal.SIGTERM, stop_like_ctrl_c)}
     except ValueError:  # not the main thread: signals stay as they are
-        previous = None
+        previous = {}
     try:
         return _run(main, argv, prog, memory_advice)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler set outside Python, which cannot be put back
+                signal.signal(signum, handler)
 
 
 def _run(main, argv, prog: str, memory_advice: str) -> int:

@@ -377,9 +377,10 @@ def test_an_os_error_without_a_path_keeps_its_reason(capsys):
     assert capsys.readouterr().err.strip() == "sample.py: error: Input/output error"
 
 
-def test_sigterm_saves_what_was_learned_like_ctrl_c(ckpt, images, tmp_path):
-    """`kill` or a job scheduler's time limit (SIGTERM) stops training as Ctrl-C does: the word
-    and the checkpoint are saved where it stopped, one line says so, and --resume continues."""
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_sigterm_saves_what_was_learned_like_ctrl_c(ckpt, images, tmp_path, signum):
+    """`kill` or a job scheduler's time limit (SIGTERM) stops training as Ctrl-C (SIGINT) does: the
+    word and the checkpoint are saved where it stopped, one line says so, and --resume continues."""
     import signal
     import subprocess
     import sys
@@ -391,7 +392,7 @@ def test_sigterm_saves_what_was_learned_like_ctrl_c(ckpt, images, tmp_path):
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().startswith("training '<toy>'")
     time.sleep(3)  # some steps
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signum))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
@@ -399,6 +400,27 @@ def test_sigterm_saves_what_was_learned_like_ctrl_c(ckpt, images, tmp_path):
     step = int(last.split("interrupted at step ")[1].split(":")[0])
     assert step > 0 and torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step
     assert load_file(out / "learned_embeds.safetensors")["<toy>"].shape == (1, 32)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="finds torch loading in /proc (Linux)")
+@pytest.mark.parametrize("script", ["invert.py", "sample.py"])
+def test_ctrl_c_while_torch_loads_is_one_line(script):
+    """Ctrl-C in the first second or two, while the script's imports load torch, ends the program
+    as a later Ctrl-C does: status 130 and one line, no traceback from inside torch."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    proc = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.time() + 60
+    while "libtorch" not in maps.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)  # until torch's library is loaded: the import goes on for a while after it
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == f"{script}: interrupted" and out == ""
 
 
 def test_files_of_invert_py_given_to_the_wrong_option_say_where_they_go(ckpt, images, tmp_path, capsys):
