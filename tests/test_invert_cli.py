@@ -71,9 +71,10 @@ def test_training_writes_every_output_and_sample_py_reads_them(ckpt, images, tmp
     pixels = lambda folder: np.asarray(Image.open(tmp_path / folder / "00000-0.png"))
     learned = pixels("s")
     for a1111_file in ("toy-embedding.pt", "toy-embedding.safetensors"):  # sample.py reads them, by that name
+        folder = a1111_file.split(".")[1]
         rc = sample.main(["--ckpt", str(ckpt), "--prompt", "a photo of toy-embedding", "--embedding",
-                          str(out / a1111_file), "--n", "1", "--steps", "2", "--out", str(tmp_path / a1111_file)])
-        assert rc == 0 and np.array_equal(pixels(a1111_file), learned)  # the same vector in every file
+                          str(out / a1111_file), "--n", "1", "--steps", "2", "--out", str(tmp_path / folder)])
+        assert rc == 0 and np.array_equal(pixels(folder), learned)  # the same vector in every file
     sample.main(["--ckpt", str(ckpt), "--prompt", "a photo of toy", "--n", "1", "--steps", "2",
                  "--out", str(tmp_path / "init")])
     assert not np.array_equal(pixels("init"), learned)  # the word moved from its init word's embedding
