@@ -95,7 +95,8 @@ def test_resume_is_bit_identical(model, image, tmp_path):
 
 def test_resume_with_another_source_or_image_is_refused(model, image, tmp_path):
     make(model, image, tmp_path, steps=2).run(progress=False)
-    with pytest.raises(TrainingError, match="does not match this run .*--source '.*' in the checkpoint, 'a blue square' now"):
+    with pytest.raises(TrainingError,
+                       match="does not match this run .*--source '.*' in the checkpoint, 'a blue square' now"):
         make(model, image, tmp_path, source="a blue square").resume()
     with pytest.raises(TrainingError, match=r"does not match this run \(another image\)"):
         make(model, -image, tmp_path).resume()
