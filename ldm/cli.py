@@ -122,10 +122,15 @@ thread_count = at_most(MAX_THREADS, "more threads than cores only slow torch dow
 
 def progress_bar(total: int, desc: str, initial: int = 0, unit: str = "step", disable: bool = False, **kwargs):
     """A tqdm bar on stderr. Redirected to a log file, it writes a line every 30 s rather than ten a
-    second (set its postfix with refresh=False, or each call writes one)."""
+    second (set its postfix with refresh=False, or each call writes one), and a bar opened inside
+    another (a validation grid during training) writes its lines after the other's rather than
+    moving the cursor up to a line of its own, which a file would keep as escape codes."""
     from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    if not tty:
+        kwargs.setdefault("position", 0)
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
-                mininterval=0.1 if sys.stderr.isatty() else 30, **kwargs)
+                mininterval=0.1 if tty else 30, **kwargs)
 
 
 def counting(bar):

@@ -479,6 +479,23 @@ def test_a_slow_picture_of_a_training_run_has_a_progress_bar(ckpt, tmp_path, cap
     assert capsys.readouterr().err == ""
 
 
+def test_a_bar_inside_another_writes_no_escape_codes_to_a_log_file(ckpt, tmp_path, capsys):
+    """Into a file (here pytest's capture), the validation grid's bar, opened while the training bar
+    is, does not move the cursor up: a log file would keep the escape code."""
+    import ldm
+    from ldm.cli import progress_bar
+    from ldm.generate import save_prompt_row
+    model = ldm.load(ckpt)
+    training = progress_bar(2, "training")
+    training.update(1)
+    save_prompt_row(model, ["a toy"], tmp_path / "grid.png", steps=3, desc="validation grid")
+    training.update(1)
+    training.close()
+    err = capsys.readouterr().err
+    assert "validation grid" in err and "3/3" in err and "2/2" in err
+    assert "\x1b[" not in err
+
+
 @pytest.mark.parametrize("method", ["ti", "neti"])
 def test_validation_prompts_make_the_grid(ckpt, images, tmp_path, capsys, method):
     base = ["--method", method, "--ckpt", str(ckpt), "--images", str(images), "--placeholder", "<toy>",
