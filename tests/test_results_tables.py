@@ -85,6 +85,19 @@ def test_ti_results_runs_on_the_threads_asked_for(ckpt32, tmp_path, capsys, monk
     assert threads == [1, 2]
 
 
+def test_ti_results_learns_from_the_number_of_images_asked_for(ckpt32, tmp_path, capsys, monkeypatch):
+    """--num-images: how many rendered images each word and each context learns from (5 by default)."""
+    from tinyworld import ti_results, world
+    asked, render = [], world.concept_images
+    monkeypatch.setattr(world, "concept_images", lambda concept, n, **kw: asked.append(n) or render(concept, n, **kw))
+    common = ["--ckpt", str(ckpt32), "--steps", "1", "--n", "1", "--sample-steps", "1", "--seeds", "0",
+              "--rows", "ring", "ring-context", "--no-baseline"]
+    assert ti_results.main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert "5 images per concept and seed, 1 step," in capsys.readouterr().out and asked[-2:] == [5, 5]
+    assert ti_results.main([*common, "--num-images", "7", "--out", str(tmp_path / "b")]) == 0
+    assert "7 images per concept and seed" in capsys.readouterr().out and asked[-2:] == [7, 7]
+
+
 def test_ti_results_scores_with_the_given_guidance(ckpt32, tmp_path, capsys, monkeypatch):
     """--scale reaches every score of the table: the words', the baseline's and the context's."""
     from tinyworld import concepts, ti_results

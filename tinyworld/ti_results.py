@@ -3,9 +3,10 @@
     python -m tinyworld.ti_results                 # about 40 minutes on 2 CPU cores (3 seeds)
     python -m tinyworld.ti_results --seeds 0       # one seed: about 10 minutes
     python -m tinyworld.ti_results --rows ring --no-baseline --lr 2.5e-3 --steps 800   # one row of a sweep
+    python -m tinyworld.ti_results --rows ring-context --no-baseline --num-images 50 --steps 1200   # more images
 
-For each row, a word is learned from 5 rendered images of a held-out concept (a shape or a
-texture the base model draws but has no word for), then scored:
+For each row, a word is learned from 5 rendered images (--num-images) of a held-out concept (a
+shape or a texture the base model draws but has no word for), then scored:
   reconstruction: share of "a photo of a <x>"-style samples the analyzer reads as the concept;
   editability: share of "a small red <x> on the left on a black background"-style prompts whose
       other attributes (size, color, position, background; and the shape, for a texture) are all honored.
@@ -41,8 +42,8 @@ CONTEXT_ROWS = {"ring-context": ("no word: the whole context (77 x D) learned di
                 "checkered-context": ("no word: the whole context (77 x D) learned directly", "checkered")}
 
 
-def learn(model, concept: str, steps: int, seed: int, out: Path, **overrides):
-    """Train a word for `concept` on 5 of its images; returns the trainer."""
+def learn(model, concept: str, steps: int, seed: int, out: Path, n_images: int = 5, **overrides):
+    """Train a word for `concept` on `n_images` of its images; returns the trainer."""
     from inversion.data import templates
     from inversion.textual_inversion import TIConfig, TextualInversion
     from tinyworld.concepts import default_init_word
@@ -53,14 +54,14 @@ def learn(model, concept: str, steps: int, seed: int, out: Path, **overrides):
                    batch=TINY_DEFAULTS["batch"], lr=TINY_DEFAULTS["lr"], seed=seed, save_every=10 ** 9)
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    images = to_tensor(concept_images(concept, 5, seed=seed))
+    images = to_tensor(concept_images(concept, n_images, seed=seed))
     trainer = TextualInversion(model, images, cfg, out, templates(cfg.learnable_property), log=lambda s: None)
     trainer.run(progress=False)
     return trainer
 
 
-def learn_context(model, concept: str, steps: int, seed: int, lr: float = CONTEXT_LR):
-    """The U-Net's whole context (77, D) learned directly on the word's 5 images, with the word's
+def learn_context(model, concept: str, steps: int, seed: int, lr: float = CONTEXT_LR, n_images: int = 5):
+    """The U-Net's whole context (77, D) learned directly on the word's images, with the word's
     loss, batch and steps, starting from the text encoder's output for "a photo of a <init word>"
     (`tinyworld.whole_context`): how far any conditioning learned this way gets the concept."""
     from tinyworld import whole_context
@@ -68,7 +69,7 @@ def learn_context(model, concept: str, steps: int, seed: int, lr: float = CONTEX
     from tinyworld.train import to_tensor
     from tinyworld.world import concept_images
     from invert import TINY_DEFAULTS
-    images = to_tensor(concept_images(concept, 5, seed=seed))
+    images = to_tensor(concept_images(concept, n_images, seed=seed))
     return whole_context.learn(model, images, f"a photo of a {default_init_word(concept)}", steps, seed, lr,
                                batch=TINY_DEFAULTS["batch"])
 
@@ -88,7 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps when scoring")
     p.add_argument("--scale", type=nonnegative_float, default=7.5, help="guidance scale when scoring")
     p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2],
-                   help="one run per seed (its own 5 images, training noise and sampling seeds); scores are means")
+                   help="one run per seed (its own images, training noise and sampling seeds); scores are means")
+    p.add_argument("--num-images", type=positive_int, default=5,
+                   help="rendered images of the concept per seed, for the words and the contexts alike")
     p.add_argument("--rows", nargs="+", choices=[*ROWS, *CONTEXT_ROWS], default=[*ROWS, *CONTEXT_ROWS],
                    help="which rows of the table to run (for a sweep of one of them); the -context rows learn "
                         "the U-Net's whole context instead of a word, with --context-lr")
@@ -118,7 +121,8 @@ def main(argv=None) -> int:
     steps = args.steps or TINY_DEFAULTS["steps"]
     seeds = args.seeds
     words = set(args.rows) - set(CONTEXT_ROWS)
-    print(f"Textual Inversion on the tiny world: 5 images per concept and seed, {steps} steps, "
+    print(f"Textual Inversion on the tiny world: {counted(args.num_images, 'image')} per concept and seed, "
+          f"{counted(steps, 'step')}, "
           + (f"base lr {args.lr or TINY_DEFAULTS['lr']:g}, " if words else "") + f"{args.n} samples "
           f"per score, DDIM {args.sample_steps}, guidance {args.scale:g}; means over seeds {', '.join(map(str, seeds))}"
           + (f"; the whole context: Adam, lr {args.context_lr:g}" if set(args.rows) & set(CONTEXT_ROWS) else "")
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
             for seed in seeds:
                 t = time.time()
                 status(f"{name}, seed {seed}: learning the context, then scoring")
-                context = learn_context(model, concept, steps, seed, args.context_lr)
+                context = learn_context(model, concept, steps, seed, args.context_lr, args.num_images)
                 seconds += time.time() - t
                 runs.append(evaluate_context(model, concept, context, n=args.n, steps=args.sample_steps,
                                              scale=args.scale, seed=seed))
@@ -160,7 +164,7 @@ def main(argv=None) -> int:
         for seed in seeds:
             t = time.time()
             status(f"{name}, seed {seed}: learning the word, then scoring")
-            trainer = learn(model, concept, steps, seed, args.out / f"{name}-seed{seed}",
+            trainer = learn(model, concept, steps, seed, args.out / f"{name}-seed{seed}", args.num_images,
                             **({"lr": args.lr} if args.lr else {}), **overrides)
             seconds += time.time() - t
             runs.append(evaluate_word(model, concept, trainer.cfg.placeholder, n=args.n, steps=args.sample_steps,
