@@ -233,7 +233,7 @@ def check_writable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: is a file, not a folder")
     if not out.exists() and out.suffix.lower() in FILE_SUFFIXES:
-        raise CLIError(f"--out {out}: names the folder the files are written in, and this is a file's name; "
+        raise CLIError(f"--out {out}: looks like a file's name, but --out is the folder the files are written in; "
                        f"give a folder, such as --out {out.with_suffix('')}")
     if out.is_dir():  # tried once, here: blocking_path would try the same folder again
         if not can_write_in(out):
