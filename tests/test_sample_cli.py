@@ -360,9 +360,9 @@ def test_writable_folders_are_found_by_trying(tmp_path, monkeypatch):
     cli.check_writable(tmp_path / "new" / "run")  # a folder that can be made: no error
     # a file's name for a folder that does not exist yet: the user meant a file; one that exists is used
     for name in ("my-word.safetensors", "grid.PNG", "cat.pt"):
-        with pytest.raises(cli.CLIError, match=re.escape(f"--out {tmp_path / name}: looks like a file's name, but --out "
-                           f"is the folder the files are written in; give a folder, such as --out "
-                           f"{tmp_path / Path(name).stem}") + "$"):
+        expected = (f"--out {tmp_path / name}: looks like a file's name, but --out is the folder the files are "
+                    f"written in; give a folder, such as --out {tmp_path / Path(name).stem}")
+        with pytest.raises(cli.CLIError, match=re.escape(expected) + "$"):
             cli.check_writable(tmp_path / name)
         assert not (tmp_path / name).exists()
     (tmp_path / "old.png").mkdir()
