@@ -187,7 +187,7 @@ class HiPerConfig:
     batch: int = 1              # timesteps and noises per step, all on the same image
     seed: int = 0
     save_every: int = 100
-    sample_every: int = 0       # no validation grid while training (run() is Textual Inversion's)
+    sample_every: int = 0       # no validation grid while training (run() is Trainer's)
 
 
 class HiPer(Trainer):

@@ -156,7 +156,7 @@ class Trainer:
         try:
             self.load_state_dict(state)
             check_restored(self.optimizer)
-        except TrainingError:  # other settings or images (HiPerError too): its own message
+        except TrainingError:  # other settings or images, or another method's run: its own message
             raise
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, AlteredCheckpoint) as e:
             # a key missing, a tensor of another shape, a number where a table was saved, NaN values

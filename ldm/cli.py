@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from ldm.files import PICKLE_SUFFIXES
+
 
 class CLIError(Exception):
     """Bad input: the message is printed as one line and the tool exits with status 2."""
@@ -225,7 +227,7 @@ def distinct_seeds(seeds, option: str = "--seeds") -> None:
 
 # Names of files the tools write or read: given as a new --out, they are a file meant, not a folder
 # (`--out my-word.safetensors` would make a folder of that name and write the learned files in it).
-FILE_SUFFIXES = (*IMAGE_SUFFIXES, ".safetensors", ".pt", ".bin", ".ckpt")
+FILE_SUFFIXES = (*IMAGE_SUFFIXES, ".safetensors", *PICKLE_SUFFIXES)
 
 
 def check_writable(out: Path) -> None:

@@ -359,7 +359,7 @@ def test_writable_folders_are_found_by_trying(tmp_path, monkeypatch):
     assert cli.can_write_in(tmp_path) and not cli.can_write_in(tmp_path / "missing")
     cli.check_writable(tmp_path / "new" / "run")  # a folder that can be made: no error
     # a file's name for a folder that does not exist yet: the user meant a file; one that exists is used
-    for name in ("my-word.safetensors", "grid.PNG", "cat.pt"):
+    for name in ("my-word.safetensors", "grid.PNG", "cat.pt", "model.pth"):
         expected = (f"--out {tmp_path / name}: looks like a file's name, but --out is the folder the files are "
                     f"written in; give a folder, such as --out {tmp_path / Path(name).stem}")
         with pytest.raises(cli.CLIError, match=re.escape(expected) + "$"):
